@@ -1,0 +1,7 @@
+"""lightning_d2ft: Distributed Dynamic Fine-Tuning (D2FT) of vision transformers in PyTorch Lightning."""
+
+from lightning_d2ft.ops import CostModel, Op
+from lightning_d2ft.partition import D2FTViT
+
+__all__ = ["CostModel", "D2FTViT", "Op"]
+__version__ = "0.1.0"

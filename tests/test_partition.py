@@ -1,0 +1,209 @@
+"""D2FTViT: the SPEC section 2 invariants, proven numerically, and clear errors on bad input."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from conftest import SHAPES, vit_s16, vit_tiny3
+from lightning_d2ft import CostModel, D2FTViT, Op
+from lightning_d2ft.partition import contiguous_placement, shard_vit, unshard_state_dict, valid_groups_per_block
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+def _input(vit: nn.Module, batch: int = 3) -> torch.Tensor:
+    size = vit.patch_embed.img_size
+    return torch.randn(batch, 3, *size)
+
+
+def _grads(model: nn.Module) -> dict[str, torch.Tensor | None]:
+    return {n: (None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()}
+
+
+def _run(model, x, *args):
+    model.zero_grad(set_to_none=True)
+    y = model(x, *args)
+    (y * torch.linspace(-1, 1, y.shape[-1])).sum().backward()  # a loss that weighs the logits differently
+    return y.detach(), _grads(model)
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_all_full_equals_timm(shape):
+    vit = SHAPES[shape]()
+    x = _input(vit)
+    y_ref, g_ref = _run(vit, x)
+    for g in valid_groups_per_block(vit):
+        net = D2FTViT(vit, groups_per_block=g)
+        y, grads = _run(net, x)
+        torch.testing.assert_close(y, y_ref, **TOL)
+        for name, ref in g_ref.items():
+            torch.testing.assert_close(grads["vit." + name], ref, **TOL, msg=f"grad of {name} (G={g})")
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_all_shortcut_block_is_identity(shape):
+    vit = SHAPES[shape]()
+    net = D2FTViT(vit)
+    x = _input(vit)
+    block = len(vit.blocks) // 2
+    ops = torch.full((net.num_subnets,), int(Op.FULL))
+    ops[net.block_slice(block)] = Op.SHORTCUT
+    y, grads = _run(net, x, ops)
+
+    reference = copy.deepcopy(vit)
+    reference.blocks[block] = nn.Identity()
+    y_ref, g_ref = _run(reference, x)
+    torch.testing.assert_close(y, y_ref, **TOL)
+    for name, p in vit.blocks[block].named_parameters():
+        assert grads[f"vit.blocks.{block}.{name}"] is None, f"SHORTCUT block parameter {name} got a gradient"
+    for name, ref in g_ref.items():
+        torch.testing.assert_close(grads["vit." + name], ref, **TOL)
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_forward_only_changes_output_like_full_but_gets_no_gradient(shape):
+    vit = SHAPES[shape]()
+    net = D2FTViT(vit)
+    x = _input(vit)
+    G = net.groups_per_block
+    ops = torch.full((net.num_subnets,), int(Op.FULL))
+    fo_block = 0
+    ops[net.block_slice(fo_block)] = Op.FORWARD_ONLY  # a whole block forward-only
+    if G > 1:
+        ops[net.subnet_index(len(vit.blocks) - 1, G - 1)] = Op.FORWARD_ONLY  # one group of the last block
+    y_full, _ = _run(net, x)
+    y, grads = _run(net, x, ops)
+    torch.testing.assert_close(y, y_full, **TOL)  # FORWARD_ONLY changes the output exactly as FULL does
+    for name, _ in vit.blocks[fo_block].named_parameters():
+        assert grads[f"vit.blocks.{fo_block}.{name}"] is None, f"{name} of a FORWARD_ONLY block got a .grad"
+    if G > 1:  # the forward-only group's slices get exactly zero, its FULL neighbours do not
+        last = len(vit.blocks) - 1
+        fc1 = grads[f"vit.blocks.{last}.mlp.fc1.weight"].view(G, -1, vit.embed_dim)
+        assert fc1[-1].abs().max() == 0 and fc1[0].abs().max() > 0
+        qkv = grads[f"vit.blocks.{last}.attn.qkv.weight"].view(3, G, -1, vit.embed_dim)
+        assert qkv[:, -1].abs().max() == 0 and qkv[:, 0].abs().max() > 0
+
+
+def _saved_bytes(net, x, ops) -> int:
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        net(x, ops).sum()
+    return total
+
+
+def test_forward_only_builds_no_autograd_graph():
+    vit = vit_tiny3()
+    net = D2FTViT(vit)
+    x = _input(vit)
+    ops = torch.full((net.num_subnets,), int(Op.FULL))
+    ops[1:-1] = Op.FORWARD_ONLY
+    shortcut = ops.clone()
+    shortcut[1:-1] = Op.SHORTCUT
+    # With every block forward-only, autograd keeps exactly what it keeps when the blocks do not exist.
+    assert _saved_bytes(net, x, ops) == _saved_bytes(net, x, shortcut)
+    assert _saved_bytes(net, x, None) > 2 * _saved_bytes(net, x, ops)
+
+
+def _train_flops(net, x, ops) -> int:
+    net.zero_grad(set_to_none=True)
+    with FlopCounterMode(display=False) as counter:
+        net(x, ops).sum().backward()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_measured_flops_follow_the_cost_model(seed):
+    vit = vit_s16()
+    net = D2FTViT(vit, subnets=74)
+    x = _input(vit, batch=2)
+    gen = torch.Generator().manual_seed(seed)
+    ops = torch.randint(0, 3, (net.num_subnets,), generator=gen)
+    ops[0] = ops[-1] = Op.FULL
+    all_shortcut = torch.full_like(ops, int(Op.SHORTCUT))
+    all_shortcut[0] = all_shortcut[-1] = Op.FULL
+
+    full, outside_blocks = _train_flops(net, x, None), _train_flops(net, x, all_shortcut)
+    block_fraction = CostModel.flops().compute(ops[1:-1]).mean().item()
+    predicted = outside_blocks + (full - outside_blocks) * block_fraction
+    measured = _train_flops(net, x, ops)
+    assert measured == pytest.approx(predicted, rel=0.10)
+    assert outside_blocks < 0.1 * full  # the blocks are where the work is
+
+
+def test_subnet_counts_for_vit_s():
+    vit = vit_s16()
+    assert [D2FTViT(vit, subnets=n).num_subnets for n in (26, 38, 74)] == [26, 38, 74]
+    assert D2FTViT(vit, subnets=3).num_subnets == 38  # groups per block
+    assert D2FTViT(vit, groups_per_block=6).num_subnets == 74
+    assert D2FTViT(vit).num_subnets == 74  # default: one head per subnet
+    assert D2FTViT(vit).vit is vit  # wraps, does not copy
+
+
+@pytest.mark.parametrize("bad", [4, 5, 27, 75, 0])
+def test_invalid_subnet_count_lists_valid_values(bad):
+    with pytest.raises(ValueError, match=r"\[14, 26, 38, 74\]"):
+        D2FTViT(vit_s16(), subnets=bad)
+
+
+def test_invalid_groups_per_block_and_both_given():
+    with pytest.raises(ValueError, match="does not divide"):
+        D2FTViT(vit_tiny3(), groups_per_block=2)
+    with pytest.raises(ValueError, match="either"):
+        D2FTViT(vit_tiny3(), subnets=5, groups_per_block=1)
+
+
+@pytest.mark.parametrize("model", [nn.Linear(3, 3), timm.create_model("resnet18", num_classes=3)])
+def test_rejects_models_that_are_not_vits(model):
+    with pytest.raises(TypeError, match="not a supported transformer"):
+        D2FTViT(model)
+
+
+def test_rejects_unsupported_vit_variants():
+    from timm.models.vision_transformer import VisionTransformer
+    with pytest.raises(TypeError, match="drop_path"):
+        D2FTViT(VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3,
+                                  drop_path_rate=0.1))
+    with pytest.raises(TypeError, match="scale_mlp_norm"):
+        D2FTViT(VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3,
+                                  scale_mlp_norm=True))
+
+
+def test_bad_ops_are_rejected_clearly():
+    net = D2FTViT(vit_tiny3())
+    x = _input(net.vit)
+    n = net.num_subnets
+    with pytest.raises(ValueError, match=f"{n} Op values"):
+        net(x, [Op.FULL] * (n - 1))
+    with pytest.raises(ValueError, match="not Op values"):
+        net(x, [2] + [7] * (n - 2) + [2])
+    with pytest.raises(ValueError, match="stem"):
+        net(x, [Op.SHORTCUT] * n)
+    with pytest.raises(TypeError, match="integer"):
+        net(x, torch.ones(n))
+
+
+def test_shard_and_unshard_round_trip():
+    vit = vit_s16()
+    net = D2FTViT(vit, subnets=26)
+    owner = contiguous_placement(net.depth, net.groups_per_block, 2)
+    shards = []
+    for rank in range(2):
+        groups = [[g for g in range(net.groups_per_block) if owner[l, g] == rank] for l in range(net.depth)]
+        shards.append((groups, shard_vit(vit, net.groups_per_block, groups).state_dict()))
+    rebuilt = unshard_state_dict(vit, net.groups_per_block, shards)
+    for k, v in vit.state_dict().items():
+        torch.testing.assert_close(rebuilt[k], v, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="must divide"):
+        contiguous_placement(12, 6, 4)
