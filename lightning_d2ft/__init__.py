@@ -2,6 +2,7 @@
 
 from lightning_d2ft.ops import CostModel, Op
 from lightning_d2ft.partition import D2FTViT
+from lightning_d2ft.scheduling import Schedule
 
-__all__ = ["CostModel", "D2FTViT", "Op"]
+__all__ = ["CostModel", "D2FTViT", "Op", "Schedule"]
 __version__ = "0.1.0"

@@ -383,14 +383,3 @@ def _is_sharded_key(key: str) -> bool:
         key.endswith(s) for s in ("attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "mlp.fc1.weight",
                                   "mlp.fc1.bias", "mlp.fc2.weight")
     )
-
-
-def contiguous_placement(depth: int, groups_per_block: int, world: int) -> Tensor:
-    """Owner rank of every (block, group): each rank gets a contiguous 1/world of every block's groups."""
-    if groups_per_block % world:
-        raise ValueError(
-            f"tensor-parallel size {world} must divide the {groups_per_block} head groups per block; "
-            f"valid sizes: {[w for w in _divisors(groups_per_block)]}"
-        )
-    per = groups_per_block // world
-    return (torch.arange(groups_per_block) // per).repeat(depth, 1)

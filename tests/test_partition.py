@@ -12,7 +12,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import SHAPES, vit_s16, vit_tiny3
 from lightning_d2ft import CostModel, D2FTViT, Op
-from lightning_d2ft.partition import contiguous_placement, shard_vit, unshard_state_dict, valid_groups_per_block
+from lightning_d2ft.partition import shard_vit, unshard_state_dict, valid_groups_per_block
+from lightning_d2ft.placement import groups_of_rank, round_robin
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -197,13 +198,13 @@ def test_bad_ops_are_rejected_clearly():
 def test_shard_and_unshard_round_trip():
     vit = vit_s16()
     net = D2FTViT(vit, subnets=26)
-    owner = contiguous_placement(net.depth, net.groups_per_block, 2)
+    owner = round_robin(net.depth, net.groups_per_block, 2)
     shards = []
     for rank in range(2):
-        groups = [[g for g in range(net.groups_per_block) if owner[l, g] == rank] for l in range(net.depth)]
+        groups = groups_of_rank(owner, rank)
         shards.append((groups, shard_vit(vit, net.groups_per_block, groups).state_dict()))
     rebuilt = unshard_state_dict(vit, net.groups_per_block, shards)
     for k, v in vit.state_dict().items():
         torch.testing.assert_close(rebuilt[k], v, atol=0, rtol=0)
-    with pytest.raises(ValueError, match="must divide"):
-        contiguous_placement(12, 6, 4)
+    with pytest.raises(ValueError, match="larger than the 2 head groups"):
+        round_robin(12, 2, 4)
