@@ -43,6 +43,7 @@ class TensorParallel(Protocol):
     """
 
     rank: int
+    world: int
 
     def reduce_partial(self, partial: Tensor | None, like: Tensor, active: Sequence[bool]) -> Tensor:
         """Forward: sum the partial branch outputs of all ranks. Backward: identity."""
@@ -227,8 +228,7 @@ class D2FTViT(nn.Module):
             return blk.ls2(out)
 
     def _ranks_with(self, owners: list[int], block_ops: list[int], wanted: tuple[Op, ...]) -> list[bool]:
-        world = max(owners) + 1
-        active = [False] * world
+        active = [False] * self.tp.world
         for owner, op in zip(owners, block_ops):
             if op in wanted:
                 active[owner] = True
