@@ -22,6 +22,7 @@ and the strategy's collectives sum the partials across ranks.
 from __future__ import annotations
 
 import copy
+import re
 from typing import Protocol, Sequence
 
 import torch
@@ -29,8 +30,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_d2ft.ops import Op
+from lightning_d2ft.placement import groups_of_rank
 
-__all__ = ["D2FTViT", "TensorParallel", "check_supported", "shard_vit", "unshard_state_dict", "valid_subnet_counts"]
+__all__ = [
+    "D2FTViT", "TensorParallel", "check_supported", "find_d2ft", "shard_state_dict", "shard_vit", "unshard_state_dict",
+    "valid_subnet_counts",
+]
 
 _NUM_EXTRA_SUBNETS = 2  # stem and head
 
@@ -83,6 +88,17 @@ def check_supported(vit: nn.Module) -> None:
     heads = {blk.attn.num_heads for blk in vit.blocks}
     if len(heads) != 1:
         raise TypeError(f"all blocks must have the same number of heads, got {sorted(heads)}")
+
+
+def find_d2ft(module: nn.Module) -> D2FTViT:
+    """The one D2FTViT inside a LightningModule (or any module), with a clear error otherwise."""
+    found = [m for m in module.modules() if isinstance(m, D2FTViT)]
+    if len(found) != 1:
+        raise TypeError(
+            f"D2FT needs exactly one D2FTViT inside {type(module).__name__} (wrap your timm ViT: "
+            f"self.net = D2FTViT(vit, subnets=74)); found {len(found)}"
+        )
+    return found[0]
 
 
 def _divisors(n: int) -> list[int]:
@@ -141,12 +157,31 @@ class D2FTViT(nn.Module):
         self.vit = vit
         self.depth = len(vit.blocks)
         self.num_heads = vit.blocks[0].attn.num_heads
-        self.groups_per_block = resolve_groups_per_block(vit, subnets, groups_per_block)
-        self.num_subnets = self.depth * self.groups_per_block + _NUM_EXTRA_SUBNETS
         # group_owner[l, g] = tensor-parallel rank holding group g of block l; all 0 when unsharded.
-        self.register_buffer("group_owner", torch.zeros(self.depth, self.groups_per_block, dtype=torch.long),
-                             persistent=False)
+        self.register_buffer("group_owner", torch.zeros(0, dtype=torch.long), persistent=False)
         self.tp: TensorParallel | None = None
+        self.regroup_(subnets, groups_per_block=groups_per_block)
+        self.full_shapes: dict[str, torch.Size] | None = None  # the unsharded vit's shapes, once sharded
+        self.scheduled_ops: Tensor | None = None  # set per micro-batch by D2FTCallback; used in training
+
+    def regroup_(self, subnets: int | None = None, *, groups_per_block: int | None = None) -> None:
+        """Change the granularity (before sharding): the total subnet count, or the groups per block."""
+        if self.tp is not None:
+            raise RuntimeError("cannot change the granularity of a sharded D2FTViT")
+        self.groups_per_block = resolve_groups_per_block(self.vit, subnets, groups_per_block)
+        self.num_subnets = self.depth * self.groups_per_block + _NUM_EXTRA_SUBNETS
+        self.group_owner = torch.zeros(self.depth, self.groups_per_block, dtype=torch.long)
+
+    def shard_(self, owner: Tensor, tp: TensorParallel) -> None:
+        """Keep only rank ``tp.rank``'s head groups (in place); ``owner[l, g]`` is the rank of each group."""
+        if self.tp is not None:
+            raise RuntimeError("this D2FTViT is already sharded")
+        if tuple(owner.shape) != (self.depth, self.groups_per_block):
+            raise ValueError(f"placement must be [{self.depth}, {self.groups_per_block}], got {tuple(owner.shape)}")
+        self.full_shapes = {k: v.shape for k, v in self.vit.state_dict().items()}
+        self.vit = shard_vit(self.vit, self.groups_per_block, groups_of_rank(owner, tp.rank))
+        self.group_owner = owner.clone().to(self.group_owner.device)
+        self.tp = tp
 
     # -- indexing -------------------------------------------------------------------------------
     @property
@@ -190,6 +225,10 @@ class D2FTViT(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, x: Tensor, ops: Tensor | Sequence[int] | None = None) -> Tensor:
+        """Run with ``ops`` (one Op per subnet). Without ``ops``: the micro-batch's scheduled ops in training
+        mode when a schedule is attached, the whole model otherwise (inference always uses every subnet)."""
+        if ops is None and self.training and self.scheduled_ops is not None:
+            ops = self.scheduled_ops
         ops_list = self.check_ops(ops)
         vit = self.vit
         x = vit.patch_embed(x)
@@ -307,79 +346,78 @@ def _mlp_groups(blk: nn.Module, h: Tensor, positions: list[int], n_groups: int) 
 
 
 # -- tensor-parallel sharding -----------------------------------------------------------------------
-def _group_rows(n_rows: int, n_groups: int, groups: list[int], lead: int = 1) -> Tensor:
-    """Row indices of ``groups`` in a weight whose rows are laid out as (lead, n_groups, rows_per_group)."""
-    per = n_rows // (lead * n_groups)
-    idx = torch.arange(n_rows).view(lead, n_groups, per)[:, groups]
-    return idx.reshape(-1)
+# Which tensors of a block are cut by head group: key suffix -> (dim, lead). ``lead`` is 3 for the fused
+# qkv rows, laid out (q|k|v, head, head_dim); every other sharded dim is laid out (group, per_group).
+_SHARDED = {
+    "attn.qkv.weight": (0, 3), "attn.qkv.bias": (0, 3), "attn.proj.weight": (1, 1),
+    "mlp.fc1.weight": (0, 1), "mlp.fc1.bias": (0, 1), "mlp.fc2.weight": (1, 1),
+}
+_BLOCK_KEY = re.compile(r"(?:^|\.)blocks\.(\d+)\.(" + "|".join(re.escape(k) for k in _SHARDED) + r")$")
+
+
+def shard_index(key: str, full_shape: Sequence[int], groups_per_block: int,
+                groups: list[list[int]]) -> tuple[int, Tensor] | None:
+    """(dim, indices) that cut ``key``'s full tensor down to the groups a rank owns; None if replicated."""
+    match = _BLOCK_KEY.search(key)
+    if match is None:
+        return None
+    block, suffix = int(match.group(1)), match.group(2)
+    dim, lead = _SHARDED[suffix]
+    size = full_shape[dim]
+    idx = torch.arange(size).view(lead, groups_per_block, size // (lead * groups_per_block))[:, groups[block]]
+    return dim, idx.reshape(-1)
+
+
+def shard_state_dict(full: dict[str, Tensor], groups_per_block: int, groups: list[list[int]]) -> dict[str, Tensor]:
+    """Cut a full (timm-layout) state dict down to one rank's head groups."""
+    out = {}
+    for key, value in full.items():
+        cut = shard_index(key, value.shape, groups_per_block, groups)
+        out[key] = value if cut is None else value.index_select(cut[0], cut[1].to(value.device))
+    return out
+
+
+def unshard_state_dict(shapes: dict[str, Sequence[int]], groups_per_block: int,
+                       shards: list[tuple[list[list[int]], dict[str, Tensor]]]) -> dict[str, Tensor]:
+    """Assemble full tensors of ``shapes`` from per-rank shards ``[(groups, state_dict), ...]``.
+
+    Replicated tensors are taken from the first shard (they are identical on every rank).
+    """
+    full: dict[str, Tensor] = {}
+    for key, shape in shapes.items():
+        first = shards[0][1][key]
+        if shard_index(key, shape, groups_per_block, shards[0][0]) is None:
+            full[key] = first.detach().clone()
+            continue
+        out = first.new_zeros(tuple(shape))
+        for groups, sd in shards:
+            dim, idx = shard_index(key, shape, groups_per_block, groups)
+            out.index_copy_(dim, idx.to(out.device), sd[key].detach())
+        full[key] = out
+    return full
 
 
 def shard_vit(vit: nn.Module, groups_per_block: int, groups: list[list[int]]) -> nn.Module:
     """A copy of ``vit`` whose block l keeps only head groups ``groups[l]`` (for one tensor-parallel rank).
 
     The result is still a timm VisionTransformer (narrowed ``qkv``/``proj``/``fc1``/``fc2``, fewer heads),
-    so :class:`D2FTViT` wraps it as it is. Replicated pieces (stem, norms, biases, head) are copied whole.
+    so :class:`D2FTViT` runs it as it is. Replicated pieces (stem, norms, biases, head) are copied whole.
     """
     check_supported(vit)
+    if len(groups) != len(vit.blocks) or any(not owned for owned in groups):
+        raise ValueError("every rank must own at least one head group of every block")
+    sharded = shard_state_dict(vit.state_dict(), groups_per_block, groups)
     local = copy.deepcopy(vit)
-    for blk, owned in zip(local.blocks, groups):
-        if not owned:
-            raise ValueError("every rank must own at least one group of every block")
+    for l, (blk, owned) in enumerate(zip(local.blocks, groups)):
         attn, mlp = blk.attn, blk.mlp
-        n_heads = attn.num_heads // groups_per_block * len(owned)
-        qkv_rows = _group_rows(attn.qkv.out_features, groups_per_block, owned, lead=3)
-        attn_cols = _group_rows(attn.attn_dim, groups_per_block, owned)
-        hid_rows = _group_rows(mlp.fc1.out_features, groups_per_block, owned)
-        attn.qkv = _narrow_linear(attn.qkv, rows=qkv_rows)
-        attn.proj = _narrow_linear(attn.proj, cols=attn_cols)
-        mlp.fc1 = _narrow_linear(mlp.fc1, rows=hid_rows)
-        mlp.fc2 = _narrow_linear(mlp.fc2, cols=hid_rows)
-        attn.num_heads, attn.attn_dim = n_heads, n_heads * attn.head_dim
+        for parent, name, path in ((attn, "qkv", "attn.qkv"), (attn, "proj", "attn.proj"),
+                                   (mlp, "fc1", "mlp.fc1"), (mlp, "fc2", "mlp.fc2")):
+            out_f, in_f = sharded[f"blocks.{l}.{path}.weight"].shape
+            old = getattr(parent, name)
+            with torch.device("meta"):
+                new = nn.Linear(in_f, out_f, bias=old.bias is not None, dtype=old.weight.dtype)
+            setattr(parent, name, new.to_empty(device=old.weight.device))
+        attn.num_heads = attn.num_heads // groups_per_block * len(owned)
+        attn.attn_dim = attn.num_heads * attn.head_dim
+    local.load_state_dict(sharded)
     return local
-
-
-def _narrow_linear(lin: nn.Linear, rows: Tensor | None = None, cols: Tensor | None = None) -> nn.Linear:
-    w = lin.weight.detach()
-    w = w[rows] if rows is not None else w
-    w = w[:, cols] if cols is not None else w
-    out = nn.Linear(w.shape[1], w.shape[0], bias=lin.bias is not None, device=w.device, dtype=w.dtype)
-    with torch.no_grad():
-        out.weight.copy_(w)
-        if lin.bias is not None:
-            out.bias.copy_(lin.bias[rows] if rows is not None else lin.bias)
-    return out
-
-
-def unshard_state_dict(full_vit: nn.Module, groups_per_block: int, shards: list[tuple[list[list[int]], dict]]) -> dict:
-    """Assemble a plain timm state dict from per-rank shard state dicts ``[(groups, state_dict), ...]``.
-
-    ``full_vit`` only provides the shapes and the replicated tensors' names.
-    """
-    full = {k: v.detach().clone() for k, v in full_vit.state_dict().items()}
-    for groups, sd in shards:
-        for l, owned in enumerate(groups):
-            attn, mlp = full_vit.blocks[l].attn, full_vit.blocks[l].mlp
-            p = f"blocks.{l}."
-            qkv_rows = _group_rows(attn.qkv.out_features, groups_per_block, owned, lead=3)
-            attn_cols = _group_rows(attn.attn_dim, groups_per_block, owned)
-            hid = _group_rows(mlp.fc1.out_features, groups_per_block, owned)
-            full[p + "attn.qkv.weight"][qkv_rows] = sd[p + "attn.qkv.weight"]
-            if attn.qkv.bias is not None:
-                full[p + "attn.qkv.bias"][qkv_rows] = sd[p + "attn.qkv.bias"]
-            full[p + "attn.proj.weight"][:, attn_cols] = sd[p + "attn.proj.weight"]
-            full[p + "mlp.fc1.weight"][hid] = sd[p + "mlp.fc1.weight"]
-            if mlp.fc1.bias is not None:
-                full[p + "mlp.fc1.bias"][hid] = sd[p + "mlp.fc1.bias"]
-            full[p + "mlp.fc2.weight"][:, hid] = sd[p + "mlp.fc2.weight"]
-    replicated = {k for k in full if not _is_sharded_key(k)}
-    if shards:
-        for k in replicated:
-            full[k] = shards[0][1][k].detach().clone()
-    return full
-
-
-def _is_sharded_key(key: str) -> bool:
-    return key.startswith("blocks.") and any(
-        key.endswith(s) for s in ("attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "mlp.fc1.weight",
-                                  "mlp.fc1.bias", "mlp.fc2.weight")
-    )

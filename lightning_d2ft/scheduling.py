@@ -235,11 +235,11 @@ class Schedule:
         cost = cost or CostModel()
         back, fwd = _check_scores(backward_scores, forward_scores)
         n_mb, n_cols = back.shape
-        _check_choice("solver", solver, SOLVERS)
-        _check_choice("method", method, METHODS)
-        _check_fraction("budget", budget)
+        check_choice("solver", solver, SOLVERS)
+        check_choice("method", method, METHODS)
+        check_fraction("budget", budget)
         if comm_budget is not None:
-            _check_fraction("comm_budget", comm_budget)
+            check_fraction("comm_budget", comm_budget)
         if not 0.0 <= forward_mix <= 1.0:
             raise ValueError(f"forward_mix must be in [0, 1], got {forward_mix}")
         place = _resolve_placement(placement, always_full, n_cols, devices)
@@ -279,12 +279,12 @@ class Schedule:
 
 
 # -- input checks ----------------------------------------------------------------------------------
-def _check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
+def check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
     if value not in allowed:
         raise ValueError(f"unknown {name} {value!r}; choose one of {list(allowed)}")
 
 
-def _check_fraction(name: str, value: float) -> None:
+def check_fraction(name: str, value: float) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not (0.0 < value <= 1.0):
         raise ValueError(f"{name} must be a fraction of the all-FULL cost in (0, 1], got {value!r}")
 

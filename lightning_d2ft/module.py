@@ -1,0 +1,76 @@
+"""A ready LightningModule: image classification by fine-tuning a timm ViT wrapped in :class:`D2FTViT`.
+
+Any LightningModule works with D2FT as long as it holds exactly one D2FTViT and calls it in
+``training_step``; this one is what the Hydra app, the demo and the benchmarks use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import timm
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_d2ft.partition import D2FTViT
+
+__all__ = ["ViTClassifier", "build_vit"]
+
+
+def build_vit(name: str = "vit_small_patch16_224", *, pretrained: bool = False, num_classes: int = 10,
+              checkpoint: str | None = None, **model_kwargs: Any) -> torch.nn.Module:
+    """A timm model by name. ``pretrained=True`` downloads hub weights (needs a network); ``checkpoint``
+    loads a local timm state dict (e.g. one made by this project's benchmarks), heads of another size skipped."""
+    vit = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **model_kwargs)
+    if checkpoint is not None:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        own = vit.state_dict()
+        state = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+        vit.load_state_dict(state, strict=False)
+    return vit
+
+
+class ViTClassifier(LightningModule):
+    """Cross-entropy fine-tuning of a timm ViT; the D2FT schedule applies in training, the full model in eval."""
+
+    def __init__(self, model: str = "vit_small_patch16_224", num_classes: int = 10, subnets: int | None = 74,
+                 pretrained: bool = False, checkpoint: str | None = None, lr: float = 1e-3,
+                 weight_decay: float = 0.05, optimizer: str = "adamw", model_kwargs: dict | None = None) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        vit = build_vit(model, pretrained=pretrained, num_classes=num_classes, checkpoint=checkpoint,
+                        **(model_kwargs or {}))
+        self.net = D2FTViT(vit, subnets=subnets)
+        self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self.net(x), y)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        x, y = batch
+        logits = self.net(x)
+        self.val_acc(logits, y)
+        self.log("val/loss", F.cross_entropy(logits, y), sync_dist=True)
+        self.log("val/acc", self.val_acc, prog_bar=True)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
+        return self.net(batch[0]).argmax(-1)
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        if self.hparams.optimizer == "adamw":
+            return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        if self.hparams.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=self.hparams.lr, momentum=0.9, weight_decay=self.hparams.weight_decay)
+        raise ValueError(f"unknown optimizer {self.hparams.optimizer!r}; choose 'adamw' or 'sgd'")

@@ -1,0 +1,198 @@
+"""D2FTStrategy + D2FTCallback in real Lightning CPU DDP runs: 2 processes, gloo, tensor-parallel 2."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import Callback, Trainer, seed_everything
+from torch.utils.flop_counter import FlopCounterMode
+
+from lightning_d2ft import CostModel, D2FTCallback, D2FTStrategy, Op, Schedule
+from lightning_d2ft.data import DigitsDataModule, MicroBatchSampler
+from lightning_d2ft.module import ViTClassifier
+
+pytestmark = pytest.mark.timeout(600)
+SMALL = dict(img_size=16, patch_size=8, embed_dim=48, depth=2)  # 6 heads of width 8, 5 tokens
+
+
+def _module(seed: int = 0, optimizer: str = "adamw") -> ViTClassifier:
+    seed_everything(seed)
+    return ViTClassifier(num_classes=10, subnets=14, lr=1e-3, optimizer=optimizer, model_kwargs=SMALL)
+
+
+def _data(batch: int = 16, img: int = 16) -> DigitsDataModule:
+    return DigitsDataModule(img_size=img, batch_size=batch, seed=0)
+
+
+def _trainer(tmp_path: Path, devices: int = 2, callbacks=(), **kw) -> Trainer:
+    strategy = D2FTStrategy(start_method="spawn") if devices > 1 else D2FTStrategy(parallel_devices=[torch.device("cpu")])
+    kw = {"max_epochs": 1, "num_sanity_val_steps": 0, "limit_val_batches": 0, **kw}
+    return Trainer(accelerator="cpu", devices=devices, strategy=strategy, callbacks=list(callbacks),
+                   default_root_dir=tmp_path, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                   deterministic=True, **kw)
+
+
+def _d2ft(budget: float, tmp_path: Path) -> D2FTCallback:
+    return D2FTCallback(budget=budget, cache_dir=tmp_path / "cache", progress=False)
+
+
+def _plain_timm_reference(steps: int, optimizer: str) -> dict[str, torch.Tensor]:
+    """Single-process plain timm fine-tuning over the same micro-batches in the same order."""
+    module = _module(optimizer=optimizer)
+    vit = module.net.vit
+    dm = _data()
+    dm.setup()
+    sampler = MicroBatchSampler(dm.train_set, 16, seed=0)
+    opt = module.configure_optimizers()
+    for mb in sampler.micro_batch_ids(0)[:steps]:
+        x, y = dm.train_set[sampler.micro_batches[mb]]
+        opt.zero_grad()
+        F.cross_entropy(vit(x), y).backward()
+        opt.step()
+    return {k: v.detach() for k, v in vit.state_dict().items()}
+
+
+def _vit_state(module: ViTClassifier) -> dict[str, torch.Tensor]:
+    return {k: v.detach() for k, v in module.net.vit.state_dict().items()}
+
+
+def _assert_same(a: dict, b: dict, atol: float = 2e-5) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-4, msg=k)
+
+
+def test_budget_one_at_tensor_parallel_two_trains_like_plain_timm(tmp_path):
+    # SGD: AdamW divides by tiny second moments and blows fp32 rounding up to ~1% of a step
+    module = _module(optimizer="sgd")
+    trainer = _trainer(tmp_path, callbacks=[_d2ft(1.0, tmp_path)], limit_train_batches=5)
+    trainer.fit(module, _data())
+    _assert_same(_vit_state(module), _plain_timm_reference(steps=5, optimizer="sgd"))
+
+
+class MeasureStep(Callback):
+    """Per rank: FLOPs of every training step and bytes sent, written to a JSON file per rank."""
+
+    def __init__(self, out: Path) -> None:
+        self.out, self.flops, self.bytes, self.ops = out, 0, 0, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.counter = FlopCounterMode(display=False)
+        self.counter.__enter__()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.counter.__exit__(None, None, None)
+        self.flops += self.counter.get_total_flops()
+        self.bytes += trainer.strategy.comm_stats.total_bytes
+
+    def on_train_end(self, trainer, pl_module):
+        d2ft = next(c for c in trainer.callbacks if isinstance(c, D2FTCallback))
+        rank = trainer.strategy.tensor_parallel_rank
+        ids = d2ft._ids[: trainer.num_training_batches]
+        Path(self.out).mkdir(parents=True, exist_ok=True)
+        (Path(self.out) / f"rank{rank}.json").write_text(json.dumps(
+            {"flops": self.flops, "bytes": self.bytes, "ids": ids}))
+        if rank == 0:
+            d2ft.schedule.save(Path(self.out) / "schedule.pt")
+
+
+def _measure(tmp_path: Path, budget: float) -> tuple[list[dict], Schedule]:
+    out = tmp_path / f"measure{budget}"
+    seed_everything(0)
+    module = ViTClassifier(num_classes=10, subnets=26, model_kwargs=dict(img_size=32, patch_size=8, embed_dim=96,
+                                                                         depth=4))
+    trainer = _trainer(tmp_path, callbacks=[_d2ft(budget, tmp_path), MeasureStep(out)], limit_train_batches=8)
+    trainer.fit(module, _data(img=32))
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)], Schedule.load(out / "schedule.pt")
+
+
+def test_budget_0_6_cuts_flops_and_bytes_per_rank_as_the_schedule_predicts(tmp_path):
+    full, _ = _measure(tmp_path, 1.0)
+    part, sched = _measure(tmp_path, 0.6)
+    flop_cost = CostModel.flops()
+    for rank in range(2):
+        ids = part[rank]["ids"]
+        mine = sched.placement == rank
+        predicted = float(flop_cost.compute(sched.ops[ids][:, mine]).sum()) / (len(ids) * int(mine.sum()))
+        measured = part[rank]["flops"] / full[rank]["flops"]
+        # the stem, head and replicated norms always run: allow the cost model 10%
+        assert measured == pytest.approx(predicted, rel=0.10), (rank, measured, predicted)
+    ids = part[0]["ids"]
+    wire = Schedule(ops=sched.ops[ids], placement=sched.placement, speeds=sched.speeds,
+                    column_blocks=sched.column_blocks).wire_fraction
+    measured_bytes = (part[0]["bytes"] + part[1]["bytes"]) / (full[0]["bytes"] + full[1]["bytes"])
+    assert measured_bytes == pytest.approx(wire, rel=0.10)
+    assert measured_bytes < 0.9
+
+
+def test_save_and_resume_reaches_the_same_weights_on_the_same_or_another_world_size(tmp_path):
+    straight = _module()
+    _trainer(tmp_path / "a", callbacks=[_d2ft(1.0, tmp_path)], max_epochs=2, limit_train_batches=3).fit(straight, _data())
+
+    first = _module()
+    t1 = _trainer(tmp_path / "b", callbacks=[_d2ft(1.0, tmp_path)], max_epochs=1, limit_train_batches=3)
+    t1.fit(first, _data())
+    ckpt = tmp_path / "b" / "epoch1.ckpt"
+    saved = sorted((tmp_path / "b").rglob("*.ckpt"))
+    assert saved, "Lightning's default ModelCheckpoint wrote no checkpoint"
+    os.replace(saved[-1], ckpt)
+    state = torch.load(ckpt, weights_only=False)["state_dict"]
+    assert state["net.vit.blocks.0.attn.qkv.weight"].shape == (3 * 48, 48)  # the whole, unsharded model
+
+    for devices in (2, 1):
+        resumed = _module(seed=123)  # different init: everything must come from the checkpoint
+        t2 = _trainer(tmp_path / f"c{devices}", callbacks=[_d2ft(1.0, tmp_path)], max_epochs=2, limit_train_batches=3)
+        t2.fit(resumed, _data(), ckpt_path=ckpt)
+        _assert_same(_vit_state(resumed), _vit_state(straight), atol=1e-4)
+
+
+def test_checkpoint_loads_into_plain_timm(tmp_path):
+    module = _module()
+    trainer = _trainer(tmp_path, callbacks=[_d2ft(0.6, tmp_path)], limit_train_batches=2)
+    trainer.fit(module, _data())
+    (ckpt,) = list(tmp_path.rglob("*.ckpt"))
+    state = torch.load(ckpt, weights_only=False)["state_dict"]
+    vit = _module(seed=5).net.vit
+    vit.load_state_dict({k.removeprefix("net.vit."): v for k, v in state.items() if k.startswith("net.vit.")})
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(vit.eval()(x), module.net.vit.eval()(x))
+
+
+def test_validate_runs_the_full_model(tmp_path):
+    module = _module()
+    trainer = _trainer(tmp_path, devices=1, callbacks=[_d2ft(0.3, tmp_path)], limit_train_batches=2,
+                       limit_val_batches=2)
+    trainer.fit(module, _data())
+    assert module.net.scheduled_ops is None
+    (res,) = trainer.validate(module, _data(), verbose=False)
+    assert 0.0 <= res["val/acc"] <= 1.0
+
+
+def test_strategy_registered_by_name_and_bad_sizes_rejected():
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    assert "d2ft" in StrategyRegistry
+    trainer = Trainer(strategy="d2ft", accelerator="cpu", devices=1, logger=False)
+    assert isinstance(trainer.strategy, D2FTStrategy)
+    with pytest.raises(ValueError, match="tensor_parallel_size"):
+        D2FTStrategy(tensor_parallel_size=0)
+    with pytest.raises(ValueError, match="budget"):
+        D2FTCallback(budget=1.5)
+    with pytest.raises(ValueError, match="unknown forward score metric"):
+        D2FTCallback(forward_score="entropy")
+
+
+def test_training_loader_without_fixed_micro_batches_is_explained(tmp_path):
+    from torch.utils.data import DataLoader
+
+    dm = _data()
+    dm.setup()
+    loader = DataLoader(dm.train_set, batch_size=16, shuffle=True)
+    trainer = _trainer(tmp_path, devices=1, callbacks=[_d2ft(0.6, tmp_path)], limit_train_batches=2)
+    with pytest.raises(TypeError, match="micro_batch_loader"):
+        trainer.fit(_module(), train_dataloaders=loader)
