@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from lightning_d2ft.callback import D2FTCallback
 from lightning_d2ft.data import DigitsDataModule
 from lightning_d2ft.module import ViTClassifier
+from lightning_d2ft.pretrain import pretrained_checkpoint
 from lightning_d2ft.scheduling import Schedule
 from lightning_d2ft.strategy import D2FTStrategy
 
@@ -44,9 +45,15 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     seed_everything(cfg.seed, workers=True)
     dm = build_datamodule(cfg)
     m, s, t = cfg.model, cfg.schedule, cfg.trainer
+    kwargs = OmegaConf.to_container(m.kwargs, resolve=True)
+    checkpoint = m.checkpoint
+    if checkpoint is None and m.get("pretrain") is not None:  # pretrain here, once, on other digits
+        p = m.pretrain
+        checkpoint = str(pretrained_checkpoint(p.cache_dir, m.name, kwargs, list(p.classes), epochs=p.epochs,
+                                               lr=p.lr, seed=cfg.seed))
     module = ViTClassifier(model=m.name, num_classes=dm.num_classes, subnets=s.subnets, pretrained=m.pretrained,
-                           checkpoint=m.checkpoint, lr=m.lr, weight_decay=m.weight_decay, optimizer=m.optimizer,
-                           model_kwargs=OmegaConf.to_container(m.kwargs, resolve=True))
+                           checkpoint=checkpoint, lr=m.lr, weight_decay=m.weight_decay, optimizer=m.optimizer,
+                           model_kwargs=kwargs)
     callback = D2FTCallback(budget=s.budget, backward_score=s.backward_score, forward_score=s.forward_score,
                             solver=s.solver, method=s.method, comm_budget=s.comm_budget, forward_mix=s.forward_mix,
                             score_every=s.score_every, cache_dir=s.cache_dir, seed=cfg.seed)

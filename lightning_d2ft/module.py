@@ -22,13 +22,16 @@ __all__ = ["ViTClassifier", "build_vit"]
 def build_vit(name: str = "vit_small_patch16_224", *, pretrained: bool = False, num_classes: int = 10,
               checkpoint: str | None = None, **model_kwargs: Any) -> torch.nn.Module:
     """A timm model by name. ``pretrained=True`` downloads hub weights (needs a network); ``checkpoint``
-    loads a local timm state dict (e.g. one made by this project's benchmarks), heads of another size skipped."""
+    loads a local timm state dict (e.g. one pretrained by this project) without its classifier head, which
+    starts fresh for the new task, as timm does for a pretrained model with another ``num_classes``."""
     vit = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **model_kwargs)
     if checkpoint is not None:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        own = vit.state_dict()
-        state = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-        vit.load_state_dict(state, strict=False)
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+        missing, unexpected = vit.load_state_dict(state, strict=False)
+        if unexpected or any(not k.startswith("head.") for k in missing):
+            raise ValueError(f"checkpoint {checkpoint} does not fit {name} {model_kwargs}: missing {missing}, "
+                             f"unexpected {unexpected}")
     return vit
 
 

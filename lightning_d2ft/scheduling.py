@@ -17,8 +17,8 @@ The model (SPEC section 4; choices marked *our reading* are configurable):
 
 Solvers: ``dp`` (ours: exact; items that cost the same form one class, within a class the best items are
 taken first, and a dynamic program over capacity chooses how many of each class; with one class, the
-usual case, that is a sort) and ``ortools`` (a SCIP MIP per device, lexicographic: the inner level is
-solved with the outer objective held at its optimum). Baselines behind ``method=``: ``random``,
+usual case, that is a sort) and ``ortools`` (SCIP MIPs per device: the outer level, then the inner level
+solved on the items and capacity the outer solution leaves). Baselines behind ``method=``: ``random``,
 ``dpruning``, ``moe``, ``full``; they spend the same number of FULL and FORWARD_ONLY items as D2FT at
 that budget but ignore devices, which shows in their workload variance.
 """
@@ -500,7 +500,7 @@ def _dp_counts(prefix: list[np.ndarray], w: list[int], capacity: int, max_count:
 # -- OR-Tools ----------------------------------------------------------------------------------------
 def _solve_device_ortools(back: Tensor, fwd: Tensor, unit: Tensor, budget: _DeviceBudget, cost: CostModel,
                           time_limit: float | None = None):
-    """The same bi-level model as a SCIP MIP: outer level, then inner level with the outer optimum held."""
+    """The same bi-level model as two SCIP MIPs: the outer level, then the inner level on what is left."""
     from ortools.linear_solver import pywraplp
 
     n_mb, n_cols = back.shape
@@ -521,32 +521,27 @@ def _solve_device_ortools(back: Tensor, fwd: Tensor, unit: Tensor, budget: _Devi
     params = pywraplp.MPSolverParameters()
     params.SetDoubleParam(pywraplp.MPSolverParameters.RELATIVE_MIP_GAP, 0.0)
 
-    def outer_constraints(s, x):
-        s.Add(s.Sum([int(w_full[i]) * x[i] for i in items]) <= budget.outer_capacity)
-        if comm_cap is not None:
-            s.Add(s.Sum([cost.comm_full * x[i] for i in items]) <= comm_cap + 1e-9)
-
     s1 = make()
-    x1 = [s1.BoolVar("") for _ in items]
-    outer_constraints(s1, x1)
-    s1.Maximize(s1.Sum([float(v[i]) * x1[i] for i in items]))
-    _check_status(s1.Solve(params), "outer")
-    opt1 = s1.Objective().Value()
-
-    s2 = make()
-    x = [s2.BoolVar("") for _ in items]
-    y = [s2.BoolVar("") for _ in items]
-    outer_constraints(s2, x)
-    for i in items:
-        s2.Add(x[i] + y[i] <= 1)
-    s2.Add(s2.Sum([float(v[i]) * x[i] for i in items]) >= opt1 - 1e-9 * max(1.0, abs(opt1)))
-    s2.Add(s2.Sum([int(w_full[i]) * x[i] + int(w_fo[i]) * y[i] for i in items]) <= budget.capacity)
+    x = [s1.BoolVar("") for _ in items]
+    s1.Add(s1.Sum([int(w_full[i]) * x[i] for i in items]) <= budget.outer_capacity)
     if comm_cap is not None:
-        s2.Add(s2.Sum([cost.comm_full * x[i] + cost.comm_forward_only * y[i] for i in items]) <= comm_cap + 1e-9)
-    s2.Maximize(s2.Sum([float(f[i]) * y[i] for i in items]))
-    _check_status(s2.Solve(params), "inner")
+        s1.Add(s1.Sum([cost.comm_full * x[i] for i in items]) <= comm_cap + 1e-9)
+    s1.Maximize(s1.Sum([float(v[i]) * x[i] for i in items]))
+    _check_status(s1.Solve(params), "outer")
     xs = np.array([xi.solution_value() > 0.5 for xi in x])
-    ys = np.array([yi.solution_value() > 0.5 for yi in y])
+
+    # inner level: FORWARD_ONLY among the items left, with the compute and communication left
+    rest = np.flatnonzero(~xs)
+    s2 = make()
+    y = [s2.BoolVar("") for _ in rest]
+    s2.Add(s2.Sum([int(w_fo[i]) * yi for i, yi in zip(rest, y)]) <= budget.capacity - int(w_full[xs].sum()))
+    if comm_cap is not None:
+        left = comm_cap - cost.comm_full * int(xs.sum())
+        s2.Add(s2.Sum([cost.comm_forward_only * yi for yi in y]) <= left + 1e-9)
+    s2.Maximize(s2.Sum([float(f[i]) * yi for i, yi in zip(rest, y)]))
+    _check_status(s2.Solve(params), "inner")
+    ys = np.zeros(v.size, dtype=bool)
+    ys[rest] = [yi.solution_value() > 0.5 for yi in y]
     ops = np.full(v.size, int(Op.SHORTCUT), dtype=np.int64)
     ops[xs] = Op.FULL
     ops[ys] = Op.FORWARD_ONLY

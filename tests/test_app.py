@@ -1,0 +1,52 @@
+"""The Hydra app from the command line: one run, and a 2-point multirun sweep (2 CPU processes each)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.timeout(900)
+TINY = ["model.kwargs.img_size=16", "model.kwargs.embed_dim=48", "+model.kwargs.depth=2", "schedule.subnets=14",
+        "trainer.max_epochs=1", "trainer.limit_train_batches=4", "data.batch_size=16", "model.pretrain.epochs=1"]
+
+
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "lightning_d2ft", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_single_run_prints_savings_and_accuracy(tmp_path):
+    proc = _run([*TINY, f"hydra.run.dir={tmp_path}/run", f"schedule.cache_dir={tmp_path}/cache",
+                 f"model.pretrain.cache_dir={tmp_path}/pretrained"], tmp_path)
+    assert "compute: 0.600 of full fine-tuning (40% saved)" in proc.stdout
+    assert "validation top-1 accuracy" in proc.stdout
+    result = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert result["compute_fraction"] == pytest.approx(0.6, abs=0.01) and 0 <= result["val_acc"] <= 1
+    assert (tmp_path / "run" / "d2ft" / "schedule.png").exists()
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
+
+
+def test_multirun_sweeps_the_budget(tmp_path):
+    _run(["-m", *TINY, "schedule.budget=0.5,1.0", f"hydra.sweep.dir={tmp_path}/sweep",
+          f"schedule.cache_dir={tmp_path}/cache", f"model.pretrain.cache_dir={tmp_path}/pretrained"], tmp_path)
+    results = sorted(json.loads(p.read_text())["compute_fraction"] for p in (tmp_path / "sweep").rglob("results.json"))
+    assert results == pytest.approx([0.5, 1.0], abs=0.01)
+
+
+def test_help_lists_config_groups(tmp_path):
+    proc = _run(["--help"], tmp_path)
+    for group in ("model:", "data:", "schedule:", "trainer:"):
+        assert group in proc.stdout
+
+
+def test_bad_budget_fails_fast_with_a_clear_message(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "lightning_d2ft", "schedule.budget=1.5", f"hydra.run.dir={tmp_path}"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "budget must be a fraction of the all-FULL cost in (0, 1], got 1.5" in proc.stderr + proc.stdout
