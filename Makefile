@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m lightning_d2ft.demo
+	$(PY) -m lightning_d2ft
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -42,9 +42,13 @@ def _resume_path(cfg: DictConfig, out: Path) -> str | None:
 
 def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     """One fine-tune; returns the summary it also writes to ``out/results.json``."""
+    m, s, t = cfg.model, cfg.schedule, cfg.trainer
+    # built first: it checks the schedule settings before any heavy work (data, pretraining, fit)
+    callback = D2FTCallback(budget=s.budget, backward_score=s.backward_score, forward_score=s.forward_score,
+                            solver=s.solver, method=s.method, comm_budget=s.comm_budget, forward_mix=s.forward_mix,
+                            score_every=s.score_every, cache_dir=s.cache_dir, seed=cfg.seed)
     seed_everything(cfg.seed, workers=True)
     dm = build_datamodule(cfg)
-    m, s, t = cfg.model, cfg.schedule, cfg.trainer
     kwargs = OmegaConf.to_container(m.kwargs, resolve=True)
     checkpoint = m.checkpoint
     if checkpoint is None and m.get("pretrain") is not None:  # pretrain here, once, on other digits
@@ -54,9 +58,6 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     module = ViTClassifier(model=m.name, num_classes=dm.num_classes, subnets=s.subnets, pretrained=m.pretrained,
                            checkpoint=checkpoint, lr=m.lr, weight_decay=m.weight_decay, optimizer=m.optimizer,
                            model_kwargs=kwargs)
-    callback = D2FTCallback(budget=s.budget, backward_score=s.backward_score, forward_score=s.forward_score,
-                            solver=s.solver, method=s.method, comm_budget=s.comm_budget, forward_mix=s.forward_mix,
-                            score_every=s.score_every, cache_dir=s.cache_dir, seed=cfg.seed)
     strategy = D2FTStrategy(tensor_parallel_size=t.tensor_parallel_size, start_method=t.start_method) \
         if t.devices > 1 else "auto"
     checkpoints = ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, every_n_epochs=1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -126,6 +127,28 @@ class D2FTCallback(Callback):
             schedule = Schedule.load(self.schedule_path)
             self._check_matches(schedule, sampler, devices, placement)
             return schedule
+        if self._needs_scores():
+            scores = self._scores(trainer, net, sampler)
+            backward, forward, key = scores.backward, scores.forward, scores.key
+        else:  # every pair FULL whatever the scores say: skip the scoring pass
+            backward = forward = torch.ones(sampler.num_micro_batches, net.num_subnets)
+            key = None
+        schedule = Schedule.solve(
+            backward, forward, budget=self.budget, devices=devices, solver=self.solver,
+            method=self.method, comm_budget=self.comm_budget, forward_mix=self.forward_mix, placement=placement,
+            speeds=self.speeds, column_blocks=net.subnet_blocks(), cost=self.cost, seed=self.seed,
+        )
+        schedule.info.update(scores_key=key, scoring_seconds=self.scoring_seconds,
+                             num_subnets=net.num_subnets, micro_batch_size=sampler.micro_batch_size)
+        out = Path(trainer.default_root_dir) / "d2ft"
+        schedule.save(out / "schedule.pt")
+        schedule.plot(out / "schedule.png")
+        return schedule
+
+    def _needs_scores(self) -> bool:
+        return self.method != "full" and (self.budget < 1.0 or self.comm_budget is not None)
+
+    def _scores(self, trainer: Trainer, net: D2FTViT, sampler: MicroBatchSampler):
         loader = trainer.train_dataloader
         batches = [loader.collate_fn([loader.dataset[i] for i in mb]) for mb in sampler.micro_batches]
         cache = self.cache_dir or Path(trainer.default_root_dir) / "d2ft_cache"
@@ -134,17 +157,7 @@ class D2FTCallback(Callback):
         self.scoring_seconds = scores.seconds
         rank_zero_info(f"D2FT scores ({self.backward_score} / {self.forward_score}) "
                        f"{'loaded from cache' if scores.from_cache else f'computed in {scores.seconds:.1f} s'}")
-        schedule = Schedule.solve(
-            scores.backward, scores.forward, budget=self.budget, devices=devices, solver=self.solver,
-            method=self.method, comm_budget=self.comm_budget, forward_mix=self.forward_mix, placement=placement,
-            speeds=self.speeds, column_blocks=net.subnet_blocks(), cost=self.cost, seed=self.seed,
-        )
-        schedule.info.update(scores_key=scores.key, scoring_seconds=scores.seconds,
-                             num_subnets=net.num_subnets, micro_batch_size=sampler.micro_batch_size)
-        out = Path(trainer.default_root_dir) / "d2ft"
-        schedule.save(out / "schedule.pt")
-        schedule.plot(out / "schedule.png")
-        return schedule
+        return scores
 
     def _check_matches(self, schedule: Schedule, sampler: MicroBatchSampler, devices: int,
                        placement: torch.Tensor) -> None:
@@ -175,6 +188,22 @@ class D2FTCallback(Callback):
             raise RuntimeError("D2FTCallback has no schedule: was setup() skipped?")
         self._check_matches(self.schedule, sampler, devices, placement)
         self._fit_start = time.perf_counter()
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Resuming mid-epoch: skip the micro-batches this epoch already trained on, so that the rest of the
+        epoch sees the same micro-batches (and ops) as an uninterrupted run. Lightning skips
+        ``on_train_epoch_start`` in that case, so the epoch's micro-batch order is set here too."""
+        loop = trainer.fit_loop
+        if not loop.restarted_mid_epoch:
+            return
+        sampler = find_micro_batch_sampler(trainer.train_dataloader)
+        # ``processed``, not ``completed``: a checkpoint saved in on_train_batch_end has the batch processed
+        # but not yet marked completed (Lightning marks it when its loop resets, after this hook)
+        sampler.skip = loop.epoch_loop.batch_progress.current.processed
+        self._ids = sampler.micro_batch_ids(trainer.current_epoch)
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
+        rank_zero_info(f"D2FT: resuming epoch {trainer.current_epoch} after micro-batch {sampler.skip}")
 
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

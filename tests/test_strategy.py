@@ -41,19 +41,22 @@ def _d2ft(budget: float, tmp_path: Path) -> D2FTCallback:
     return D2FTCallback(budget=budget, cache_dir=tmp_path / "cache", progress=False)
 
 
-def _plain_timm_reference(steps: int, optimizer: str) -> dict[str, torch.Tensor]:
-    """Single-process plain timm fine-tuning over the same micro-batches in the same order."""
+def _plain_timm_reference(steps: int, optimizer: str, accumulate: int = 1) -> dict[str, torch.Tensor]:
+    """Single-process plain timm fine-tuning over the same micro-batches in the same order (an optimizer
+    step every ``accumulate`` micro-batches, on the mean of their losses, as Lightning does)."""
     module = _module(optimizer=optimizer)
     vit = module.net.vit
     dm = _data()
     dm.setup()
     sampler = MicroBatchSampler(dm.train_set, 16, seed=0)
     opt = module.configure_optimizers()
-    for mb in sampler.micro_batch_ids(0)[:steps]:
+    opt.zero_grad()
+    for i, mb in enumerate(sampler.micro_batch_ids(0)[:steps]):
         x, y = dm.train_set[sampler.micro_batches[mb]]
-        opt.zero_grad()
-        F.cross_entropy(vit(x), y).backward()
-        opt.step()
+        (F.cross_entropy(vit(x), y) / accumulate).backward()
+        if (i + 1) % accumulate == 0:
+            opt.step()
+            opt.zero_grad()
     return {k: v.detach() for k, v in vit.state_dict().items()}
 
 
@@ -73,6 +76,27 @@ def test_budget_one_at_tensor_parallel_two_trains_like_plain_timm(tmp_path):
     trainer = _trainer(tmp_path, callbacks=[_d2ft(1.0, tmp_path)], limit_train_batches=5)
     trainer.fit(module, _data())
     _assert_same(_vit_state(module), _plain_timm_reference(steps=5, optimizer="sgd"))
+
+
+def test_gradient_accumulation_at_tensor_parallel_two_trains_like_plain_timm(tmp_path):
+    module = _module(optimizer="sgd")
+    trainer = _trainer(tmp_path, callbacks=[_d2ft(1.0, tmp_path)], limit_train_batches=6, accumulate_grad_batches=3)
+    trainer.fit(module, _data())
+    _assert_same(_vit_state(module), _plain_timm_reference(steps=6, optimizer="sgd", accumulate=3))
+
+
+def test_bf16_mixed_precision_follows_fp32_under_the_same_schedule(tmp_path):
+    start = _vit_state(_module(optimizer="sgd"))
+    deltas = {}
+    for precision in ("32-true", "bf16-mixed"):
+        module = _module(optimizer="sgd")
+        _trainer(tmp_path / precision, callbacks=[_d2ft(0.6, tmp_path)], limit_train_batches=4,
+                 precision=precision).fit(module, _data())
+        deltas[precision] = torch.cat([(v - start[k]).flatten() for k, v in _vit_state(module).items()])
+    exact, bf16 = deltas["32-true"], deltas["bf16-mixed"]
+    assert exact.norm() > 0
+    # bf16 rounds activations and gradients to ~3 significant digits; a wrong sum or a lost gradient is O(1)
+    assert (bf16 - exact).norm() / exact.norm() < 0.1
 
 
 class MeasureStep(Callback):
@@ -149,6 +173,42 @@ def test_save_and_resume_reaches_the_same_weights_on_the_same_or_another_world_s
         t2 = _trainer(tmp_path / f"c{devices}", callbacks=[_d2ft(1.0, tmp_path)], max_epochs=2, limit_train_batches=3)
         t2.fit(resumed, _data(), ckpt_path=ckpt)
         _assert_same(_vit_state(resumed), _vit_state(straight), atol=1e-4)
+
+
+class KillRank(Callback):
+    """Fault injection: one rank dies (no cleanup, like a SIGKILL) at the start of a training step."""
+
+    def __init__(self, rank: int, step: int) -> None:
+        self.rank, self.step = rank, step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            os._exit(17)
+
+
+def _every_step_checkpoint(root: Path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    return ModelCheckpoint(dirpath=root / "ckpt", save_last=True, every_n_train_steps=2, save_top_k=0)
+
+
+def test_rank_killed_mid_epoch_resumes_from_last_checkpoint_to_the_same_weights(tmp_path):
+    budget, steps = 0.6, 7
+    straight = _module()
+    _trainer(tmp_path / "a", callbacks=[_d2ft(budget, tmp_path)], limit_train_batches=steps).fit(straight, _data())
+
+    run = tmp_path / "b"
+    with pytest.raises(Exception, match="exit code 17|exited with exit code"):
+        _trainer(run, callbacks=[_d2ft(budget, tmp_path), _every_step_checkpoint(run), KillRank(rank=1, step=5)],
+                 limit_train_batches=steps).fit(_module(), _data())
+    last = run / "ckpt" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == 4  # the last good checkpoint, intact
+    assert not list((run / "ckpt").glob("*.tmp*")), "a partial checkpoint was left behind"
+
+    resumed = _module(seed=123)  # everything must come from the checkpoint
+    _trainer(run, callbacks=[_d2ft(budget, tmp_path), _every_step_checkpoint(run)],
+             limit_train_batches=steps).fit(resumed, _data(), ckpt_path=last)
+    _assert_same(_vit_state(resumed), _vit_state(straight), atol=1e-5)
 
 
 def test_checkpoint_loads_into_plain_timm(tmp_path):
