@@ -41,7 +41,10 @@ def _resume_path(cfg: DictConfig, out: Path) -> str | None:
 
 
 def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
-    """One fine-tune; returns the summary it also writes to ``out/results.json``."""
+    """One fine-tune; returns the summary it also writes to ``out/results.json``. With ``skip_existing``
+    a run directory that already holds a results.json is not run again (resumable sweeps)."""
+    if cfg.get("skip_existing") and (out / "results.json").exists():
+        return json.loads((out / "results.json").read_text())
     m, s, t = cfg.model, cfg.schedule, cfg.trainer
     # built first: it checks the schedule settings before any heavy work (data, pretraining, fit)
     callback = D2FTCallback(budget=s.budget, backward_score=s.backward_score, forward_score=s.forward_score,

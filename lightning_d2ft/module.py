@@ -47,6 +47,7 @@ class ViTClassifier(LightningModule):
                         **(model_kwargs or {}))
         self.net = D2FTViT(vit, subnets=subnets)
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -57,15 +58,18 @@ class ViTClassifier(LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def validation_step(self, batch, batch_idx: int) -> None:
+    def _evaluate(self, batch, metric: MulticlassAccuracy, stage: str) -> None:
         x, y = batch
         logits = self.net(x)
-        self.val_acc(logits, y)
-        self.log("val/loss", F.cross_entropy(logits, y), sync_dist=True)
-        self.log("val/acc", self.val_acc, prog_bar=True)
+        metric(logits, y)
+        self.log(f"{stage}/loss", F.cross_entropy(logits, y), sync_dist=True)
+        self.log(f"{stage}/acc", metric, prog_bar=True)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._evaluate(batch, self.val_acc, "val")
 
     def test_step(self, batch, batch_idx: int) -> None:
-        self.validation_step(batch, batch_idx)
+        self._evaluate(batch, self.test_acc, "test")
 
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
         return self.net(batch[0]).argmax(-1)

@@ -231,6 +231,13 @@ def test_validate_runs_the_full_model(tmp_path):
     assert module.net.scheduled_ops is None
     (res,) = trainer.validate(module, _data(), verbose=False)
     assert 0.0 <= res["val/acc"] <= 1.0
+    (res,) = trainer.test(module, _data(), verbose=False)
+    assert 0.0 <= res["test/acc"] <= 1.0
+    predictions = torch.cat(trainer.predict(module, _data()))
+    dm = _data()
+    dm.setup()
+    x = torch.stack([dm.val_set[i][0] for i in range(len(predictions))])
+    assert torch.equal(predictions, module.net.vit.eval()(x).argmax(-1))  # the full, unscheduled model
 
 
 def test_strategy_registered_by_name_and_bad_sizes_rejected():
