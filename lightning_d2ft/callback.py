@@ -24,7 +24,7 @@ from lightning_d2ft.data import MicroBatchSampler, find_micro_batch_sampler
 from lightning_d2ft.ops import CostModel
 from lightning_d2ft.partition import D2FTViT, find_d2ft
 from lightning_d2ft.placement import subnet_devices
-from lightning_d2ft.scheduling import METHODS, SOLVERS, Schedule, check_choice, check_fraction
+from lightning_d2ft.scheduling import METHODS, SOLVERS, Schedule, check_choice, check_comm_budget, check_fraction
 from lightning_d2ft.scores import check_metric, compute_scores
 from lightning_d2ft.strategy import D2FTStrategy
 
@@ -127,6 +127,8 @@ class D2FTCallback(Callback):
             schedule = Schedule.load(self.schedule_path)
             self._check_matches(schedule, sampler, devices, placement)
             return schedule
+        if self.comm_budget is not None:  # before the scoring pass, not after it
+            check_comm_budget(self.comm_budget, sampler.num_micro_batches, placement, devices)
         if self._needs_scores():
             scores = self._scores(trainer, net, sampler)
             backward, forward, key = scores.backward, scores.forward, scores.key
@@ -155,6 +157,12 @@ class D2FTCallback(Callback):
         scores = compute_scores(net, batches, self.backward_score, self.forward_score, cache_dir=cache,
                                 sample_every=self.score_every, seed=self.seed, progress=self.progress)
         self.scoring_seconds = scores.seconds
+        bad = (~torch.isfinite(scores.backward).all(1)) | (~torch.isfinite(scores.forward).all(1))
+        if bad.any():
+            ids = bad.nonzero().flatten().tolist()
+            raise FloatingPointError(
+                f"the scoring pass got NaN/inf scores for micro-batch(es) {ids[:10]}{' ...' if len(ids) > 10 else ''} "
+                f"(non-finite inputs or loss there): fix those samples before fine-tuning")
         rank_zero_info(f"D2FT scores ({self.backward_score} / {self.forward_score}) "
                        f"{'loaded from cache' if scores.from_cache else f'computed in {scores.seconds:.1f} s'}")
         return scores
@@ -209,6 +217,10 @@ class D2FTCallback(Callback):
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         sampler = find_micro_batch_sampler(trainer.train_dataloader)
         self._ids = sampler.micro_batch_ids(trainer.current_epoch)
+
+    def micro_batch_of(self, batch_idx: int) -> int:
+        """The micro-batch that training batch ``batch_idx`` of the current epoch holds (-1 if unknown)."""
+        return int(self._ids[batch_idx]) if 0 <= batch_idx < len(self._ids) else -1
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:

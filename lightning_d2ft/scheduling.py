@@ -243,6 +243,8 @@ class Schedule:
         if not 0.0 <= forward_mix <= 1.0:
             raise ValueError(f"forward_mix must be in [0, 1], got {forward_mix}")
         place = _resolve_placement(placement, always_full, n_cols, devices)
+        if comm_budget is not None:
+            check_comm_budget(comm_budget, n_mb, place, devices)
         speed = _resolve_speeds(speeds, devices)
         unit = _resolve_subnet_costs(subnet_costs, n_cols)
 
@@ -287,6 +289,18 @@ def check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
 def check_fraction(name: str, value: float) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not (0.0 < value <= 1.0):
         raise ValueError(f"{name} must be a fraction of the all-FULL cost in (0, 1], got {value!r}")
+
+
+def check_comm_budget(comm_budget: float, num_micro_batches: int, placement: Tensor, devices: int) -> None:
+    """Reject a communication budget too small for one FULL (micro-batch, subnet) pair on every device:
+    such a schedule would train nothing on some device (only SHORTCUT and FORWARD_ONLY fit)."""
+    smallest = min(int((placement == d).sum()) for d in range(devices)) * num_micro_batches
+    least = 1.0 / max(smallest, 1)
+    if comm_budget < least - 1e-12:
+        raise ValueError(
+            f"comm_budget={comm_budget} is below {least:.3g}, the least that lets every device train one "
+            f"(micro-batch, subnet) pair FULL ({smallest} pairs on the smallest device); use comm_budget in "
+            f"[{least:.3g}, 1] or drop it")
 
 
 def _check_scores(backward: Tensor | np.ndarray, forward: Tensor | np.ndarray) -> tuple[Tensor, Tensor]:

@@ -7,12 +7,15 @@ import copy
 import pytest
 import timm
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import SHAPES, vit_s16, vit_tiny3
 from lightning_d2ft import CostModel, D2FTViT, Op
-from lightning_d2ft.partition import shard_vit, unshard_state_dict, valid_groups_per_block
+from lightning_d2ft.partition import shard_vit, unshard_state_dict, valid_groups_per_block, valid_subnet_counts
 from lightning_d2ft.placement import groups_of_rank, round_robin
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -209,3 +212,48 @@ def test_shard_and_unshard_round_trip():
         torch.testing.assert_close(rebuilt[k], v, atol=0, rtol=0)
     with pytest.raises(ValueError, match="larger than the 2 head groups"):
         round_robin(12, 2, 4)
+
+
+# -- fuzz: random timm ViT shapes, subnet counts and ops --------------------------------------------
+@st.composite
+def _fuzz_vits(draw):
+    heads = draw(st.integers(1, 4))
+    patch = draw(st.sampled_from([4, 8]))
+    class_token = draw(st.booleans())
+    kw = dict(img_size=patch * draw(st.integers(1, 3)), patch_size=patch, depth=draw(st.integers(1, 3)),
+              num_heads=heads, embed_dim=heads * draw(st.sampled_from([2, 4, 8])), num_classes=draw(st.integers(1, 6)),
+              qkv_bias=draw(st.booleans()), qk_norm=draw(st.booleans()), mlp_ratio=draw(st.sampled_from([1.0, 2.0, 4.0])),
+              init_values=draw(st.none() | st.just(0.3)), class_token=class_token,
+              global_pool=draw(st.sampled_from(["token", "avg"])) if class_token else "avg",
+              drop_path_rate=draw(st.sampled_from([0.0, 0.0, 0.0, 0.1])))
+    return kw, draw(st.none() | st.integers(-1, 30)), draw(st.integers(0, 2**31 - 1))
+
+
+@settings(max_examples=60, deadline=None)
+@given(_fuzz_vits())
+def test_fuzz_d2ftvit_matches_timm_or_rejects_clearly(case):
+    kw, subnets, seed = case
+    torch.manual_seed(seed)
+    vit = VisionTransformer(**kw).eval()
+    if kw["drop_path_rate"] > 0 and kw["depth"] > 1:  # timm's rates rise from 0: one block gets none
+        with pytest.raises(TypeError, match="drop_path"):
+            D2FTViT(vit, subnets=subnets)
+        return
+    if subnets is not None and subnets not in valid_subnet_counts(vit) + valid_groups_per_block(vit):
+        with pytest.raises((ValueError, TypeError), match="valid"):
+            D2FTViT(vit, subnets=subnets)
+        return
+    net = D2FTViT(vit, subnets=subnets)
+    x = torch.randn(2, 3, kw["img_size"], kw["img_size"])
+    torch.testing.assert_close(net(x), vit(x), **TOL)
+    gen = torch.Generator().manual_seed(seed)
+    ops = torch.randint(0, 3, (net.num_subnets,), generator=gen)
+    ops[0] = ops[-1] = Op.FULL
+    y = net(x, ops)
+    assert y.shape == (2, kw["num_classes"]) and torch.isfinite(y).all()
+    y.square().sum().backward()  # any op mix trains
+    # a malformed ops vector is refused with a message, never executed
+    bad = torch.randint(-2, 5, (int(torch.randint(0, net.num_subnets + 3, (1,), generator=gen)),), generator=gen)
+    if bad.numel() != net.num_subnets or bad.min() < 0 or bad.max() > 2 or bad[0] != Op.FULL or bad[-1] != Op.FULL:
+        with pytest.raises(ValueError):
+            net(x, bad)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 from lightning_d2ft import CostModel, Op, Schedule
 from lightning_d2ft.files import StaleFileError
@@ -51,14 +52,17 @@ def test_dp_matches_ortools_and_respects_every_capacity(inst):
     devices = min(inst["devices"], inst["n_cols"])
     back, fwd = _scores(inst["seed"], inst["n_mb"], n_cols)
     costs = None if inst["costs"] is None else torch.tensor([1.0] + inst["costs"][: n_cols - 2] + [1.0])
-    kw = dict(budget=inst["budget"], devices=devices, comm_budget=inst["comm_budget"],
+    comm = inst["comm_budget"]
+    if comm is not None:  # at least one FULL pair per device (smaller budgets are rejected, see below)
+        comm = max(comm, 1.0 / ((inst["n_cols"] // devices) * inst["n_mb"]))
+    kw = dict(budget=inst["budget"], devices=devices, comm_budget=comm,
               forward_mix=inst["forward_mix"], subnet_costs=costs)
     dp = Schedule.solve(back, fwd, solver="dp", **kw)
     ort = Schedule.solve(back, fwd, solver="ortools", **kw)
     for a, b in zip(dp.info["objective"], ort.info["objective"]):
         assert a == pytest.approx(b, rel=1e-6, abs=1e-9)
     for s in (dp, ort):
-        _check_capacities(s, s.cost, costs, inst["comm_budget"])
+        _check_capacities(s, s.cost, costs, comm)
 
 
 @given(st.integers(0, 1000), st.integers(1, 6), st.integers(1, 4), st.floats(0.0, 1.0))
@@ -143,6 +147,10 @@ def test_bad_inputs_give_clear_errors():
         Schedule.solve(back, fwd, comm_budget=2.0)
     with pytest.raises(ValueError, match="speeds"):
         Schedule.solve(back, fwd, devices=2, speeds=[1.0, 0.0])
+    # 4 micro-batches x 3 scheduled subnets on the smaller device: one FULL pair needs comm 1/12
+    with pytest.raises(ValueError, match=r"comm_budget=0.05 is below 0.0833.*\[0.0833, 1\]"):
+        Schedule.solve(back, fwd, devices=2, comm_budget=0.05)
+    assert (Schedule.solve(back, fwd, devices=2, comm_budget=1 / 12).ops == Op.FULL).sum() >= 2 + 2 * 4
 
 
 def test_save_load_plot_and_corruption(tmp_path):
@@ -170,3 +178,80 @@ def test_wire_fraction_groups_a_rank_s_subnets_of_a_block():
                  column_blocks=torch.tensor([-1, 0, 0, 0, 0, -1]))
     assert s.wire_fraction == 1.0  # each rank has one FULL subnet in the block: both send both messages
     assert s.comm_fraction == 0.5  # while per item, half the subnets are silent
+
+
+# -- fuzz: a valid instance solves to a valid schedule; one injected fault gives a clear error ------
+_FAULTS = {
+    "nan_score": lambda b, f, kw: (_poke(b, float("nan")), f, kw),
+    "inf_score": lambda b, f, kw: (b, _poke(f, float("inf")), kw),
+    "negative_score": lambda b, f, kw: (_poke(b, -1.0), f, kw),
+    "shape_mismatch": lambda b, f, kw: (b, f[:, :-1], kw),
+    "empty": lambda b, f, kw: (b[:0], f[:0], kw),
+    "one_dimensional": lambda b, f, kw: (b[0], f[0], kw),
+    "budget_zero": lambda b, f, kw: (b, f, {**kw, "budget": 0.0}),
+    "budget_above_one": lambda b, f, kw: (b, f, {**kw, "budget": 1.5}),
+    "budget_nan": lambda b, f, kw: (b, f, {**kw, "budget": float("nan")}),
+    "budget_bool": lambda b, f, kw: (b, f, {**kw, "budget": True}),
+    "comm_budget_negative": lambda b, f, kw: (b, f, {**kw, "comm_budget": -0.2}),
+    "comm_budget_tiny": lambda b, f, kw: (b, f, {**kw, "comm_budget": 1e-6}),
+    "devices_zero": lambda b, f, kw: (b, f, {**kw, "devices": 0, "speeds": None}),
+    "too_many_devices": lambda b, f, kw: (b, f, {**kw, "devices": b.shape[1], "speeds": None}),
+    "unknown_method": lambda b, f, kw: (b, f, {**kw, "method": "greedy"}),
+    "unknown_solver": lambda b, f, kw: (b, f, {**kw, "solver": "cplex"}),
+    "forward_mix": lambda b, f, kw: (b, f, {**kw, "forward_mix": 1.5}),
+    "speed_zero": lambda b, f, kw: (b, f, {**kw, "speeds": [0.0] * kw["devices"]}),
+    "speeds_length": lambda b, f, kw: (b, f, {**kw, "speeds": [1.0] * (kw["devices"] + 1)}),
+}
+
+
+def _poke(a: np.ndarray, value: float) -> np.ndarray:
+    a = a.copy()
+    a.flat[a.size // 2] = value
+    return a
+
+
+@st.composite
+def _fuzz_inputs(draw):
+    n_mb, n_cols = draw(st.integers(1, 5)), draw(st.integers(3, 10))
+    scores = st.floats(0.0, 1e3) | st.sampled_from([0.0, 1.0])  # ties and zeros on purpose
+    back = draw(hnp.arrays(np.float64, (n_mb, n_cols), elements=scores))
+    fwd = draw(hnp.arrays(np.float64, (n_mb, n_cols), elements=scores))
+    devices = draw(st.integers(1, min(3, n_cols - 2)))
+    kw = dict(
+        budget=draw(st.floats(0.01, 1.0)), devices=devices,
+        method=draw(st.sampled_from(["d2ft", "d2ft", "random", "dpruning", "moe", "full"])),
+        solver=draw(st.sampled_from(["dp", "dp", "ortools"])),
+        comm_budget=draw(st.none() | st.floats(1.0 / n_mb, 1.0)),  # >= one FULL pair per device
+        forward_mix=draw(st.floats(0.0, 1.0)),
+        speeds=draw(st.none() | st.lists(st.floats(0.1, 4.0), min_size=devices, max_size=devices)),
+    )
+    fault = draw(st.none() | st.sampled_from(sorted(_FAULTS)))
+    if fault is not None:
+        back, fwd, kw = _FAULTS[fault](back, fwd, kw)
+    return back, fwd, kw, fault
+
+
+FUZZ_EXAMPLES = 300
+
+
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_fuzz_inputs())
+def test_fuzz_solve_returns_a_valid_schedule_or_raises_a_clear_error(case):
+    back, fwd, kw, fault = case
+    if fault is not None:
+        with pytest.raises((ValueError, TypeError)) as err:
+            Schedule.solve(back, fwd, **kw)
+        assert len(str(err.value)) > 20, "the message must say what was wrong"
+        return
+    s = Schedule.solve(back, fwd, **kw)
+    n_mb, n_cols = back.shape
+    assert s.ops.shape == (n_mb, n_cols) and s.ops.dtype == torch.long
+    assert set(s.ops.unique().tolist()) <= {int(o) for o in Op}
+    assert (s.ops[:, ~s.scheduled] == Op.FULL).all()
+    assert torch.isfinite(s.device_loads).all() and (s.device_loads >= 0).all()
+    if kw["method"] in ("d2ft", "random"):  # dpruning and moe pick whole columns and may round by one
+        assert s.compute_fraction <= kw["budget"] + 1e-9
+    if kw["method"] == "d2ft" and kw["comm_budget"] is not None:
+        assert s.comm_fraction <= kw["comm_budget"] + 1e-9
+    if kw["budget"] == 1.0 and kw["comm_budget"] is None:
+        assert (s.ops == Op.FULL).all()

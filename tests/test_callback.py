@@ -1,0 +1,72 @@
+"""D2FTCallback: bad configuration and mismatched schedule files are refused before any heavy work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Trainer, seed_everything
+
+from lightning_d2ft import D2FTCallback, D2FTStrategy, Schedule
+from lightning_d2ft.data import DigitsDataModule
+from lightning_d2ft.module import ViTClassifier
+
+SMALL = dict(img_size=16, patch_size=8, embed_dim=48, depth=2)  # 6 heads: 4, 8, 14 subnets
+
+
+def _fit(tmp_path: Path, callback: D2FTCallback, subnets: int = 14, batch: int = 16) -> Trainer:
+    seed_everything(0)
+    module = ViTClassifier(num_classes=10, subnets=subnets, model_kwargs=SMALL)
+    trainer = Trainer(accelerator="cpu", devices=1, strategy=D2FTStrategy(parallel_devices=[torch.device("cpu")]),
+                      callbacks=[callback], max_epochs=1, limit_train_batches=2, limit_val_batches=0, logger=False,
+                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module, DigitsDataModule(img_size=16, batch_size=batch, seed=0))
+    return trainer
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"budget": 0.0}, r"budget must be a fraction .* in \(0, 1\], got 0.0"),
+    ({"budget": 1.5}, r"budget must be a fraction .* in \(0, 1\], got 1.5"),
+    ({"comm_budget": -0.1}, r"comm_budget must be a fraction .* got -0.1"),
+    ({"backward_score": "entropy"}, r"backward.*'entropy'.*weight_magnitude.*fisher"),
+    ({"forward_score": "l2"}, r"forward.*'l2'"),
+    ({"solver": "cplex"}, r"unknown solver 'cplex'; choose one of \['dp', 'ortools'\]"),
+    ({"method": "greedy"}, r"unknown method 'greedy'"),
+    ({"forward_mix": 2.0}, r"forward_mix must be in \[0, 1\]"),
+    ({"score_every": 0}, r"score_every must be >= 1"),
+])
+def test_bad_configuration_is_refused_when_the_callback_is_built(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        D2FTCallback(**kwargs)
+
+
+def test_a_subnet_count_the_model_cannot_have_lists_the_valid_ones(tmp_path):
+    with pytest.raises(ValueError, match=r"subnets=13 is not valid.*\[4, 6, 8, 14\]"):
+        _fit(tmp_path, D2FTCallback(budget=0.6, subnets=13, progress=False))
+
+
+def test_a_communication_budget_too_small_to_train_is_refused_before_scoring(tmp_path):
+    cache = tmp_path / "cache"
+    with pytest.raises(ValueError, match=r"comm_budget=1e-05 is below .* use comm_budget in \["):
+        _fit(tmp_path, D2FTCallback(budget=0.6, comm_budget=1e-5, cache_dir=cache, progress=False))
+    assert not cache.exists(), "the scoring pass ran before the check"
+
+
+def test_a_schedule_file_for_another_model_data_or_world_size_is_refused(tmp_path):
+    made = _fit(tmp_path / "made", D2FTCallback(budget=0.6, cache_dir=tmp_path / "cache", progress=False))
+    path = Path(made.default_root_dir) / "d2ft" / "schedule.pt"
+    assert Schedule.load(path).ops.shape[1] == 14
+
+    with pytest.raises(ValueError, match=r"another model.*14 subnets, the model has 8"):
+        _fit(tmp_path / "model", D2FTCallback(schedule_path=path, progress=False), subnets=8)
+    with pytest.raises(ValueError, match=r"another model, data.*micro-batches, the data has"):
+        _fit(tmp_path / "data", D2FTCallback(schedule_path=path, progress=False), batch=32)
+    n_mb = Schedule.load(path).num_micro_batches
+    on_two = Schedule.solve(torch.ones(n_mb, 14), torch.ones(n_mb, 14), budget=0.6, devices=2)
+    on_two.save(tmp_path / "two.pt")
+    with pytest.raises(ValueError, match=r"world size.*2 devices / another placement, this run has 1"):
+        _fit(tmp_path / "world", D2FTCallback(schedule_path=tmp_path / "two.pt", progress=False))
+    # the matching run uses it as it is
+    trainer = _fit(tmp_path / "same", D2FTCallback(schedule_path=path, progress=False))
+    assert torch.equal(trainer.callbacks[0].schedule.ops, Schedule.load(path).ops)
