@@ -4,6 +4,7 @@ fine-tune, and print (and write as JSON) what the schedule saved and the accurac
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -11,16 +12,19 @@ from typing import Any
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_d2ft.callback import D2FTCallback
 from lightning_d2ft.data import DigitsDataModule
-from lightning_d2ft.module import ViTClassifier
+from lightning_d2ft.module import ViTClassifier, build_vit
+from lightning_d2ft.partition import D2FTViT
 from lightning_d2ft.pretrain import pretrained_checkpoint
 from lightning_d2ft.scheduling import Schedule
 from lightning_d2ft.strategy import D2FTStrategy
 
-__all__ = ["build_datamodule", "run"]
+__all__ = ["build_datamodule", "check_model", "run"]
+log = logging.getLogger(__name__)
 
 
 def build_datamodule(cfg: DictConfig) -> DigitsDataModule:
@@ -31,13 +35,36 @@ def build_datamodule(cfg: DictConfig) -> DigitsDataModule:
     return DigitsDataModule(**data)
 
 
+def check_model(name: str, kwargs: dict, subnets: int | None) -> None:
+    """Build the model's skeleton on the meta device (no memory, no download) to check that it is a
+    supported transformer and that ``subnets`` fits it, before any data, pretraining or fit."""
+    with torch.device("meta"):
+        D2FTViT(build_vit(name, num_classes=2, **kwargs), subnets=subnets)
+
+
 def _resume_path(cfg: DictConfig, out: Path) -> str | None:
+    """``auto``/``last``: the newest checkpoint in this run directory (epoch-end or step), if any."""
     if cfg.resume in (None, "", "none"):
         return None
-    if cfg.resume == "last":
-        last = out / "checkpoints" / "last.ckpt"
-        return str(last) if last.exists() else None
+    if cfg.resume in ("auto", "last"):
+        found = [p for p in (out / "checkpoints" / "last.ckpt", out / "checkpoints" / "last-step.ckpt") if p.exists()]
+        if not found:
+            return None
+        newest = max(found, key=lambda p: torch.load(p, map_location="cpu", weights_only=False)["global_step"])
+        log.warning(f"resuming from {newest}")
+        return str(newest)
     return str(cfg.resume)
+
+
+def _checkpoints(out: Path, every_n_steps: int | None) -> list[ModelCheckpoint]:
+    """last.ckpt at every epoch end, and last-step.ckpt every ``every_n_steps`` (a crash loses at most that)."""
+    epochs = ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, every_n_epochs=1, save_top_k=0)
+    if not every_n_steps:
+        return [epochs]
+    steps = ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, every_n_train_steps=every_n_steps,
+                            save_top_k=0)
+    steps.CHECKPOINT_NAME_LAST = "last-step"
+    return [epochs, steps]
 
 
 def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
@@ -50,9 +77,10 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     callback = D2FTCallback(budget=s.budget, backward_score=s.backward_score, forward_score=s.forward_score,
                             solver=s.solver, method=s.method, comm_budget=s.comm_budget, forward_mix=s.forward_mix,
                             score_every=s.score_every, cache_dir=s.cache_dir, seed=cfg.seed)
+    kwargs = OmegaConf.to_container(m.kwargs, resolve=True)
+    check_model(m.name, kwargs, s.subnets)
     seed_everything(cfg.seed, workers=True)
     dm = build_datamodule(cfg)
-    kwargs = OmegaConf.to_container(m.kwargs, resolve=True)
     checkpoint = m.checkpoint
     if checkpoint is None and m.get("pretrain") is not None:  # pretrain here, once, on other digits
         p = m.pretrain
@@ -63,11 +91,11 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
                            model_kwargs=kwargs)
     strategy = D2FTStrategy(tensor_parallel_size=t.tensor_parallel_size, start_method=t.start_method) \
         if t.devices > 1 else "auto"
-    checkpoints = ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, every_n_epochs=1)
+    checkpoints = _checkpoints(out, t.get("checkpoint_every_n_steps"))
     trainer = Trainer(accelerator=t.accelerator, devices=t.devices, strategy=strategy, max_epochs=t.max_epochs,
                       precision=t.precision, accumulate_grad_batches=t.accumulate_grad_batches,
                       limit_train_batches=t.limit_train_batches, log_every_n_steps=t.log_every_n_steps,
-                      callbacks=[callback, checkpoints], default_root_dir=out, logger=CSVLogger(out, name="logs"),
+                      callbacks=[callback, *checkpoints], default_root_dir=out, logger=CSVLogger(out, name="logs"),
                       deterministic=True)
     start = time.perf_counter()
     trainer.fit(module, dm, ckpt_path=_resume_path(cfg, out))

@@ -158,6 +158,9 @@ def _score_pass(net, batches, loss_fn, metrics, sample_every, progress):
                 p.grad = None
             with torch.set_grad_enabled(need_grads):
                 loss = loss_fn(net(x.to(device)), y.to(device))
+            if not bool(torch.isfinite(loss)):
+                raise FloatingPointError(f"micro-batch {n} gives a non-finite loss ({float(loss)}) in the scoring "
+                                         "pass (NaN/inf inputs?): fix those samples before fine-tuning")
             if need_grads:
                 loss.backward()
                 stats["abs"].append(subnet_sums(net, lambda p: None if p.grad is None else p.grad.abs()))

@@ -15,8 +15,11 @@ optimizer state keyed by parameter name, so a run resumes on the same or a diffe
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import signal
+import threading
 from datetime import timedelta
 from typing import Any, Callable, Literal
 
@@ -24,10 +27,12 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment, TorchCheckpointIO
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.utilities.distributed import _destroy_dist_connection
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher, _WorkerOutput
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
@@ -42,19 +47,38 @@ log = logging.getLogger(__name__)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """torch.save to a temporary file and rename: a crash mid-save leaves the previous checkpoint intact."""
+    """torch.save to a temporary file and rename: a crash mid-save leaves the previous checkpoint intact.
+    A checkpoint whose weights hold NaN/inf is refused: it would overwrite the last good one."""
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
         import io
 
+        bad = [k for k, v in checkpoint.get("state_dict", {}).items()
+               if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise FloatingPointError(f"refusing to write checkpoint {path}: NaN/inf in {bad[:5]}"
+                                     f"{' and more' if len(bad) > 5 else ''}; the previous checkpoint is kept")
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
         atomic_write(path, buffer.getvalue())
 
 
 class _WholeModelSpawnLauncher(_MultiProcessingLauncher):
-    """Lightning's spawn launcher, but it sends the main process the whole model, not rank 0's shard."""
+    """Lightning's spawn launcher, but it sends the main process the whole model, not rank 0's shard,
+    and each worker destroys its process group before it exits."""
+
+    @override
+    def _wrapping_function(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            super()._wrapping_function(*args, **kwargs)
+        except SIGTERMException as stop:
+            # a SystemExit with code 0: the worker would look finished and the main process would wait
+            # for its results forever; report the stop as the failure it is
+            raise RuntimeError("fit stopped by SIGTERM; resume from the last checkpoint") from stop
+        # a gloo group left to interpreter finalization can abort the worker (SIGABRT, "terminate called
+        # without an active exception"); Lightning destroys groups at exit only for NCCL
+        _destroy_dist_connection()
 
     @override
     def _collect_rank_zero_results(self, trainer: Any, results: Any) -> _WorkerOutput | None:
@@ -80,6 +104,15 @@ class D2FTStrategy(DDPStrategy):
             be a multiple of it; the quotient is the number of data-parallel replicas.
         placement: ``owner[block, group]`` rank of every head group, or a callable
             ``(depth, groups_per_block, tensor_parallel_size) -> owner``; default round-robin.
+        on_nonfinite: what a NaN/inf input or loss does: "raise" (stop, naming the step and micro-batch;
+            nothing from that step is applied or saved) or "skip" (drop that micro-batch's update, warn,
+            count it in ``skipped_steps``). All ranks agree (one tiny all-reduce per step); the same
+            all-reduce spreads a SIGTERM that reached any rank, and every rank stops after that step.
+        data_parallel: how data-parallel replicas (world size / tensor_parallel_size of them) stay together:
+            "sync" all-reduces gradients every step (DDP); "lofi" trains them independently, with no
+            gradient communication, and averages their weights once when fit ends (lo-fi), or every
+            ``lofi_average_every_n_steps`` optimizer steps as well. Checkpoints hold the average of the
+            replicas at that moment (a resumed lo-fi run restarts every replica from it).
         The remaining arguments are DDPStrategy's (launcher, backend, timeout, ...).
     """
 
@@ -97,6 +130,9 @@ class D2FTStrategy(DDPStrategy):
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        on_nonfinite: Literal["raise", "skip"] = "raise",
+        data_parallel: Literal["sync", "lofi"] = "sync",
+        lofi_average_every_n_steps: int | None = None,
     ) -> None:
         super().__init__(
             accelerator=accelerator, parallel_devices=parallel_devices, cluster_environment=cluster_environment,
@@ -105,11 +141,24 @@ class D2FTStrategy(DDPStrategy):
         )
         if tensor_parallel_size != "auto" and (not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1):
             raise ValueError(f"tensor_parallel_size must be a positive int or 'auto', got {tensor_parallel_size!r}")
+        if on_nonfinite not in ("raise", "skip"):
+            raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
+        if data_parallel not in ("sync", "lofi"):
+            raise ValueError(f"data_parallel must be 'sync' (all-reduce gradients every step) or 'lofi' "
+                             f"(independent replicas, weights averaged at the end), got {data_parallel!r}")
+        if lofi_average_every_n_steps is not None and (data_parallel != "lofi" or lofi_average_every_n_steps < 1):
+            raise ValueError(f"lofi_average_every_n_steps must be a positive int and needs data_parallel='lofi', "
+                             f"got {lofi_average_every_n_steps!r} with data_parallel={data_parallel!r}")
+        self.data_parallel, self.lofi_every = data_parallel, lofi_average_every_n_steps
+        self._lofi_steps = 0
+        self.on_nonfinite = on_nonfinite
+        self.skipped_steps: list[dict[str, int]] = []
+        self._sigterm_seen = False
         self._tp_size_arg = tensor_parallel_size
         self._placement_arg = placement
         self.tp: SparseTensorParallel | None = None
         self._dp_group: dist.ProcessGroup | None = None
-        self.dp_bytes = 0  # bytes this rank sent for data-parallel gradient sync
+        self.dp_bytes = 0  # bytes this rank sent for data-parallel sync (gradients, or lo-fi weight averages)
         self.placement: Tensor | None = None  # owner[block, group], once the model is sharded
 
     # -- mesh -----------------------------------------------------------------------------------
@@ -149,6 +198,7 @@ class D2FTStrategy(DDPStrategy):
     @override
     def setup_distributed(self) -> None:
         super().setup_distributed()
+        atexit.register(_destroy_dist_connection)  # see _WholeModelSpawnLauncher._wrapping_function
         tp, dp = self.tensor_parallel_size, self.data_parallel_size
         tp_group = None
         # every rank creates every group, in the same order (a torch.distributed rule)
@@ -192,6 +242,59 @@ class D2FTStrategy(DDPStrategy):
         """The placement this strategy will use for ``net`` (before or after sharding)."""
         return net.group_owner.cpu() if net.tp is not None else self._resolve_placement(net)
 
+    # -- per-step agreement: non-finite data and SIGTERM ------------------------------------------
+    @override
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        self._sigterm_seen = False
+        if self.world_size > 1 and threading.current_thread() is threading.main_thread():
+            # Lightning's SIGTERM handler broadcasts from inside the handler: when only some ranks get the
+            # signal, the others are inside a tensor-parallel collective and every rank hangs. Ours only
+            # notes it; the next step's flag all-reduce tells every rank (Lightning restores its handlers
+            # at teardown).
+            signal.signal(signal.SIGTERM, self._note_sigterm)
+
+    def _note_sigterm(self, signum: int, frame: Any) -> None:
+        log.warning(f"[rank {self.global_rank}] received SIGTERM: every rank stops after this step")
+        self._sigterm_seen = True
+
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        out = super().training_step(*args, **kwargs)
+        batch = args[0] if args else kwargs.get("batch")
+        batch_idx = args[1] if len(args) > 1 else kwargs.get("batch_idx", -1)
+        loss = out["loss"] if isinstance(out, dict) else out
+        what, sigterm = self._agree(batch, loss)
+        trainer = self.lightning_module.trainer
+        if sigterm:  # Lightning's next-batch broadcast then stops every rank together (SIGTERMException)
+            trainer._signal_connector.received_sigterm = True
+        if not what:
+            return out
+        where = {"global_step": trainer.global_step, "epoch": trainer.current_epoch, "batch_idx": batch_idx,
+                 "micro_batch": _micro_batch_of(trainer, batch_idx)}
+        message = (f"non-finite {what} at global step {where['global_step']} (epoch {where['epoch']}, batch "
+                   f"{batch_idx}, micro-batch {where['micro_batch']})")
+        if self.on_nonfinite == "skip":
+            self.skipped_steps.append(where)
+            log.warning(f"{message}: skipped (on_nonfinite='skip')")
+            return None  # Lightning runs no backward and the optimizer sees no gradient
+        raise FloatingPointError(f"{message}. Nothing from this step was applied or saved; the last checkpoint "
+                                 "is intact. Fix the data, or pass D2FTStrategy(on_nonfinite='skip').")
+
+    def _agree(self, batch: Any, loss: Any) -> tuple[str, bool]:
+        """('input' | 'loss' | '', any rank got SIGTERM), the same on every rank (one 2-int all-reduce),
+        so that all raise, skip or stop together."""
+        from lightning.fabric.utilities.apply_func import apply_to_collection
+
+        flags = [False]
+        apply_to_collection(batch, Tensor, lambda t: flags.__setitem__(
+            0, flags[0] or (t.is_floating_point() and not bool(torch.isfinite(t).all()))))
+        bad_loss = torch.is_tensor(loss) and not bool(torch.isfinite(loss).all())
+        code = torch.tensor([2 if flags[0] else (1 if bad_loss else 0), int(self._sigterm_seen)])
+        if self.world_size > 1 and dist.is_initialized():
+            dist.all_reduce(code, op=dist.ReduceOp.MAX)
+        return {0: "", 1: "loss", 2: "input"}[int(code[0])], bool(code[1])
+
     @override
     def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
         def closure_then_sync() -> Any:
@@ -199,10 +302,38 @@ class D2FTStrategy(DDPStrategy):
             self._sync_data_parallel_grads(optimizer)
             return out
 
-        return super().optimizer_step(optimizer, closure_then_sync, model, **kwargs)
+        out = super().optimizer_step(optimizer, closure_then_sync, model, **kwargs)
+        if self.data_parallel == "lofi" and self.lofi_every:
+            self._lofi_steps += 1
+            if self._lofi_steps % self.lofi_every == 0:
+                self._average_replicas_()
+        return out
+
+    # -- lo-fi: independent replicas, weights averaged -------------------------------------------
+    @override
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        if self.data_parallel == "lofi":
+            self._average_replicas_()
+
+    def _average_replicas_(self) -> None:
+        """Replace every replica's weights by their mean (one all-reduce per tensor, bytes counted)."""
+        module = self.lightning_module
+        with torch.no_grad():
+            for t in [*module.parameters(), *(b for b in module.buffers() if b.is_floating_point())]:
+                t.copy_(self._replica_mean(t))
+
+    def _replica_mean(self, t: Tensor) -> Tensor:
+        if self.data_parallel_size == 1:
+            return t
+        total = t.detach().clone()
+        dist.all_reduce(total, group=self._dp_group)
+        n = self.data_parallel_size
+        self.dp_bytes += total.numel() * total.element_size() * 2 * (n - 1) // n
+        return total.div_(n)
 
     def _sync_data_parallel_grads(self, optimizer: Optimizer) -> None:
-        if self.data_parallel_size == 1:
+        if self.data_parallel_size == 1 or self.data_parallel == "lofi":
             return
         for group in optimizer.param_groups:
             for p in group["params"]:
@@ -228,6 +359,8 @@ class D2FTStrategy(DDPStrategy):
         module = self.lightning_module
         net = find_d2ft(module)
         state = module.state_dict()
+        if self.data_parallel == "lofi":  # the lo-fi model is the replicas' mean (every rank takes part)
+            state = {k: self._replica_mean(v) if v.is_floating_point() else v for k, v in state.items()}
         if net.tp is None or self.tensor_parallel_size == 1:
             return state
         prefix = _prefix_of(module, net)
@@ -307,6 +440,16 @@ class D2FTStrategy(DDPStrategy):
     def register_strategies(cls, strategy_registry: Any) -> None:
         strategy_registry.register("d2ft", cls, description="Distributed Dynamic Fine-Tuning (tensor-parallel D2FT)")
         strategy_registry.register("d2ft_spawn", cls, description="D2FT with spawned processes", start_method="spawn")
+
+
+def _micro_batch_of(trainer: Any, batch_idx: int) -> int:
+    """The micro-batch id a training batch index maps to (-1 without a D2FTCallback)."""
+    from lightning_d2ft.callback import D2FTCallback  # the callback module imports this one
+
+    for cb in trainer.callbacks:
+        if isinstance(cb, D2FTCallback):
+            return cb.micro_batch_of(batch_idx)
+    return -1
 
 
 def _prefix_of(module: torch.nn.Module, net: D2FTViT) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
@@ -34,3 +36,15 @@ SHAPES = {"vit_s16": vit_s16, "tiny3": vit_tiny3, "layerscale": vit_layerscale}
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _no_process_group_left_behind():
+    """A one-device run initialises a process group in the test process and exports MASTER_PORT; left
+    there, the next 2-process run reuses that port and fails with EADDRINUSE."""
+    environ = dict(os.environ)
+    yield
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(environ)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.timeout(900)
 TINY = ["model.kwargs.img_size=16", "model.kwargs.embed_dim=48", "+model.kwargs.depth=2", "schedule.subnets=14",
@@ -31,6 +32,13 @@ def test_single_run_prints_savings_and_accuracy(tmp_path):
     assert (tmp_path / "run" / "d2ft" / "schedule.png").exists()
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
 
+    # the same command again (here asking for one more epoch) continues from the run's last checkpoint
+    again = _run([*TINY, "trainer.max_epochs=2", f"hydra.run.dir={tmp_path}/run", f"schedule.cache_dir={tmp_path}/cache",
+                  f"model.pretrain.cache_dir={tmp_path}/pretrained"], tmp_path)
+    assert "resuming from" in again.stdout + again.stderr
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == 8  # 4 new steps on top of the first run's 4
+
 
 def test_multirun_sweeps_the_budget(tmp_path):
     _run(["-m", *TINY, "schedule.budget=0.5,1.0", f"hydra.sweep.dir={tmp_path}/sweep",
@@ -43,6 +51,15 @@ def test_help_lists_config_groups(tmp_path):
     proc = _run(["--help"], tmp_path)
     for group in ("model:", "data:", "schedule:", "trainer:"):
         assert group in proc.stdout
+
+
+def test_bad_subnets_fail_before_any_data_or_pretraining(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "lightning_d2ft", "schedule.subnets=27", f"hydra.run.dir={tmp_path}/run",
+                           f"model.pretrain.cache_dir={tmp_path}/pretrained"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "subnets=27 is not valid" in proc.stderr + proc.stdout and "[14, 26, 38, 74]" in proc.stderr + proc.stdout
+    assert not (tmp_path / "pretrained").exists()
 
 
 def test_bad_budget_fails_fast_with_a_clear_message(tmp_path):

@@ -108,3 +108,11 @@ def test_cache_is_used_and_stale_or_corrupt_caches_are_recomputed(tmp_path):
 def test_unknown_metric_is_rejected():
     with pytest.raises(ValueError, match="unknown backward score metric 'l2'"):
         compute_scores(D2FTViT(vit_tiny3()), _data(1), "l2", "fisher", progress=False)
+
+
+def test_a_micro_batch_with_nan_input_is_named():
+    net = D2FTViT(vit_tiny3())
+    batches = [(torch.randn(2, 3, 32, 32), torch.tensor([0, 1])) for _ in range(3)]
+    batches[1][0][0, 0, 0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="micro-batch 1 gives a non-finite loss"):
+        compute_scores(net, batches, "weight_magnitude", "fisher", progress=False)
