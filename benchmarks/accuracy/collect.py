@@ -80,22 +80,27 @@ def grouped(runs: list[dict], *keys: str) -> dict[tuple, list[float]]:
 def budget_table(runs: list[dict], key: str, table: str, title: str) -> tuple[str, dict]:
     """Rows: methods; columns: the budgets swept (``key``); full fine-tuning as its own row at 1.0."""
     acc = grouped(runs, "method", key)
-    frac = defaultdict(list)
+    # measured fractions of all-FULL: for a communication budget both the cost model it constrains
+    # (comm_fraction, per (micro-batch, subnet) item) and the bytes the all-to-all really sends (wire)
+    measures = ["comm_fraction", "wire_fraction"] if key == "comm_budget" else ["compute_fraction"]
+    frac = {name: defaultdict(list) for name in measures}
     for r in runs:
-        frac[(r["method"], r[key])].append(r["wire_fraction" if key == "comm_budget" else "compute_fraction"])
+        for name in measures:
+            frac[name][(r["method"], r[key])].append(r[name])
     budgets = sorted({b for (_, b) in acc if b is not None})
     if key == "comm_budget" and (("full", None) in acc):
         budgets.append(None)
     head = [f"{b}" if b is not None else "none" for b in budgets]
-    measured = "wire fraction" if key == "comm_budget" else "compute fraction"
     lines = [f"### {title}", "", f"| method | " + " | ".join(f"{key} {h}" for h in head) +
-             f" | {measured} (measured, per budget) | paper |", "|" + "---|" * (len(budgets) + 3)]
+             "".join(f" | {n.replace('_', ' ')} (measured, per budget)" for n in measures) + " | paper |",
+             "|" + "---|" * (len(budgets) + len(measures) + 2)]
     series = {}
     for m in METHODS:
         if not any(k[0] == m for k in acc):
             continue
         cells = [cell(acc.get((m, b), [])) for b in budgets]
-        fr = ", ".join(f"{statistics.mean(frac[(m, b)]):.2f}" for b in budgets if frac.get((m, b)))
+        fr = " | ".join(", ".join(f"{statistics.mean(frac[n][(m, b)]):.2f}" for b in budgets if frac[n].get((m, b)))
+                        for n in measures)
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {fr} | {PAPER[table].get(m, '')} |")
         series[m] = [(b, mean(acc.get((m, b), []))) for b in budgets if acc.get((m, b))]
     return "\n".join(lines), series
