@@ -89,7 +89,8 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     module = ViTClassifier(model=m.name, num_classes=dm.num_classes, subnets=s.subnets, pretrained=m.pretrained,
                            checkpoint=checkpoint, lr=m.lr, weight_decay=m.weight_decay, optimizer=m.optimizer,
                            model_kwargs=kwargs)
-    strategy = D2FTStrategy(tensor_parallel_size=t.tensor_parallel_size, start_method=t.start_method) \
+    strategy = D2FTStrategy(tensor_parallel_size=t.tensor_parallel_size, start_method=t.start_method,
+                            data_parallel=t.get("data_parallel", "sync")) \
         if t.devices > 1 else "auto"
     checkpoints = _checkpoints(out, t.get("checkpoint_every_n_steps"))
     trainer = Trainer(accelerator=t.accelerator, devices=t.devices, strategy=strategy, max_epochs=t.max_epochs,

@@ -41,7 +41,8 @@ class D2FTCallback(Callback):
         backward_score / forward_score: score metrics (see :mod:`lightning_d2ft.scores`).
         solver: "dp" or "ortools". method: "d2ft" or a baseline ("random", "dpruning", "moe", "full").
         comm_budget: optional communication budget in (0, 1]. forward_mix: see :meth:`Schedule.solve`.
-        speeds: relative speed of each tensor-parallel rank (equal by default).
+        speeds: relative speed of each tensor-parallel rank (default: those of the strategy's
+            ``speed_aware`` placement, else equal).
         cache_dir: where scores are cached (default ``<default_root_dir>/d2ft_cache``).
         score_every: score every k-th micro-batch only (cheaper scoring pass).
         schedule_path: use this saved schedule instead of solving (checked against the run).
@@ -138,7 +139,7 @@ class D2FTCallback(Callback):
         schedule = Schedule.solve(
             backward, forward, budget=self.budget, devices=devices, solver=self.solver,
             method=self.method, comm_budget=self.comm_budget, forward_mix=self.forward_mix, placement=placement,
-            speeds=self.speeds, column_blocks=net.subnet_blocks(), cost=self.cost, seed=self.seed,
+            speeds=self._speeds(trainer), column_blocks=net.subnet_blocks(), cost=self.cost, seed=self.seed,
         )
         schedule.info.update(scores_key=key, scoring_seconds=self.scoring_seconds,
                              num_subnets=net.num_subnets, micro_batch_size=sampler.micro_batch_size)
@@ -146,6 +147,12 @@ class D2FTCallback(Callback):
         schedule.save(out / "schedule.pt")
         schedule.plot(out / "schedule.png")
         return schedule
+
+    def _speeds(self, trainer: Trainer) -> Sequence[float] | None:
+        """Given speeds, else those the strategy's placement declares (``speed_aware``), else equal."""
+        if self.speeds is not None:
+            return self.speeds
+        return trainer.strategy.speeds if isinstance(trainer.strategy, D2FTStrategy) else None
 
     def _needs_scores(self) -> bool:
         return self.method != "full" and (self.budget < 1.0 or self.comm_budget is not None)

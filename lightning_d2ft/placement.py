@@ -3,10 +3,15 @@
 The default deals the head groups of every block round-robin over the ranks, so each rank holds the
 same number of subnets and (when the rank count divides G) the same number in every block. A placement
 is a LongTensor ``owner[depth, G]``; flattened block-major it lines up with the block subnets of an ops
-vector (columns ``1 .. depth*G``).
+vector (columns ``1 .. depth*G``). On ranks of unequal speed or memory, ``speed_aware`` gives each rank
+head groups in proportion to its speed, within its memory, so that every rank's step takes as long.
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -32,3 +37,100 @@ def groups_of_rank(owner: Tensor, rank: int) -> list[list[int]]:
 def subnet_devices(owner: Tensor) -> Tensor:
     """Device of every ops-vector column: -1 for the replicated stem and head, the owner for block subnets."""
     return torch.cat([torch.tensor([-1]), owner.reshape(-1), torch.tensor([-1])])
+
+
+# -- heterogeneous ranks ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DeviceSpec:
+    """One tensor-parallel rank: relative ``speed`` (2.0 = twice as fast) and the ``memory`` (bytes) it may
+    spend on the head groups it holds (weights, gradients, optimizer state, activations)."""
+
+    speed: float = 1.0
+    memory: float = math.inf
+
+    def __post_init__(self) -> None:
+        if not (self.speed > 0 and math.isfinite(self.speed)):
+            raise ValueError(f"DeviceSpec.speed must be a positive number, got {self.speed!r}")
+        if not self.memory > 0:
+            raise ValueError(f"DeviceSpec.memory must be positive bytes (or inf), got {self.memory!r}")
+
+
+def group_counts(depth: int, groups_per_block: int, devices: Sequence[DeviceSpec],
+                 bytes_per_group: float = 0.0) -> list[int]:
+    """Head groups per rank that minimise the slowest rank's predicted step time (groups / speed), with every
+    rank holding at least one group of every block and no more groups than its memory allows.
+
+    Every group costs the same in D2FT: the stem always trains, so backpropagation always reaches the input
+    and a group's cost does not depend on its block's ``dist_from_output``. With identical units, handing
+    them out one by one to the rank that would finish earliest is optimal (the makespan is the n-th smallest
+    of the ranks' increasing completion times).
+    """
+    tp, units = len(devices), depth * groups_per_block
+    if tp < 1:
+        raise ValueError("give at least one DeviceSpec")
+    if tp > groups_per_block:
+        raise ValueError(f"{tp} ranks but only {groups_per_block} head groups per block: every rank needs one "
+                         f"group of every block; use at most {groups_per_block} ranks or more subnets")
+    room = [units if bytes_per_group <= 0 or math.isinf(d.memory) else int(d.memory // bytes_per_group)
+            for d in devices]
+    for rank, r in enumerate(room):
+        if r < depth:
+            raise ValueError(f"rank {rank} has memory for {r} head groups but must hold at least {depth} (one per "
+                             f"block): short by {(depth - r) * bytes_per_group / 2**20:.1f} MiB")
+    if sum(room) < units:
+        raise ValueError(f"the {tp} ranks have memory for {sum(room)} of the {units} head groups: short by "
+                         f"{(units - sum(room)) * bytes_per_group / 2**20:.1f} MiB in all")
+    most = depth * (groups_per_block - tp + 1)  # every other rank keeps one group of every block
+    counts = [depth] * tp
+    for _ in range(units - depth * tp):
+        open_ranks = [r for r in range(tp) if counts[r] < min(room[r], most)]
+        best = min(open_ranks, key=lambda r: ((counts[r] + 1) / devices[r].speed, r))
+        counts[best] += 1
+    return counts
+
+
+def layout(depth: int, groups_per_block: int, counts: Sequence[int]) -> Tensor:
+    """``owner[depth, G]`` with ``counts[r]`` groups on rank r: one group of every block each, the rest dealt
+    block by block so that a rank's extra groups spread over the blocks."""
+    tp = len(counts)
+    extra = [r for r in range(tp) for _ in range(counts[r] - depth)]
+    if len(extra) != depth * (groups_per_block - tp) or min(counts) < depth:
+        raise ValueError(f"counts {list(counts)} do not fill {depth} blocks x {groups_per_block} groups "
+                         f"with at least one group per rank and block")
+    owner = torch.empty(depth, groups_per_block, dtype=torch.long)
+    owner[:, :tp] = torch.arange(tp)
+    for i, rank in enumerate(extra):  # slot-major: extra slot k of every block before slot k + 1
+        owner[i % depth, tp + i // depth] = rank
+    return owner
+
+
+@dataclass(frozen=True)
+class SpeedAwarePlacement:
+    """A placement for ``D2FTStrategy(placement=...)`` on ranks of unequal speed and memory: each rank holds
+    head groups in proportion to its speed (memory permitting), so predicted step times are equal.
+    ``D2FTCallback`` reads ``speeds`` from it to set the knapsack capacities the same way."""
+
+    devices: tuple[DeviceSpec, ...]
+    bytes_per_group: float = 0.0
+
+    @property
+    def speeds(self) -> list[float]:
+        return [d.speed for d in self.devices]
+
+    def __call__(self, depth: int, groups_per_block: int, world: int) -> Tensor:
+        if world != len(self.devices):
+            raise ValueError(f"the placement describes {len(self.devices)} ranks but the tensor-parallel size is "
+                             f"{world}; give one DeviceSpec per tensor-parallel rank")
+        return layout(depth, groups_per_block, group_counts(depth, groups_per_block, self.devices,
+                                                            self.bytes_per_group))
+
+
+def speed_aware(speeds: Sequence[float], memory: Sequence[float] | None = None,
+                bytes_per_group: float = 0.0) -> SpeedAwarePlacement:
+    """``speed_aware([2.0, 1.0])``: rank 0 twice as fast; ``memory`` in bytes per rank, with the bytes one
+    head group needs there (``bytes_per_group``)."""
+    memory = memory if memory is not None else [math.inf] * len(speeds)
+    if len(memory) != len(speeds):
+        raise ValueError(f"give one memory per rank: {len(speeds)} speeds, {len(memory)} memories")
+    return SpeedAwarePlacement(tuple(DeviceSpec(float(s), float(m)) for s, m in zip(speeds, memory)),
+                               bytes_per_group)

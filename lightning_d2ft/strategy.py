@@ -238,6 +238,11 @@ class D2FTStrategy(DDPStrategy):
                                  f"at least one group of every block")
         return owner
 
+    @property
+    def speeds(self) -> list[float] | None:
+        """Relative tensor-parallel rank speeds if the placement declares them (``speed_aware``), else None."""
+        return getattr(self._placement_arg, "speeds", None)
+
     def placement_for(self, net: D2FTViT) -> Tensor:
         """The placement this strategy will use for ``net`` (before or after sharding)."""
         return net.group_owner.cpu() if net.tp is not None else self._resolve_placement(net)

@@ -102,6 +102,23 @@ def test_lofi_two_replicas_equal_the_average_of_two_independent_runs_on_the_data
         _assert_same(halves[0], halves[1])
 
 
+def test_speed_aware_placement_gives_the_faster_rank_twice_the_work_and_trains_exactly(tmp_path):
+    from lightning_d2ft.placement import speed_aware
+
+    module = _module(optimizer="sgd")
+    trainer = _trainer(tmp_path, callbacks=[_d2ft(1.0, tmp_path)], limit_train_batches=4,
+                       strategy_kw=dict(placement=speed_aware([2.0, 1.0])))
+    trainer.fit(module, _data())
+    _assert_same(_vit_state(module), _plain_timm_reference(steps=4, optimizer="sgd"))  # uneven shards, same math
+    budget = D2FTCallback(budget=0.6, progress=False, cache_dir=tmp_path / "cache")
+    _trainer(tmp_path / "b", callbacks=[budget], limit_train_batches=2,
+             strategy_kw=dict(placement=speed_aware([2.0, 1.0]))).fit(_module(), _data())
+    schedule = Schedule.load(tmp_path / "b" / "d2ft" / "schedule.pt")
+    loads = schedule.device_loads
+    assert float(loads[0] / loads[1]) == pytest.approx(2.0, rel=0.02)  # capacities follow the speeds
+    assert schedule.workload_variance < 1e-4  # and the predicted step times are equal
+
+
 def test_bf16_mixed_precision_follows_fp32_under_the_same_schedule(tmp_path):
     start = _vit_state(_module(optimizer="sgd"))
     deltas = {}

@@ -1,0 +1,92 @@
+"""Placement of head groups on tensor-parallel ranks: round-robin, and speed/memory-aware for unequal ranks."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lightning_d2ft.placement import (DeviceSpec, group_counts, groups_of_rank, layout, round_robin,
+                                      speed_aware)
+
+
+def _makespan(counts, devices) -> float:
+    return max(c / d.speed for c, d in zip(counts, devices))
+
+
+def _brute_force(depth, g, devices, bytes_per_group) -> float | None:
+    """The best makespan over every split of the groups that keeps one group per rank and block."""
+    tp, best = len(devices), None
+    room = [math.inf if math.isinf(d.memory) else d.memory // bytes_per_group for d in devices]
+    for counts in itertools.product(range(depth, depth * (g - tp + 1) + 1), repeat=tp):
+        if sum(counts) == depth * g and all(c <= r for c, r in zip(counts, room)):
+            m = _makespan(counts, devices)
+            best = m if best is None else min(best, m)
+    return best
+
+
+@st.composite
+def _rank_mixes(draw):
+    depth, g = draw(st.integers(1, 3)), draw(st.integers(1, 4))
+    tp = draw(st.integers(1, g))
+    devices = [DeviceSpec(speed=draw(st.sampled_from([0.5, 1.0, 1.5, 2.0, 3.0, 4.0])),
+                          memory=draw(st.sampled_from([math.inf, 2.0, 3.0, 5.0, 8.0])))
+               for _ in range(tp)]
+    return depth, g, devices
+
+
+@settings(max_examples=150, deadline=None)
+@given(_rank_mixes())
+def test_counts_are_optimal_respect_memory_or_refuse_naming_the_shortfall(case):
+    depth, g, devices = case
+    best = _brute_force(depth, g, devices, bytes_per_group=1.0)
+    if best is None:
+        with pytest.raises(ValueError, match=r"short by \d+\.\d MiB"):
+            group_counts(depth, g, devices, bytes_per_group=1.0)
+        return
+    counts = group_counts(depth, g, devices, bytes_per_group=1.0)
+    assert sum(counts) == depth * g
+    assert all(c <= d.memory for c, d in zip(counts, devices))  # 1 byte per group
+    assert _makespan(counts, devices) == pytest.approx(best)  # the slowest rank is as fast as it can be
+    owner = layout(depth, g, counts)
+    for rank, c in enumerate(counts):
+        held = groups_of_rank(owner, rank)
+        assert all(held) and sum(map(len, held)) == c  # a group of every block, counts[rank] in all
+
+
+def test_equal_ranks_get_the_round_robin_counts_and_a_twice_faster_rank_twice_the_groups():
+    equal = speed_aware([1.0, 1.0])(12, 6, 2)
+    assert [int((equal == r).sum()) for r in range(2)] == [int((round_robin(12, 6, 2) == r).sum()) for r in range(2)]
+    fast = speed_aware([2.0, 1.0])(12, 6, 2)
+    assert [int((fast == r).sum()) for r in range(2)] == [48, 24]  # predicted step times 24 and 24
+
+
+def test_memory_shortfall_names_the_rank():
+    with pytest.raises(ValueError, match=r"rank 1 has memory for 5 head groups but must hold at least 12 .* "
+                                         r"short by 7\.0 MiB"):
+        speed_aware([1.0, 1.0], memory=[math.inf, 5 * 2**20], bytes_per_group=2**20)(12, 6, 2)
+    with pytest.raises(ValueError, match=r"memory for 40 of the 72 head groups: short by 32\.0 MiB in all"):
+        speed_aware([1.0, 1.0], memory=[20 * 2**20, 20 * 2**20], bytes_per_group=2**20)(12, 6, 2)
+
+
+def test_bad_device_specs_and_world_sizes_are_refused():
+    with pytest.raises(ValueError, match="speed must be a positive"):
+        DeviceSpec(speed=0.0)
+    with pytest.raises(ValueError, match="one memory per rank"):
+        speed_aware([1.0, 2.0], memory=[1.0])
+    with pytest.raises(ValueError, match="describes 2 ranks but the tensor-parallel size is 4"):
+        speed_aware([1.0, 2.0])(12, 6, 4)
+    with pytest.raises(ValueError, match="only 2 head groups per block"):
+        group_counts(4, 2, [DeviceSpec()] * 3)
+
+
+def test_the_strategy_and_callback_take_speeds_from_the_placement():
+    from lightning_d2ft import D2FTStrategy
+
+    strategy = D2FTStrategy(placement=speed_aware([2.0, 1.0]))
+    assert strategy.speeds == [2.0, 1.0]
+    assert D2FTStrategy().speeds is None
