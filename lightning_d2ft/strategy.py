@@ -111,8 +111,9 @@ class D2FTStrategy(DDPStrategy):
         data_parallel: how data-parallel replicas (world size / tensor_parallel_size of them) stay together:
             "sync" all-reduces gradients every step (DDP); "lofi" trains them independently, with no
             gradient communication, and averages their weights once when fit ends (lo-fi), or every
-            ``lofi_average_every_n_steps`` optimizer steps as well. Checkpoints hold the average of the
-            replicas at that moment (a resumed lo-fi run restarts every replica from it).
+            ``lofi_average_every_n_steps`` optimizer steps as well. Validation and checkpoints see the
+            average of the replicas at that moment without changing them (a resumed lo-fi run restarts
+            every replica from the checkpoint's average).
         The remaining arguments are DDPStrategy's (launcher, backend, timeout, ...).
     """
 
@@ -321,11 +322,33 @@ class D2FTStrategy(DDPStrategy):
         if self.data_parallel == "lofi":
             self._average_replicas_()
 
+    @override
+    def on_validation_start(self) -> None:
+        """lo-fi: evaluate the replicas' mean (the model lo-fi delivers), then give each replica its own
+        weights back, so that evaluation does not change training."""
+        super().on_validation_start()
+        if self.data_parallel == "lofi" and self.data_parallel_size > 1:
+            self._own_weights = [t.detach().clone() for t in self._replica_tensors()]
+            self._average_replicas_()
+
+    @override
+    def on_validation_end(self) -> None:
+        super().on_validation_end()
+        own = getattr(self, "_own_weights", None)
+        if own is not None:
+            with torch.no_grad():
+                for t, saved in zip(self._replica_tensors(), own):
+                    t.copy_(saved)
+            self._own_weights = None
+
+    def _replica_tensors(self) -> list[Tensor]:
+        module = self.lightning_module
+        return [*module.parameters(), *(b for b in module.buffers() if b.is_floating_point())]
+
     def _average_replicas_(self) -> None:
         """Replace every replica's weights by their mean (one all-reduce per tensor, bytes counted)."""
-        module = self.lightning_module
         with torch.no_grad():
-            for t in [*module.parameters(), *(b for b in module.buffers() if b.is_floating_point())]:
+            for t in self._replica_tensors():
                 t.copy_(self._replica_mean(t))
 
     def _replica_mean(self, t: Tensor) -> Tensor:

@@ -93,8 +93,9 @@ def test_gradient_accumulation_at_tensor_parallel_two_trains_like_plain_timm(tmp
 
 def test_lofi_two_replicas_equal_the_average_of_two_independent_runs_on_the_data_halves(tmp_path):
     module = _module(optimizer="sgd")
-    _trainer(tmp_path, callbacks=[_d2ft(1.0, tmp_path)], limit_train_batches=4,
-             strategy_kw=dict(tensor_parallel_size=1, data_parallel="lofi")).fit(module, _data())
+    # validation after every 2 steps evaluates the average but must not change what the replicas train
+    _trainer(tmp_path, callbacks=[_d2ft(1.0, tmp_path)], limit_train_batches=4, limit_val_batches=2,
+             val_check_interval=2, strategy_kw=dict(tensor_parallel_size=1, data_parallel="lofi")).fit(module, _data())
     halves = [_plain_timm_reference(steps=4, optimizer="sgd", replica=(2, r)) for r in range(2)]
     _assert_same(_vit_state(module), {k: (halves[0][k] + halves[1][k]) / 2 for k in halves[0]})
     # the replicas really drifted apart, so matching their mean is not a trivial check

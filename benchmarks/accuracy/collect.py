@@ -42,6 +42,7 @@ PAPER = {
     },
     "t3_subnets": "74 subnets beat 26 and 38 at equal budget",
     "t4_scores": "weight magnitude (backward) + Fisher (forward) is the best pair",
+    "t5_lofi": "lo-fi paper: matches DDP in-distribution (DeiT, ImageNet) with no communication during training",
 }
 
 
@@ -53,7 +54,8 @@ def load_runs(preset: str, table: str) -> list[dict]:
         s = cfg["schedule"]
         runs.append({**r, "seed": cfg["seed"], "comm_budget": s["comm_budget"], "budget": s["budget"],
                      "subnets": s["subnets"], "method": s["method"], "backward_score": s["backward_score"],
-                     "forward_score": s["forward_score"], "epochs": cfg["trainer"]["max_epochs"]})
+                     "forward_score": s["forward_score"], "epochs": cfg["trainer"]["max_epochs"],
+                     "data_parallel": cfg["trainer"].get("data_parallel", "sync")})
     return runs
 
 
@@ -126,13 +128,28 @@ def scores_table(runs: list[dict]) -> tuple[str, dict]:
     return "\n".join(lines), {f"{b}/{f}": mean(acc.get((b, f), [])) for b in back for f in fwd if acc.get((b, f))}
 
 
+def lofi_table(runs: list[dict]) -> tuple[str, dict]:
+    acc = grouped(runs, "data_parallel", "budget")
+    budgets = sorted({k[1] for k in acc})
+    lines = ["### Table 5: 2 data-parallel replicas, DDP (sync) vs lo-fi, D2FT inside each", "",
+             "| data parallel | " + " | ".join(f"budget {b}" for b in budgets) + " | paper |",
+             "|" + "---|" * (len(budgets) + 2)]
+    series = {}
+    for mode in ("sync", "lofi"):
+        if any(k[0] == mode for k in acc):
+            lines.append(f"| {mode} | " + " | ".join(cell(acc.get((mode, b), [])) for b in budgets)
+                         + f" | {PAPER['t5_lofi']} |")
+            series[mode] = [(b, mean(acc.get((mode, b), []))) for b in budgets if acc.get((mode, b))]
+    return "\n".join(lines), series
+
+
 def plot(table: str, series, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
-    if table in ("t1_compute", "t2_comm"):
+    if table in ("t1_compute", "t2_comm", "t5_lofi"):
         for m, pts in series.items():
             pts = [(1.0 if b is None else b, a) for b, a in pts]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
-        ax.set_xlabel("compute budget" if table == "t1_compute" else "communication budget")
+        ax.set_xlabel("communication budget" if table == "t2_comm" else "compute budget")
         ax.legend()
     elif table == "t3_subnets":
         ax.bar([str(k) for k in series], list(series.values()))
@@ -154,7 +171,7 @@ def main() -> None:
     out = ROOT / args.preset
     out.mkdir(parents=True, exist_ok=True)
     summary = {}
-    for table in ("t1_compute", "t2_comm", "t3_subnets", "t4_scores"):
+    for table in ("t1_compute", "t2_comm", "t3_subnets", "t4_scores", "t5_lofi"):
         runs = load_runs(args.preset, table)
         if not runs:
             continue
@@ -165,6 +182,8 @@ def main() -> None:
                                         "Table 2: top-1 % vs communication budget (compute budget 1.0)")
         elif table == "t3_subnets":
             text, series = subnets_table(runs)
+        elif table == "t5_lofi":
+            text, series = lofi_table(runs)
         else:
             text, series = scores_table(runs)
         epochs = sorted({r["epochs"] for r in runs})

@@ -22,6 +22,9 @@ REPO = Path(__file__).resolve().parents[2]
 RUNS = REPO / "benchmarks" / "results" / "accuracy" / "runs"
 METRICS = "weight_magnitude,gradient_magnitude,fisher,taylor,random"
 
+# 2 processes as 2 data-parallel replicas (no tensor parallelism): DDP gradients vs lo-fi averaging
+LOFI = ["trainer=cpu2", "trainer.tensor_parallel_size=1", "trainer.data_parallel=sync,lofi"]
+
 # table -> list of multirun sweeps (each a list of overrides); seeds and epochs come from the preset
 TABLES: dict[str, dict[str, list[list[str]]]] = {
     "full": {
@@ -32,6 +35,7 @@ TABLES: dict[str, dict[str, list[list[str]]]] = {
         "t3_subnets": [["schedule.subnets=26,38,74", "schedule.budget=0.6"]],
         "t4_scores": [[f"schedule.backward_score={METRICS}", f"schedule.forward_score={METRICS}",
                        "schedule.budget=0.6"]],
+        "t5_lofi": [LOFI + ["schedule.budget=0.6,1.0"]],
     },
     "quick": {
         "t1_compute": [["schedule.method=d2ft,random,dpruning,moe", "schedule.budget=0.6"],
@@ -40,6 +44,7 @@ TABLES: dict[str, dict[str, list[list[str]]]] = {
         "t3_subnets": [["schedule.subnets=26,74", "schedule.budget=0.6"]],
         "t4_scores": [["schedule.backward_score=weight_magnitude,fisher", "schedule.forward_score=fisher,random",
                        "schedule.budget=0.6"]],
+        "t5_lofi": [LOFI + ["schedule.budget=0.6"]],
     },
 }
 PRESETS = {
@@ -52,7 +57,9 @@ COMMON = ["trainer=cpu1", "trainer.log_every_n_steps=50", "hydra/job_logging=dis
 def run_table(preset: str, table: str) -> None:
     """One Hydra multirun per sweep of the table; finished jobs are skipped (``skip_existing``)."""
     for i, sweep in enumerate(TABLES[preset][table]):
-        cmd = [sys.executable, "-m", "lightning_d2ft", "-m", *COMMON, *PRESETS[preset], *sweep, "skip_existing=true",
+        own_trainer = any(o.startswith("trainer=") for o in sweep)
+        common = [c for c in COMMON if not (own_trainer and c.startswith("trainer="))]
+        cmd = [sys.executable, "-m", "lightning_d2ft", "-m", *common, *PRESETS[preset], *sweep, "skip_existing=true",
                f"hydra.sweep.dir={RUNS / preset / table / f's{i}'}", "hydra.sweep.subdir=${hydra.job.override_dirname}"]
         print("$", " ".join(cmd[1:]), flush=True)
         subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
