@@ -19,6 +19,7 @@ from lightning_d2ft.callback import D2FTCallback
 from lightning_d2ft.data import DigitsDataModule
 from lightning_d2ft.module import ViTClassifier, build_vit
 from lightning_d2ft.partition import D2FTViT
+from lightning_d2ft.placement import speed_aware
 from lightning_d2ft.pretrain import pretrained_checkpoint
 from lightning_d2ft.scheduling import Schedule
 from lightning_d2ft.strategy import D2FTStrategy
@@ -76,7 +77,8 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     # built first: it checks the schedule settings before any heavy work (data, pretraining, fit)
     callback = D2FTCallback(budget=s.budget, backward_score=s.backward_score, forward_score=s.forward_score,
                             solver=s.solver, method=s.method, comm_budget=s.comm_budget, forward_mix=s.forward_mix,
-                            score_every=s.score_every, cache_dir=s.cache_dir, seed=cfg.seed)
+                            score_every=s.score_every, cache_dir=s.cache_dir, seed=cfg.seed,
+                            lora_rank=s.get("lora_rank"), lora_alpha=s.get("lora_alpha"))
     kwargs = OmegaConf.to_container(m.kwargs, resolve=True)
     check_model(m.name, kwargs, s.subnets)
     seed_everything(cfg.seed, workers=True)
@@ -89,8 +91,10 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     module = ViTClassifier(model=m.name, num_classes=dm.num_classes, subnets=s.subnets, pretrained=m.pretrained,
                            checkpoint=checkpoint, lr=m.lr, weight_decay=m.weight_decay, optimizer=m.optimizer,
                            model_kwargs=kwargs)
+    speeds = t.get("speeds")
     strategy = D2FTStrategy(tensor_parallel_size=t.tensor_parallel_size, start_method=t.start_method,
-                            data_parallel=t.get("data_parallel", "sync")) \
+                            data_parallel=t.get("data_parallel", "sync"),
+                            placement=speed_aware(list(speeds)) if speeds else None) \
         if t.devices > 1 else "auto"
     checkpoints = _checkpoints(out, t.get("checkpoint_every_n_steps"))
     trainer = Trainer(accelerator=t.accelerator, devices=t.devices, strategy=strategy, max_epochs=t.max_epochs,

@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_d2ft.data import MicroBatchSampler, find_micro_batch_sampler
+from lightning_d2ft.lora import add_lora_, has_lora
 from lightning_d2ft.ops import CostModel
 from lightning_d2ft.partition import D2FTViT, find_d2ft
 from lightning_d2ft.placement import subnet_devices
@@ -46,6 +47,8 @@ class D2FTCallback(Callback):
         cache_dir: where scores are cached (default ``<default_root_dir>/d2ft_cache``).
         score_every: score every k-th micro-batch only (cheaper scoring pass).
         schedule_path: use this saved schedule instead of solving (checked against the run).
+        lora_rank / lora_alpha: D2FT-LoRA: after scoring, add a LoRA adapter per subnet on its ``qkv``
+            slice and freeze the rest but the classifier head (see :mod:`lightning_d2ft.lora`).
     """
 
     def __init__(
@@ -65,6 +68,8 @@ class D2FTCallback(Callback):
         schedule_path: str | Path | None = None,
         seed: int = 0,
         progress: bool = True,
+        lora_rank: int | None = None,
+        lora_alpha: float | None = None,
     ) -> None:
         check_fraction("budget", budget)
         if comm_budget is not None:
@@ -77,6 +82,11 @@ class D2FTCallback(Callback):
             raise ValueError(f"forward_mix must be in [0, 1], got {forward_mix}")
         if score_every < 1:
             raise ValueError(f"score_every must be >= 1, got {score_every}")
+        if lora_rank is not None and (isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1):
+            raise ValueError(f"lora_rank must be a positive int or None, got {lora_rank!r}")
+        if lora_alpha is not None and not lora_alpha > 0:
+            raise ValueError(f"lora_alpha must be positive, got {lora_alpha!r}")
+        self.lora_rank, self.lora_alpha = lora_rank, lora_alpha
         self.budget, self.subnets, self.comm_budget, self.forward_mix = budget, subnets, comm_budget, forward_mix
         self.backward_score, self.forward_score, self.solver, self.method = backward_score, forward_score, solver, method
         self.cost, self.speeds, self.cache_dir, self.score_every = cost or CostModel(), speeds, cache_dir, score_every
@@ -107,6 +117,8 @@ class D2FTCallback(Callback):
         self.schedule = trainer.strategy.broadcast(schedule, src=0)
         self.scoring_seconds = trainer.strategy.broadcast(self.scoring_seconds, src=0)
         rank_zero_info(self.schedule.summary())
+        if self.lora_rank is not None and not has_lora(net):  # after scoring: scores rate the base subnets
+            add_lora_(net, self.lora_rank, self.lora_alpha, seed=self.seed)
 
     def _sampler(self, trainer: Trainer) -> MicroBatchSampler:
         trainer.fit_loop.setup_data()

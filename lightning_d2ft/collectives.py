@@ -55,7 +55,10 @@ class SparseTensorParallel:
         """Sum of all ranks' partial outputs. ``like`` is the branch input (shape, dtype, and the autograd
         edge that makes a rank without local FULL subnets still join the backward collective)."""
         own = partial if partial is not None else torch.zeros_like(like)
-        if like.requires_grad:
+        # ``like`` requires grad on every rank or on none (it is replicated), so the backward collective of
+        # copy_to_ranks runs everywhere or nowhere; the partial's own gradient needs no communication, and it
+        # may require grad alone (a frozen model below with trainable adapters here)
+        if like.requires_grad or own.requires_grad:
             return _ReducePartial.apply(own, like, self, tuple(active))
         return self.sum_across(own.detach(), active, "forward")
 

@@ -318,7 +318,10 @@ def _attention_groups(blk: nn.Module, h: Tensor, positions: list[int], n_groups:
     b = attn.qkv.bias
     if b is not None:
         b = _select(b.view(3, n_groups, group_dim), 1, positions, n_groups).reshape(-1)
-    qkv = F.linear(h, w, b).view(B, N, 3, heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    qkv = F.linear(h, w, b)
+    if hasattr(attn.qkv, "lora_A"):
+        qkv = qkv + _lora_qkv(attn.qkv, h, positions, n_groups)
+    qkv = qkv.view(B, N, 3, heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
     if attn.fused_attn:
@@ -329,6 +332,17 @@ def _attention_groups(blk: nn.Module, h: Tensor, positions: list[int], n_groups:
     o = o.transpose(1, 2).reshape(B, N, heads * attn.head_dim)
     w_proj = _select(attn.proj.weight.view(D, n_groups, group_dim), 1, positions, n_groups).reshape(D, -1)
     return F.linear(o, w_proj)
+
+
+def _lora_qkv(qkv: nn.Module, h: Tensor, positions: list[int], n_groups: int) -> Tensor:
+    """The groups' adapter outputs ``scale * B_g A_g h``, laid out like their ``qkv`` rows (see lora.py)."""
+    a, b = qkv.lora_A, qkv.lora_B
+    r, D = b.shape[1], h.shape[-1]
+    group_dim = b.shape[0] // (3 * n_groups)
+    a = _select(a.view(n_groups, r, D), 0, positions, n_groups).reshape(-1, D)  # [P*r, D]
+    b = _select(b.view(3, n_groups, group_dim, r), 1, positions, n_groups)  # [3, P, group_dim, r]
+    u = F.linear(h, a).unflatten(-1, (len(positions), r))  # [B, N, P, r]
+    return torch.einsum("...pr,tpdr->...tpd", u, b).flatten(-3) * qkv.lora_scale
 
 
 def _mlp_groups(blk: nn.Module, h: Tensor, positions: list[int], n_groups: int) -> Tensor:
@@ -351,6 +365,7 @@ def _mlp_groups(blk: nn.Module, h: Tensor, positions: list[int], n_groups: int) 
 _SHARDED = {
     "attn.qkv.weight": (0, 3), "attn.qkv.bias": (0, 3), "attn.proj.weight": (1, 1),
     "mlp.fc1.weight": (0, 1), "mlp.fc1.bias": (0, 1), "mlp.fc2.weight": (1, 1),
+    "attn.qkv.lora_A": (0, 1), "attn.qkv.lora_B": (0, 3),  # LoRA adapters, one per group (see lora.py)
 }
 _BLOCK_KEY = re.compile(r"(?:^|\.)blocks\.(\d+)\.(" + "|".join(re.escape(k) for k in _SHARDED) + r")$")
 
@@ -416,7 +431,16 @@ def shard_vit(vit: nn.Module, groups_per_block: int, groups: list[list[int]]) ->
             old = getattr(parent, name)
             with torch.device("meta"):
                 new = nn.Linear(in_f, out_f, bias=old.bias is not None, dtype=old.weight.dtype)
-            setattr(parent, name, new.to_empty(device=old.weight.device))
+            new = new.to_empty(device=old.weight.device)
+            for pname, p in old.named_parameters(recurse=False):  # frozen or not, and LoRA adapters
+                if pname in ("weight", "bias"):
+                    getattr(new, pname).requires_grad_(p.requires_grad)
+                else:
+                    shape = sharded[f"blocks.{l}.{path}.{pname}"].shape
+                    new.register_parameter(pname, nn.Parameter(p.new_empty(shape), requires_grad=p.requires_grad))
+            for bname, buf in old.named_buffers(recurse=False):
+                new.register_buffer(bname, buf.clone())
+            setattr(parent, name, new)
         attn.num_heads = attn.num_heads // groups_per_block * len(owned)
         attn.attn_dim = attn.num_heads * attn.head_dim
     local.load_state_dict(sharded)

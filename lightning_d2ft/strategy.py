@@ -38,7 +38,9 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_d2ft.collectives import CommStats, SparseTensorParallel
+from lightning_d2ft.data import MicroBatchSampler
 from lightning_d2ft.files import atomic_write
+from lightning_d2ft.lora import match_lora_
 from lightning_d2ft.partition import D2FTViT, find_d2ft, shard_state_dict, unshard_state_dict
 from lightning_d2ft.placement import groups_of_rank, round_robin
 
@@ -94,6 +96,13 @@ class _WholeModelSpawnLauncher(_MultiProcessingLauncher):
             weights_path = os.path.join(tempfile.mkdtemp(), ".temp.ckpt")
             self._strategy.checkpoint_io.save_checkpoint(state_dict, weights_path)
         return _WorkerOutput(best_model_path, weights_path, trainer.state, results, self.get_extra_results(trainer))
+
+    @override
+    def _recover_results_in_main_process(self, worker_output: _WorkerOutput, trainer: Any) -> None:
+        if worker_output.weights_path is not None:  # Lightning loads non-strictly: adapters would be dropped
+            state = self._strategy.checkpoint_io.load_checkpoint(worker_output.weights_path)
+            match_lora_(find_d2ft(trainer.lightning_module), state)
+        super()._recover_results_in_main_process(worker_output, trainer)
 
 
 class D2FTStrategy(DDPStrategy):
@@ -189,6 +198,15 @@ class D2FTStrategy(DDPStrategy):
         super()._configure_launcher()
         if self._start_method != "popen":
             self._launcher = _WholeModelSpawnLauncher(self, start_method=self._start_method)
+
+    @override
+    def process_dataloader(self, dataloader: object) -> object:
+        """Point a MicroBatchSampler at this rank's data-parallel replica before Lightning measures the
+        loader (the epoch length, and so when validation runs, depend on it)."""
+        sampler = getattr(dataloader, "sampler", None)
+        if isinstance(sampler, MicroBatchSampler):
+            sampler.set_replicas(self.data_parallel_size, self.data_parallel_rank)
+        return super().process_dataloader(dataloader)
 
     @property
     @override
@@ -402,6 +420,7 @@ class D2FTStrategy(DDPStrategy):
         module = self.lightning_module
         net = find_d2ft(module)
         state = checkpoint["state_dict"]
+        match_lora_(net, state)
         if net.tp is not None and self.tensor_parallel_size > 1:
             state = self._shard_full(state, net)
         module.load_state_dict(state, strict=strict)

@@ -41,7 +41,8 @@ def test_single_run_prints_savings_and_accuracy(tmp_path):
 
 
 def test_multirun_sweeps_the_budget(tmp_path):
-    _run(["-m", *TINY, "schedule.budget=0.5,1.0", f"hydra.sweep.dir={tmp_path}/sweep",
+    # ranks declared unequal in the config: speed-aware placement and capacities, same budgets
+    _run(["-m", *TINY, "schedule.budget=0.5,1.0", "trainer.speeds=[2.0,1.0]", f"hydra.sweep.dir={tmp_path}/sweep",
           f"schedule.cache_dir={tmp_path}/cache", f"model.pretrain.cache_dir={tmp_path}/pretrained"], tmp_path)
     results = sorted(json.loads(p.read_text())["compute_fraction"] for p in (tmp_path / "sweep").rglob("results.json"))
     assert results == pytest.approx([0.5, 1.0], abs=0.01)

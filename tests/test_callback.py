@@ -35,6 +35,8 @@ def _fit(tmp_path: Path, callback: D2FTCallback, subnets: int = 14, batch: int =
     ({"method": "greedy"}, r"unknown method 'greedy'"),
     ({"forward_mix": 2.0}, r"forward_mix must be in \[0, 1\]"),
     ({"score_every": 0}, r"score_every must be >= 1"),
+    ({"lora_rank": 0}, r"lora_rank must be a positive int or None, got 0"),
+    ({"lora_rank": 4, "lora_alpha": -1.0}, r"lora_alpha must be positive"),
 ])
 def test_bad_configuration_is_refused_when_the_callback_is_built(kwargs, message):
     with pytest.raises(ValueError, match=message):

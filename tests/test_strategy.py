@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import types
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_d2ft import CostModel, D2FTCallback, D2FTStrategy, Op, Schedule
 from lightning_d2ft.data import DigitsDataModule, MicroBatchSampler
+from lightning_d2ft.lora import add_lora_, merge_lora
 from lightning_d2ft.module import ViTClassifier
 
 pytestmark = pytest.mark.timeout(600)
@@ -44,13 +46,31 @@ def _d2ft(budget: float, tmp_path: Path) -> D2FTCallback:
     return D2FTCallback(budget=budget, cache_dir=tmp_path / "cache", progress=False)
 
 
-def _plain_timm_reference(steps: int, optimizer: str, accumulate: int = 1, replica: tuple[int, int] = (1, 0)
-                          ) -> dict[str, torch.Tensor]:
+def _plain_lora_qkv(self, x: torch.Tensor) -> torch.Tensor:
+    """A plain per-head-group LoRA ``qkv`` (written here independently of partition.py): every group's
+    rows of the weight get ``scale * B_g @ A_g``."""
+    r, groups = self.lora_B.shape[1], self.lora_A.shape[0] // self.lora_B.shape[1]
+    rows = self.out_features // (3 * groups)
+    delta = torch.zeros_like(self.weight)
+    for t in range(3):
+        for g in range(groups):
+            start = t * groups * rows + g * rows
+            delta[start : start + rows] = self.lora_B[start : start + rows] @ self.lora_A[g * r : (g + 1) * r]
+    return F.linear(x, self.weight + self.lora_scale * delta, self.bias)
+
+
+def _plain_timm_reference(steps: int, optimizer: str, accumulate: int = 1, replica: tuple[int, int] = (1, 0),
+                          lora_rank: int | None = None) -> dict[str, torch.Tensor]:
     """Single-process plain timm fine-tuning over the same micro-batches in the same order (an optimizer
     step every ``accumulate`` micro-batches, on the mean of their losses, as Lightning does); ``replica``
-    (replicas, rank): only that data-parallel replica's share of the micro-batches."""
+    (replicas, rank): only that data-parallel replica's share of the micro-batches; ``lora_rank``: plain
+    LoRA (per head group, base frozen) on every ``qkv``."""
     module = _module(optimizer=optimizer)
     vit = module.net.vit
+    if lora_rank is not None:
+        add_lora_(module.net, lora_rank)
+        for blk in vit.blocks:
+            blk.attn.qkv.forward = types.MethodType(_plain_lora_qkv, blk.attn.qkv)
     dm = _data()
     dm.setup()
     sampler = MicroBatchSampler(dm.train_set, 16, seed=0)
@@ -89,6 +109,56 @@ def test_gradient_accumulation_at_tensor_parallel_two_trains_like_plain_timm(tmp
     trainer = _trainer(tmp_path, callbacks=[_d2ft(1.0, tmp_path)], limit_train_batches=6, accumulate_grad_batches=3)
     trainer.fit(module, _data())
     _assert_same(_vit_state(module), _plain_timm_reference(steps=6, optimizer="sgd", accumulate=3))
+
+
+def test_lora_at_tensor_parallel_two_trains_like_plain_lora_and_merges_into_timm(tmp_path):
+    module = _module(optimizer="sgd")
+    d2ft = D2FTCallback(budget=1.0, lora_rank=2, cache_dir=tmp_path / "cache", progress=False)
+    _trainer(tmp_path, callbacks=[d2ft], limit_train_batches=4).fit(module, _data())
+    state = _vit_state(module)
+    reference = _plain_timm_reference(steps=4, optimizer="sgd", lora_rank=2)
+    _assert_same(state, reference)  # adapters (sharded by group over 2 ranks) and head, base untouched
+    assert state["blocks.0.attn.qkv.lora_B"].abs().sum() > 0  # the adapters did train
+    start = _vit_state(_module(optimizer="sgd"))
+    assert torch.equal(state["blocks.1.mlp.fc1.weight"], start["blocks.1.mlp.fc1.weight"])  # frozen
+    plain = _module(optimizer="sgd").net.vit
+    plain.load_state_dict(merge_lora(state))  # exports to a plain timm model
+
+
+def _lofi_reference(steps: int, every: int, dm: DigitsDataModule) -> dict[str, torch.Tensor]:
+    """Two plain timm replicas on the two data halves in one process, parameters averaged every ``every``
+    steps and at the end (optimizer state stays per replica)."""
+    dm.setup()
+    replicas = []
+    for rank in range(2):
+        module = _module(optimizer="sgd")
+        sampler = MicroBatchSampler(dm.train_set, 16, seed=0)
+        sampler.set_replicas(2, rank)
+        replicas.append((module.net.vit, module.configure_optimizers(), sampler.micro_batch_ids(0), sampler))
+    for step in range(steps):
+        for vit, opt, ids, sampler in replicas:
+            x, y = dm.train_set[sampler.micro_batches[ids[step]]]
+            opt.zero_grad()
+            F.cross_entropy(vit(x), y).backward()
+            opt.step()
+        if (step + 1) % every == 0 or step + 1 == steps:
+            with torch.no_grad():
+                for a, b in zip(replicas[0][0].parameters(), replicas[1][0].parameters()):
+                    a.copy_((a + b) / 2)
+                    b.copy_(a)
+    return {k: v.detach() for k, v in replicas[0][0].state_dict().items()}
+
+
+def test_lofi_averaging_every_k_steps_matches_two_replicas_averaged_as_often(tmp_path):
+    small = dict(img_size=16, batch_size=16, seed=0, train_per_class=16)  # 10 micro-batches: 5 per replica
+    module = _module(optimizer="sgd")
+    trainer = _trainer(tmp_path, callbacks=[_d2ft(1.0, tmp_path)], limit_val_batches=1,
+                       strategy_kw=dict(tensor_parallel_size=1, data_parallel="lofi", lofi_average_every_n_steps=2))
+    trainer.fit(module, DigitsDataModule(**small))
+    _assert_same(_vit_state(module), _lofi_reference(steps=5, every=2, dm=DigitsDataModule(**small)))
+    # each replica's epoch is its half of the micro-batches (5 steps, as the reference), and Lightning knows
+    # it: the epoch-end validation runs
+    assert "val/acc" in trainer.callback_metrics
 
 
 def test_lofi_two_replicas_equal_the_average_of_two_independent_runs_on_the_data_halves(tmp_path):

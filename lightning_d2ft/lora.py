@@ -1,0 +1,89 @@
+"""LoRA on subnets: a low-rank adapter per head group on its slice of ``qkv``.
+
+Each head group g of a block gets its own pair ``A_g`` (r x dim) and ``B_g`` (3*group_dim x r), so the
+op semantics carry over unchanged: a FULL subnet trains its adapter, a FORWARD_ONLY one uses it without a
+gradient, a SHORTCUT one skips it. A library adapter (PEFT's ``LoraConfig`` on ``qkv``) shares one ``A``
+across every head of the layer, which a FORWARD_ONLY group would still update through the FULL ones and
+which tensor-parallel sharding by head group would have to replicate and all-reduce; hence our own.
+
+The adapters live on timm's ``attn.qkv`` modules as ``lora_A`` [G*r, dim] (group-major rows) and
+``lora_B`` [3*attn_dim, r] (rows laid out like ``qkv.weight``: q|k|v, group, group_dim), plus a
+``lora_scale`` buffer, so they shard, checkpoint and resume like every other block tensor.
+:func:`merge_lora` folds them into ``qkv.weight`` for a plain timm model.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+from torch import Tensor, nn
+
+from lightning_d2ft.partition import D2FTViT
+
+__all__ = ["add_lora_", "merge_lora", "has_lora", "match_lora_"]
+_LORA_KEY = re.compile(r"^(.*attn\.qkv)\.lora_A$")
+
+
+def has_lora(net: D2FTViT) -> bool:
+    return hasattr(net.vit.blocks[0].attn.qkv, "lora_A")
+
+
+def add_lora_(net: D2FTViT, rank: int, alpha: float | None = None, seed: int = 0) -> None:
+    """Add an adapter of ``rank`` per head group to every block's ``qkv`` (B = 0, so the model is
+    unchanged), and freeze everything but the adapters and the classifier head. Before sharding."""
+    if net.tp is not None:
+        raise RuntimeError("add LoRA before the model is sharded (D2FTCallback does)")
+    if has_lora(net):
+        raise RuntimeError("this D2FTViT already has LoRA adapters")
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise ValueError(f"lora_rank must be a positive int, got {rank!r}")
+    alpha = float(rank if alpha is None else alpha)
+    if not alpha > 0:
+        raise ValueError(f"lora_alpha must be positive, got {alpha!r}")
+    for p in net.vit.parameters():
+        p.requires_grad_(False)
+    for p in net.vit.get_classifier().parameters():
+        p.requires_grad_(True)
+    gen = torch.Generator().manual_seed(seed)
+    G = net.groups_per_block
+    for blk in net.vit.blocks:
+        qkv = blk.attn.qkv
+        dim = qkv.in_features
+        a = torch.empty(G * rank, dim)
+        bound = 1.0 / math.sqrt(dim)  # PEFT's kaiming_uniform(a=sqrt(5)) bound
+        a.uniform_(-bound, bound, generator=gen)
+        qkv.register_parameter("lora_A", nn.Parameter(a.to(qkv.weight)))
+        qkv.register_parameter("lora_B", nn.Parameter(torch.zeros(qkv.out_features, rank).to(qkv.weight)))
+        qkv.register_buffer("lora_scale", torch.tensor(alpha / rank))
+
+
+def merge_lora(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A plain timm state dict: ``qkv.weight += scale * B_g @ A_g`` on every group's rows, adapters dropped."""
+    out = {k: v for k, v in state_dict.items() if not re.search(r"\.lora_(A|B|scale)$", k)}
+    for key in state_dict:
+        match = _LORA_KEY.match(key)
+        if match is None:
+            continue
+        base = match.group(1)
+        a, b, scale = state_dict[key], state_dict[base + ".lora_B"], state_dict[base + ".lora_scale"]
+        r = b.shape[1]
+        groups, dim = a.shape[0] // r, a.shape[1]
+        group_dim = b.shape[0] // (3 * groups)
+        delta = torch.einsum("tgdr,grk->tgdk", b.view(3, groups, group_dim, r).double(),
+                             a.view(groups, r, dim).double())
+        weight = state_dict[base + ".weight"]
+        out[base + ".weight"] = (weight.double() + float(scale) * delta.reshape(weight.shape)).to(weight.dtype)
+    return out
+
+
+def match_lora_(net: D2FTViT, state_dict: dict[str, Tensor]) -> None:
+    """Give ``net`` adapters shaped like those in ``state_dict`` (a D2FT-LoRA checkpoint) if it has none,
+    so that the checkpoint loads: D2FTCallback adds them in the processes that train, not elsewhere."""
+    b = next((v for k, v in state_dict.items() if k.endswith("blocks.0.attn.qkv.lora_B")), None)
+    if b is None or has_lora(net):
+        return
+    scale = next(v for k, v in state_dict.items() if k.endswith("blocks.0.attn.qkv.lora_scale"))
+    rank = b.shape[1]
+    add_lora_(net, rank, alpha=float(scale) * rank)
