@@ -43,6 +43,7 @@ PAPER = {
     "t3_subnets": "74 subnets beat 26 and 38 at equal budget",
     "t4_scores": "weight magnitude (backward) + Fisher (forward) is the best pair",
     "t5_lofi": "lo-fi paper: matches DDP in-distribution (DeiT, ImageNet) with no communication during training",
+    "t6_lora": "D2FT-LoRA close to LoRA at budgets 0.6/0.8 (the paper's LoRA extension)",
 }
 
 
@@ -55,7 +56,8 @@ def load_runs(preset: str, table: str) -> list[dict]:
         runs.append({**r, "seed": cfg["seed"], "comm_budget": s["comm_budget"], "budget": s["budget"],
                      "subnets": s["subnets"], "method": s["method"], "backward_score": s["backward_score"],
                      "forward_score": s["forward_score"], "epochs": cfg["trainer"]["max_epochs"],
-                     "data_parallel": cfg["trainer"].get("data_parallel", "sync")})
+                     "data_parallel": cfg["trainer"].get("data_parallel", "sync"),
+                     "lora_rank": s.get("lora_rank")})
     return runs
 
 
@@ -143,6 +145,16 @@ def lofi_table(runs: list[dict]) -> tuple[str, dict]:
     return "\n".join(lines), series
 
 
+def lora_table(runs: list[dict]) -> tuple[str, dict]:
+    acc = grouped(runs, "budget")
+    rank = sorted({r["lora_rank"] for r in runs})
+    lines = [f"### Table 6: LoRA (rank {rank}) on subnets: D2FT-LoRA at budget < 1 vs LoRA (budget 1.0)", "",
+             "| method | budget | top-1 % | paper |", "|---|---|---|---|"]
+    for (b,) in sorted(acc):
+        lines.append(f"| {'LoRA' if b == 1.0 else 'D2FT-LoRA'} | {b} | {cell(acc[(b,)])} | {PAPER['t6_lora']} |")
+    return "\n".join(lines), {f"budget {b}": mean(v) for (b,), v in sorted(acc.items())}
+
+
 def plot(table: str, series, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     if table in ("t1_compute", "t2_comm", "t5_lofi"):
@@ -151,9 +163,9 @@ def plot(table: str, series, out: Path) -> None:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
         ax.set_xlabel("communication budget" if table == "t2_comm" else "compute budget")
         ax.legend()
-    elif table == "t3_subnets":
+    elif table in ("t3_subnets", "t6_lora"):
         ax.bar([str(k) for k in series], list(series.values()))
-        ax.set_xlabel("subnets")
+        ax.set_xlabel("subnets" if table == "t3_subnets" else "compute budget (1.0 = LoRA)")
     else:
         ax.barh(list(series), list(series.values()))
         ax.set_xlabel("top-1 %")
@@ -171,7 +183,7 @@ def main() -> None:
     out = ROOT / args.preset
     out.mkdir(parents=True, exist_ok=True)
     summary = {}
-    for table in ("t1_compute", "t2_comm", "t3_subnets", "t4_scores", "t5_lofi"):
+    for table in ("t1_compute", "t2_comm", "t3_subnets", "t4_scores", "t5_lofi", "t6_lora"):
         runs = load_runs(args.preset, table)
         if not runs:
             continue
@@ -184,6 +196,8 @@ def main() -> None:
             text, series = subnets_table(runs)
         elif table == "t5_lofi":
             text, series = lofi_table(runs)
+        elif table == "t6_lora":
+            text, series = lora_table(runs)
         else:
             text, series = scores_table(runs)
         epochs = sorted({r["epochs"] for r in runs})

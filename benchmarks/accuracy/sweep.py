@@ -36,6 +36,7 @@ TABLES: dict[str, dict[str, list[list[str]]]] = {
         "t4_scores": [[f"schedule.backward_score={METRICS}", f"schedule.forward_score={METRICS}",
                        "schedule.budget=0.6"]],
         "t5_lofi": [LOFI + ["schedule.budget=0.6,1.0"]],
+        "t6_lora": [["schedule.lora_rank=4", "schedule.budget=0.6,0.8,1.0"]],
     },
     "quick": {
         "t1_compute": [["schedule.method=d2ft,random,dpruning,moe", "schedule.budget=0.6"],
@@ -45,6 +46,7 @@ TABLES: dict[str, dict[str, list[list[str]]]] = {
         "t4_scores": [["schedule.backward_score=weight_magnitude,fisher", "schedule.forward_score=fisher,random",
                        "schedule.budget=0.6"]],
         "t5_lofi": [LOFI + ["schedule.budget=0.6"]],
+        "t6_lora": [["schedule.lora_rank=4", "schedule.budget=0.6,1.0"]],
     },
 }
 PRESETS = {
