@@ -50,6 +50,12 @@ def _calibrate() -> float:
     return time.perf_counter() - start
 
 
+def _pin(rank: int) -> None:
+    """One thread, on the slow core for rank 1 and the fast core otherwise."""
+    torch.set_num_threads(1)
+    os.sched_setaffinity(0, {SLOW_CORE if rank == 1 else FAST_CORE})
+
+
 class PerRank(Callback):
     """Pins each rank to its core, measures its speed, then step and collective times per step."""
 
@@ -59,8 +65,7 @@ class PerRank(Callback):
         self.comm: list[float] = []
 
     def setup(self, trainer, pl_module, stage):
-        torch.set_num_threads(1)
-        os.sched_setaffinity(0, {SLOW_CORE if trainer.global_rank == 1 else FAST_CORE})
+        _pin(trainer.global_rank)
 
     def on_fit_start(self, trainer, pl_module):
         tp = trainer.strategy.tp
@@ -97,8 +102,7 @@ class Calibrate(Callback):
         self.out = out
 
     def setup(self, trainer, pl_module, stage):
-        torch.set_num_threads(1)
-        os.sched_setaffinity(0, {SLOW_CORE if trainer.global_rank == 1 else FAST_CORE})
+        _pin(trainer.global_rank)
         _calibrate()  # warm up
         seconds = statistics.median(_calibrate() for _ in range(3))
         (self.out / f"calibration.rank{trainer.global_rank}.json").write_text(json.dumps(seconds))

@@ -9,10 +9,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_d2ft.callback import D2FTCallback
@@ -51,7 +51,9 @@ def _resume_path(cfg: DictConfig, out: Path) -> str | None:
         found = [p for p in (out / "checkpoints" / "last.ckpt", out / "checkpoints" / "last-step.ckpt") if p.exists()]
         if not found:
             return None
-        newest = max(found, key=lambda p: torch.load(p, map_location="cpu", weights_only=False)["global_step"])
+        # mmap: reads the step without loading every tensor (Lightning loads the chosen one afterwards)
+        newest = max(found, key=lambda p: torch.load(p, map_location="cpu", weights_only=False,
+                                                      mmap=True)["global_step"])
         log.warning(f"resuming from {newest}")
         return str(newest)
     return str(cfg.resume)

@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_d2ft.data import MicroBatchSampler, find_micro_batch_sampler
-from lightning_d2ft.lora import add_lora_, has_lora
+from lightning_d2ft.lora import add_lora_, check_lora, has_lora
 from lightning_d2ft.ops import CostModel
 from lightning_d2ft.partition import D2FTViT, find_d2ft
 from lightning_d2ft.placement import subnet_devices
@@ -82,10 +82,7 @@ class D2FTCallback(Callback):
             raise ValueError(f"forward_mix must be in [0, 1], got {forward_mix}")
         if score_every < 1:
             raise ValueError(f"score_every must be >= 1, got {score_every}")
-        if lora_rank is not None and (isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1):
-            raise ValueError(f"lora_rank must be a positive int or None, got {lora_rank!r}")
-        if lora_alpha is not None and not lora_alpha > 0:
-            raise ValueError(f"lora_alpha must be positive, got {lora_alpha!r}")
+        check_lora(lora_rank, lora_alpha, rank_optional=True)
         self.lora_rank, self.lora_alpha = lora_rank, lora_alpha
         self.budget, self.subnets, self.comm_budget, self.forward_mix = budget, subnets, comm_budget, forward_mix
         self.backward_score, self.forward_score, self.solver, self.method = backward_score, forward_score, solver, method
@@ -121,12 +118,8 @@ class D2FTCallback(Callback):
             add_lora_(net, self.lora_rank, self.lora_alpha, seed=self.seed)
 
     def _sampler(self, trainer: Trainer) -> MicroBatchSampler:
-        trainer.fit_loop.setup_data()
-        sampler = find_micro_batch_sampler(trainer.train_dataloader)
-        strategy = trainer.strategy
-        if isinstance(strategy, D2FTStrategy):
-            sampler.set_replicas(strategy.data_parallel_size, strategy.data_parallel_rank)
-        return sampler
+        trainer.fit_loop.setup_data()  # D2FTStrategy.process_dataloader points it at this rank's replica
+        return find_micro_batch_sampler(trainer.train_dataloader)
 
     def _devices(self, trainer: Trainer, net: D2FTViT) -> tuple[int, torch.Tensor]:
         strategy = trainer.strategy

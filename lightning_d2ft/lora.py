@@ -22,12 +22,20 @@ from torch import Tensor, nn
 
 from lightning_d2ft.partition import D2FTViT
 
-__all__ = ["add_lora_", "merge_lora", "has_lora", "match_lora_"]
+__all__ = ["add_lora_", "check_lora", "has_lora", "match_lora_", "merge_lora"]
 _LORA_KEY = re.compile(r"^(.*attn\.qkv)\.lora_A$")
 
 
 def has_lora(net: D2FTViT) -> bool:
     return hasattr(net.vit.blocks[0].attn.qkv, "lora_A")
+
+
+def check_lora(rank: int | None, alpha: float | None, *, rank_optional: bool = False) -> None:
+    """A LoRA rank is a positive int (or None where LoRA is optional); alpha, when given, is positive."""
+    if not (rank_optional and rank is None) and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise ValueError(f"lora_rank must be a positive int{' or None' if rank_optional else ''}, got {rank!r}")
+    if alpha is not None and not alpha > 0:
+        raise ValueError(f"lora_alpha must be positive, got {alpha!r}")
 
 
 def add_lora_(net: D2FTViT, rank: int, alpha: float | None = None, seed: int = 0) -> None:
@@ -37,11 +45,8 @@ def add_lora_(net: D2FTViT, rank: int, alpha: float | None = None, seed: int = 0
         raise RuntimeError("add LoRA before the model is sharded (D2FTCallback does)")
     if has_lora(net):
         raise RuntimeError("this D2FTViT already has LoRA adapters")
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        raise ValueError(f"lora_rank must be a positive int, got {rank!r}")
+    check_lora(rank, alpha)
     alpha = float(rank if alpha is None else alpha)
-    if not alpha > 0:
-        raise ValueError(f"lora_alpha must be positive, got {alpha!r}")
     for p in net.vit.parameters():
         p.requires_grad_(False)
     for p in net.vit.get_classifier().parameters():

@@ -161,6 +161,8 @@ class D2FTStrategy(DDPStrategy):
                              f"got {lofi_average_every_n_steps!r} with data_parallel={data_parallel!r}")
         self.data_parallel, self.lofi_every = data_parallel, lofi_average_every_n_steps
         self._lofi_steps = 0
+        self._replicas_differ = False  # lo-fi: a step since the last average (replicas start identical)
+        self._own_weights: list[Tensor] | None = None  # lo-fi: a replica's weights while validation sees the mean
         self.on_nonfinite = on_nonfinite
         self.skipped_steps: list[dict[str, int]] = []
         self._sigterm_seen = False
@@ -327,9 +329,10 @@ class D2FTStrategy(DDPStrategy):
             return out
 
         out = super().optimizer_step(optimizer, closure_then_sync, model, **kwargs)
-        if self.data_parallel == "lofi" and self.lofi_every:
+        if self.data_parallel == "lofi" and self.data_parallel_size > 1:
+            self._replicas_differ = True
             self._lofi_steps += 1
-            if self._lofi_steps % self.lofi_every == 0:
+            if self.lofi_every and self._lofi_steps % self.lofi_every == 0:
                 self._average_replicas_()
         return out
 
@@ -337,7 +340,7 @@ class D2FTStrategy(DDPStrategy):
     @override
     def on_train_end(self) -> None:
         super().on_train_end()
-        if self.data_parallel == "lofi":
+        if self._replicas_differ:
             self._average_replicas_()
 
     @override
@@ -345,19 +348,20 @@ class D2FTStrategy(DDPStrategy):
         """lo-fi: evaluate the replicas' mean (the model lo-fi delivers), then give each replica its own
         weights back, so that evaluation does not change training."""
         super().on_validation_start()
-        if self.data_parallel == "lofi" and self.data_parallel_size > 1:
+        if self._replicas_differ:
             self._own_weights = [t.detach().clone() for t in self._replica_tensors()]
             self._average_replicas_()
 
     @override
     def on_validation_end(self) -> None:
         super().on_validation_end()
-        own = getattr(self, "_own_weights", None)
+        own = self._own_weights
         if own is not None:
             with torch.no_grad():
                 for t, saved in zip(self._replica_tensors(), own):
                     t.copy_(saved)
             self._own_weights = None
+            self._replicas_differ = True
 
     def _replica_tensors(self) -> list[Tensor]:
         module = self.lightning_module
@@ -368,6 +372,7 @@ class D2FTStrategy(DDPStrategy):
         with torch.no_grad():
             for t in self._replica_tensors():
                 t.copy_(self._replica_mean(t))
+        self._replicas_differ = False
 
     def _replica_mean(self, t: Tensor) -> Tensor:
         if self.data_parallel_size == 1:
@@ -405,7 +410,7 @@ class D2FTStrategy(DDPStrategy):
         module = self.lightning_module
         net = find_d2ft(module)
         state = module.state_dict()
-        if self.data_parallel == "lofi":  # the lo-fi model is the replicas' mean (every rank takes part)
+        if self._replicas_differ:  # the lo-fi model is the replicas' mean (every rank takes part)
             state = {k: self._replica_mean(v) if v.is_floating_point() else v for k, v in state.items()}
         if net.tp is None or self.tensor_parallel_size == 1:
             return state
