@@ -380,7 +380,7 @@ def _device_counts(n_mb, place, speed, unit, cost, budget, comm_budget, forward_
     if torch.allclose(speed, speed[0].expand_as(speed)):
         share = budget * all_full
     else:  # equal time: capacity proportional to speed, at most all-FULL
-        share = torch.minimum(budget * all_full.sum() * speed / speed.sum(), all_full)
+        share = _speed_shares(budget * all_full.sum(), speed, all_full)
     ratio_fo = cost.forward_only / cost.full
     budgets = []
     for d in range(devices):
@@ -400,6 +400,27 @@ def _device_counts(n_mb, place, speed, unit, cost, budget, comm_budget, forward_
                            _count_cap(left_comm, cost.comm_forward_only))
         budgets.append(b)
     return budgets
+
+
+def _speed_shares(total: Tensor, speed: Tensor, cap: Tensor) -> Tensor:
+    """``total`` split in proportion to ``speed`` with no device above its ``cap``; what a capped device cannot
+    take goes to the others, again by speed (so budget 1.0 is all FULL whatever the speeds)."""
+    share = torch.zeros_like(cap)
+    free = torch.ones_like(cap, dtype=torch.bool)
+    remaining = total
+    while free.any():
+        if remaining >= cap[free].sum() * (1 - 1e-12):  # everything left fits: the free devices run all of it
+            share[free] = cap[free]
+            break
+        want = remaining * speed * free / (speed * free).sum()
+        over = free & (want > cap)
+        if not over.any():
+            share[free] = want[free]
+            break
+        share[over] = cap[over]
+        remaining = remaining - cap[over].sum()
+        free &= ~over
+    return share
 
 
 def _count_cap(comm_left: float, per_item: float) -> int:

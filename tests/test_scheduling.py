@@ -113,6 +113,17 @@ def test_heterogeneous_speeds_equalise_time():
     assert s.workload_variance < 1e-3
 
 
+def test_budget_one_is_all_full_on_unequal_devices_too():
+    # found by the fuzz test: the slow device's speed share (1/3 of all work) is below its all-FULL load
+    # (1/2), and what the fast device could not take was dropped instead of going back to the slow one
+    back, fwd = _scores(3, 6, 10)
+    s = Schedule.solve(back, fwd, budget=1.0, devices=2, speeds=[1.0, 2.0])
+    assert (s.ops == Op.FULL).all() and s.compute_fraction == 1.0
+    tight = Schedule.solve(back, fwd, budget=0.9, devices=2, speeds=[1.0, 3.0])
+    assert tight.compute_fraction == pytest.approx(0.9, abs=0.02)  # the whole budget is spent
+    assert (tight.ops[:, tight.placement == 1] == Op.FULL).all()  # the fast device runs all it holds
+
+
 def test_communication_budget_caps_comm():
     back, fwd = _scores(3, 30, 26)
     s = Schedule.solve(back, fwd, budget=0.8, devices=2, comm_budget=0.5)
