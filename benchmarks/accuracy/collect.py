@@ -53,7 +53,7 @@ def load_runs(preset: str, table: str) -> list[dict]:
         cfg = yaml.safe_load((result.parent / ".hydra" / "config.yaml").read_text())
         r = json.loads(result.read_text())
         s = cfg["schedule"]
-        runs.append({**r, "seed": cfg["seed"], "comm_budget": s["comm_budget"], "budget": s["budget"],
+        runs.append({**r, "dir": str(result.parent), "seed": cfg["seed"], "comm_budget": s["comm_budget"], "budget": s["budget"],
                      "subnets": s["subnets"], "method": s["method"], "backward_score": s["backward_score"],
                      "forward_score": s["forward_score"], "epochs": cfg["trainer"]["max_epochs"],
                      "data_parallel": cfg["trainer"].get("data_parallel", "sync"),
@@ -108,6 +108,21 @@ def budget_table(runs: list[dict], key: str, table: str, title: str) -> tuple[st
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {fr} | {PAPER[table].get(m, '')} |")
         series[m] = [(b, mean(acc.get((m, b), []))) for b in budgets if acc.get((m, b))]
     return "\n".join(lines), series
+
+
+def untrained_micro_batches(runs: list[dict], budget: float = 0.6) -> str:
+    """How many micro-batches a D2FT schedule leaves without any FULL pair (they never update a weight)."""
+    import torch
+
+    from lightning_d2ft import Op, Schedule
+
+    parts = []
+    for r in sorted((r for r in runs if r["method"] == "d2ft" and r["budget"] == budget), key=lambda r: r["seed"]):
+        s = Schedule.load(Path(r["dir"]) / "d2ft" / "schedule.pt")
+        full = (s.ops[:, s.scheduled] == Op.FULL).sum(1)
+        parts.append(f"seed {r['seed']}: {int((full == 0).sum())} of {s.num_micro_batches}")
+    return (f"Micro-batches with no FULL pair in the D2FT budget-{budget} schedules (never trained): "
+            + "; ".join(parts) + ".") if parts else ""
 
 
 def subnets_table(runs: list[dict]) -> tuple[str, dict]:
@@ -189,6 +204,7 @@ def main() -> None:
             continue
         if table == "t1_compute":
             text, series = budget_table(runs, "budget", table, "Table 1: top-1 % vs compute budget")
+            text += "\n\n" + untrained_micro_batches(runs)
         elif table == "t2_comm":
             text, series = budget_table(runs, "comm_budget", table,
                                         "Table 2: top-1 % vs communication budget (compute budget 1.0)")
