@@ -83,6 +83,9 @@ class D2FTCallback(Callback):
         if score_every < 1:
             raise ValueError(f"score_every must be >= 1, got {score_every}")
         check_lora(lora_rank, lora_alpha, rank_optional=True)
+        if schedule_path is not None and not Path(schedule_path).is_file():
+            raise FileNotFoundError(f"schedule_path {schedule_path} is not a file: give a schedule saved by an earlier "
+                                    "run (<run dir>/d2ft/schedule.pt), or drop schedule_path to solve one")
         self.lora_rank, self.lora_alpha = lora_rank, lora_alpha
         self.budget, self.subnets, self.comm_budget, self.forward_mix = budget, subnets, comm_budget, forward_mix
         self.backward_score, self.forward_score, self.solver, self.method = backward_score, forward_score, solver, method

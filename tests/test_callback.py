@@ -43,6 +43,11 @@ def test_bad_configuration_is_refused_when_the_callback_is_built(kwargs, message
         D2FTCallback(**kwargs)
 
 
+def test_a_missing_schedule_file_is_refused_when_the_callback_is_built(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"schedule_path .*nope.pt is not a file.*drop schedule_path"):
+        D2FTCallback(schedule_path=tmp_path / "nope.pt")
+
+
 def test_a_subnet_count_the_model_cannot_have_lists_the_valid_ones(tmp_path):
     with pytest.raises(ValueError, match=r"subnets=13 is not valid.*\[4, 6, 8, 14\]"):
         _fit(tmp_path, D2FTCallback(budget=0.6, subnets=13, progress=False))
