@@ -22,13 +22,13 @@ and the strategy's collectives sum the partials across ranks.
 from __future__ import annotations
 
 import copy
-import re
 from typing import Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_d2ft.layout import group_indices, grouped_dim
 from lightning_d2ft.ops import Op
 from lightning_d2ft.placement import groups_of_rank
 
@@ -360,27 +360,14 @@ def _mlp_groups(blk: nn.Module, h: Tensor, positions: list[int], n_groups: int) 
 
 
 # -- tensor-parallel sharding -----------------------------------------------------------------------
-# Which tensors of a block are cut by head group: key suffix -> (dim, lead). ``lead`` is 3 for the fused
-# qkv rows, laid out (q|k|v, head, head_dim); every other sharded dim is laid out (group, per_group).
-_SHARDED = {
-    "attn.qkv.weight": (0, 3), "attn.qkv.bias": (0, 3), "attn.proj.weight": (1, 1),
-    "mlp.fc1.weight": (0, 1), "mlp.fc1.bias": (0, 1), "mlp.fc2.weight": (1, 1),
-    "attn.qkv.lora_A": (0, 1), "attn.qkv.lora_B": (0, 3),  # LoRA adapters, one per group (see lora.py)
-}
-_BLOCK_KEY = re.compile(r"(?:^|\.)blocks\.(\d+)\.(" + "|".join(re.escape(k) for k in _SHARDED) + r")$")
-
-
 def shard_index(key: str, full_shape: Sequence[int], groups_per_block: int,
                 groups: list[list[int]]) -> tuple[int, Tensor] | None:
     """(dim, indices) that cut ``key``'s full tensor down to the groups a rank owns; None if replicated."""
-    match = _BLOCK_KEY.search(key)
-    if match is None:
+    found = grouped_dim(key)
+    if found is None:
         return None
-    block, suffix = int(match.group(1)), match.group(2)
-    dim, lead = _SHARDED[suffix]
-    size = full_shape[dim]
-    idx = torch.arange(size).view(lead, groups_per_block, size // (lead * groups_per_block))[:, groups[block]]
-    return dim, idx.reshape(-1)
+    block, layout = found
+    return layout.dim, group_indices(full_shape[layout.dim], layout, groups_per_block, groups[block])
 
 
 def shard_state_dict(full: dict[str, Tensor], groups_per_block: int, groups: list[list[int]]) -> dict[str, Tensor]:
