@@ -48,3 +48,15 @@ def _no_process_group_left_behind():
         torch.distributed.destroy_process_group()
     os.environ.clear()
     os.environ.update(environ)
+
+
+def pytest_generate_tests(metafunc):
+    """A test that takes ``vit_shape`` runs once per test ViT shape (build it with ``make_vit(vit_shape)``)."""
+    if "vit_shape" in metafunc.fixturenames:
+        metafunc.parametrize("vit_shape", sorted(SHAPES))
+
+
+@pytest.fixture
+def make_vit():
+    """Build a test ViT by shape name: ``make_vit("tiny3")``, ``make_vit("vit_s16", num_classes=3)``."""
+    return lambda name, **kw: SHAPES[name](**kw)

@@ -10,7 +10,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import vit_s16
 from lightning_d2ft import D2FTViT, Op, Schedule
 from lightning_d2ft.collectives import SparseTensorParallel
 from lightning_d2ft.partition import unshard_state_dict
@@ -32,11 +31,11 @@ def _ops_table(net: D2FTViT, n: int, seed: int) -> torch.Tensor:
     return ops
 
 
-def _worker(rank: int, world: int, port: int, out: dict) -> None:
+def _worker(rank: int, world: int, port: int, out: dict, make_vit) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(0)
-    vit = vit_s16()
+    vit = make_vit("vit_s16")
     net = D2FTViT(vit, subnets=26)
     owner = round_robin(net.depth, net.groups_per_block, world)
     groups = groups_of_rank(owner, rank)
@@ -56,14 +55,14 @@ def _worker(rank: int, world: int, port: int, out: dict) -> None:
 
 
 @pytest.mark.timeout(300)
-def test_tensor_parallel_matches_single_process_and_counts_bytes():
+def test_tensor_parallel_matches_single_process_and_counts_bytes(make_vit):
     world = 2
     with mp.Manager() as manager:
         out = manager.dict()
         mp.spawn(_worker, args=(world, _free_port(), out), nprocs=world, join=True)
         out = dict(out)
     torch.manual_seed(0)
-    vit = vit_s16()
+    vit = make_vit("vit_s16")
     net = D2FTViT(vit, subnets=26)
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     owner = round_robin(net.depth, net.groups_per_block, world)

@@ -13,7 +13,6 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import SHAPES, vit_s16, vit_tiny3
 from lightning_d2ft import CostModel, D2FTViT, Op
 from lightning_d2ft.partition import shard_vit, unshard_state_dict, valid_groups_per_block, valid_subnet_counts
 from lightning_d2ft.placement import groups_of_rank, round_robin
@@ -37,9 +36,8 @@ def _run(model, x, *args):
     return y.detach(), _grads(model)
 
 
-@pytest.mark.parametrize("shape", sorted(SHAPES))
-def test_all_full_equals_timm(shape):
-    vit = SHAPES[shape]()
+def test_all_full_equals_timm(vit_shape, make_vit):
+    vit = make_vit(vit_shape)
     x = _input(vit)
     y_ref, g_ref = _run(vit, x)
     for g in valid_groups_per_block(vit):
@@ -50,9 +48,8 @@ def test_all_full_equals_timm(shape):
             torch.testing.assert_close(grads["vit." + name], ref, **TOL, msg=f"grad of {name} (G={g})")
 
 
-@pytest.mark.parametrize("shape", sorted(SHAPES))
-def test_all_shortcut_block_is_identity(shape):
-    vit = SHAPES[shape]()
+def test_all_shortcut_block_is_identity(vit_shape, make_vit):
+    vit = make_vit(vit_shape)
     net = D2FTViT(vit)
     x = _input(vit)
     block = len(vit.blocks) // 2
@@ -70,9 +67,8 @@ def test_all_shortcut_block_is_identity(shape):
         torch.testing.assert_close(grads["vit." + name], ref, **TOL)
 
 
-@pytest.mark.parametrize("shape", sorted(SHAPES))
-def test_forward_only_changes_output_like_full_but_gets_no_gradient(shape):
-    vit = SHAPES[shape]()
+def test_forward_only_changes_output_like_full_but_gets_no_gradient(vit_shape, make_vit):
+    vit = make_vit(vit_shape)
     net = D2FTViT(vit)
     x = _input(vit)
     G = net.groups_per_block
@@ -107,8 +103,8 @@ def _saved_bytes(net, x, ops) -> int:
     return total
 
 
-def test_forward_only_builds_no_autograd_graph():
-    vit = vit_tiny3()
+def test_forward_only_builds_no_autograd_graph(make_vit):
+    vit = make_vit("tiny3")
     net = D2FTViT(vit)
     x = _input(vit)
     ops = torch.full((net.num_subnets,), int(Op.FULL))
@@ -128,8 +124,8 @@ def _train_flops(net, x, ops) -> int:
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_measured_flops_follow_the_cost_model(seed):
-    vit = vit_s16()
+def test_measured_flops_follow_the_cost_model(seed, make_vit):
+    vit = make_vit("vit_s16")
     net = D2FTViT(vit, subnets=74)
     x = _input(vit, batch=2)
     gen = torch.Generator().manual_seed(seed)
@@ -146,8 +142,8 @@ def test_measured_flops_follow_the_cost_model(seed):
     assert outside_blocks < 0.1 * full  # the blocks are where the work is
 
 
-def test_subnet_counts_for_vit_s():
-    vit = vit_s16()
+def test_subnet_counts_for_vit_s(make_vit):
+    vit = make_vit("vit_s16")
     assert [D2FTViT(vit, subnets=n).num_subnets for n in (26, 38, 74)] == [26, 38, 74]
     assert D2FTViT(vit, subnets=3).num_subnets == 38  # groups per block
     assert D2FTViT(vit, groups_per_block=6).num_subnets == 74
@@ -156,16 +152,16 @@ def test_subnet_counts_for_vit_s():
 
 
 @pytest.mark.parametrize("bad", [4, 5, 27, 75, 0])
-def test_invalid_subnet_count_lists_valid_values(bad):
+def test_invalid_subnet_count_lists_valid_values(bad, make_vit):
     with pytest.raises(ValueError, match=r"\[14, 26, 38, 74\]"):
-        D2FTViT(vit_s16(), subnets=bad)
+        D2FTViT(make_vit("vit_s16"), subnets=bad)
 
 
-def test_invalid_groups_per_block_and_both_given():
+def test_invalid_groups_per_block_and_both_given(make_vit):
     with pytest.raises(ValueError, match="does not divide"):
-        D2FTViT(vit_tiny3(), groups_per_block=2)
+        D2FTViT(make_vit("tiny3"), groups_per_block=2)
     with pytest.raises(ValueError, match="either"):
-        D2FTViT(vit_tiny3(), subnets=5, groups_per_block=1)
+        D2FTViT(make_vit("tiny3"), subnets=5, groups_per_block=1)
 
 
 @pytest.mark.parametrize("model", [nn.Linear(3, 3), timm.create_model("resnet18", num_classes=3)])
@@ -184,8 +180,8 @@ def test_rejects_unsupported_vit_variants():
                                   scale_mlp_norm=True))
 
 
-def test_bad_ops_are_rejected_clearly():
-    net = D2FTViT(vit_tiny3())
+def test_bad_ops_are_rejected_clearly(make_vit):
+    net = D2FTViT(make_vit("tiny3"))
     x = _input(net.vit)
     n = net.num_subnets
     with pytest.raises(ValueError, match=f"{n} Op values"):
@@ -198,8 +194,8 @@ def test_bad_ops_are_rejected_clearly():
         net(x, torch.ones(n))
 
 
-def test_shard_and_unshard_round_trip():
-    vit = vit_s16()
+def test_shard_and_unshard_round_trip(make_vit):
+    vit = make_vit("vit_s16")
     net = D2FTViT(vit, subnets=26)
     owner = round_robin(net.depth, net.groups_per_block, 2)
     shards = []

@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import vit_tiny3
 from lightning_d2ft import D2FTViT
 from lightning_d2ft.scores import METRICS, compute_scores, subnet_sums
 
@@ -17,16 +16,16 @@ def _data(n: int = 5, batch: int = 4):
 
 @pytest.mark.parametrize("backward", METRICS)
 @pytest.mark.parametrize("forward", ["fisher", "random"])
-def test_every_metric_in_either_role(backward, forward):
-    net = D2FTViT(vit_tiny3())
+def test_every_metric_in_either_role(backward, forward, make_vit):
+    net = D2FTViT(make_vit("tiny3"))
     s = compute_scores(net, _data(), backward, forward, progress=False)
     assert s.backward.shape == s.forward.shape == (5, net.num_subnets)
     assert torch.isfinite(s.backward).all() and (s.backward >= 0).all()
     assert s.backward_metric == backward and s.forward_metric == forward and s.seconds > 0
 
 
-def test_gradient_metrics_are_exact_per_subnet_sums():
-    net = D2FTViT(vit_tiny3(), groups_per_block=3)
+def test_gradient_metrics_are_exact_per_subnet_sums(make_vit):
+    net = D2FTViT(make_vit("tiny3"), groups_per_block=3)
     x, y = _data(1)[0]
     s = compute_scores(net, [(x, y)], "fisher", "taylor", progress=False)
     F.cross_entropy(net.vit.eval()(x), y).backward()
@@ -45,16 +44,16 @@ def test_gradient_metrics_are_exact_per_subnet_sums():
     assert s.forward[0, k].item() > expected_taylor.item()  # qkv part plus proj and MLP parts
 
 
-def test_every_weight_is_counted_once():
-    net = D2FTViT(vit_tiny3())
+def test_every_weight_is_counted_once(make_vit):
+    net = D2FTViT(make_vit("tiny3"))
     counted = subnet_sums(net, lambda p: torch.ones_like(p)).sum()
     shared = sum(p.numel() for n, p in net.vit.named_parameters()
                  if n.startswith("blocks") and any(s in n for s in ("norm", "proj.bias", "fc2.bias", "ls")))
     assert counted + shared == sum(p.numel() for p in net.parameters())
 
 
-def test_scoring_restores_the_model_exactly():
-    net = D2FTViT(vit_tiny3())
+def test_scoring_restores_the_model_exactly(make_vit):
+    net = D2FTViT(make_vit("tiny3"))
     net.train()
     marker = [torch.full_like(p, 0.5) for p in net.parameters()]
     for p, m in zip(net.parameters(), marker):
@@ -66,23 +65,23 @@ def test_scoring_restores_the_model_exactly():
     assert all(p.grad is m for p, m in zip(net.parameters(), marker))
 
 
-def test_weight_magnitude_follows_the_loss_of_each_micro_batch():
-    net = D2FTViT(vit_tiny3())
+def test_weight_magnitude_follows_the_loss_of_each_micro_batch(make_vit):
+    net = D2FTViT(make_vit("tiny3"))
     s = compute_scores(net, _data(), "weight_magnitude", "random", progress=False)
     ratio = s.backward / s.backward[0]
     assert torch.allclose(ratio, ratio[:, :1].expand_as(ratio))  # same subnet ranking in every micro-batch
     assert ratio[:, 0].std() > 0  # but micro-batches differ
 
 
-def test_sampling_scores_a_subset():
-    net = D2FTViT(vit_tiny3())
+def test_sampling_scores_a_subset(make_vit):
+    net = D2FTViT(make_vit("tiny3"))
     s = compute_scores(net, _data(6), "fisher", "fisher", sample_every=3, progress=False)
     assert s.backward.shape[0] == 6
     assert torch.equal(s.backward[1], s.backward[2])  # unscored micro-batches share the mean row
 
 
-def test_cache_is_used_and_stale_or_corrupt_caches_are_recomputed(tmp_path):
-    net = D2FTViT(vit_tiny3())
+def test_cache_is_used_and_stale_or_corrupt_caches_are_recomputed(tmp_path, make_vit):
+    net = D2FTViT(make_vit("tiny3"))
     data = _data()
     first = compute_scores(net, data, "taylor", "fisher", cache_dir=tmp_path, progress=False)
     again = compute_scores(net, data, "taylor", "fisher", cache_dir=tmp_path, progress=False)
@@ -105,13 +104,13 @@ def test_cache_is_used_and_stale_or_corrupt_caches_are_recomputed(tmp_path):
         assert not redo.from_cache and torch.equal(redo.backward, other_data.backward)
 
 
-def test_unknown_metric_is_rejected():
+def test_unknown_metric_is_rejected(make_vit):
     with pytest.raises(ValueError, match="unknown backward score metric 'l2'"):
-        compute_scores(D2FTViT(vit_tiny3()), _data(1), "l2", "fisher", progress=False)
+        compute_scores(D2FTViT(make_vit("tiny3")), _data(1), "l2", "fisher", progress=False)
 
 
-def test_a_micro_batch_with_nan_input_is_named():
-    net = D2FTViT(vit_tiny3())
+def test_a_micro_batch_with_nan_input_is_named(make_vit):
+    net = D2FTViT(make_vit("tiny3"))
     batches = [(torch.randn(2, 3, 32, 32), torch.tensor([0, 1])) for _ in range(3)]
     batches[1][0][0, 0, 0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="micro-batch 1 gives a non-finite loss"):
