@@ -31,12 +31,10 @@ def _ops_table(net: D2FTViT, n: int, seed: int) -> torch.Tensor:
     return ops
 
 
-def _worker(rank: int, world: int, port: int, out: dict, make_vit) -> None:
+def _worker(rank: int, world: int, port: int, out: dict, vit: torch.nn.Module) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.manual_seed(0)
-    vit = make_vit("vit_s16")
-    net = D2FTViT(vit, subnets=26)
+    net = D2FTViT(vit, subnets=26)  # the same weights on every rank: the test sends the model
     owner = round_robin(net.depth, net.groups_per_block, world)
     groups = groups_of_rank(owner, rank)
     local = net
@@ -57,12 +55,11 @@ def _worker(rank: int, world: int, port: int, out: dict, make_vit) -> None:
 @pytest.mark.timeout(300)
 def test_tensor_parallel_matches_single_process_and_counts_bytes(make_vit):
     world = 2
+    vit = make_vit("vit_s16")
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_worker, args=(world, _free_port(), out), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, _free_port(), out, vit), nprocs=world, join=True)
         out = dict(out)
-    torch.manual_seed(0)
-    vit = make_vit("vit_s16")
     net = D2FTViT(vit, subnets=26)
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     owner = round_robin(net.depth, net.groups_per_block, world)
