@@ -74,8 +74,4 @@ BASELINES: dict[str, Baseline] = {"random": random_ops, "dpruning": dpruning_ops
 
 def register_baseline(name: str, fn: Baseline) -> None:
     """Add a method for ``Schedule.solve(method=name)``: ``fn(back, fwd, n_full, n_fo, seed) -> ops``."""
-    from lightning_d2ft import settings
-
     BASELINES[name] = fn
-    if name not in settings.METHODS:
-        settings.METHODS = (*settings.METHODS, name)

@@ -8,7 +8,7 @@ scores within what is left; the rest is SHORTCUT. A communication budget caps th
 
 Both solvers share one prologue (:class:`Rows`: integer costs, capacities, and in step mode integer
 profits) and one epilogue (ops and per-row objectives from the original float scores). In step mode the
-profit of an item is its score quantised to 2^-Q of the row's largest score, times K, plus a distinct rank
+profit of an item is its score quantised to 2^-Q of the row's largest score (Q = 36 for 36 subnets), times K, plus a distinct rank
 (lower forward score first for FULL, lower index first for FORWARD_ONLY); K exceeds every rank sum, so
 the optimum is unique up to exact profit ties and both solvers break score ties the same way.
 
@@ -68,10 +68,11 @@ class Rows:
 
 
 def _profits(scores: np.ndarray, rank: np.ndarray) -> np.ndarray:
-    """Integer profits ``round(score / row max * 2^Q) * K + rank`` that fit int64 summed over a row."""
+    """Integer profits ``round(score / row max * 2^Q) * K + rank`` whose row sum stays below 2^53, so that
+    OR-Tools' bounds (doubles) and the DP (int64) both compute it exactly."""
     m = scores.shape[1]
     k = m * (m + 1) // 2 + 1
-    q = min(52, 61 - k.bit_length() - m.bit_length())
+    q = max(8, 52 - k.bit_length() - m.bit_length())
     top = scores.max(axis=1, keepdims=True)
     scaled = np.divide(scores, top, out=np.zeros_like(scores), where=top > 0)
     return np.rint(scaled * 2.0**q).astype(np.int64) * k + rank

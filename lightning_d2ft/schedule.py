@@ -25,8 +25,8 @@ from lightning_d2ft.files import read_checked, write_checked
 from lightning_d2ft.knapsack import solve_devices
 from lightning_d2ft.ops import CostModel, Op
 from lightning_d2ft.placement import Placement, round_robin
-from lightning_d2ft.settings import (CAPACITIES, METHODS, SOLVERS, check_choice, check_comm_budget, check_forward_mix,
-                                     check_fraction)
+from lightning_d2ft.settings import (CAPACITIES, METHODS, SOLVERS, allowed_methods, check_choice, check_comm_budget,
+                                     check_forward_mix, check_fraction)
 
 __all__ = ["METHODS", "SOLVERS", "Schedule"]
 
@@ -256,7 +256,7 @@ class Schedule:
 # -- input checks ----------------------------------------------------------------------------------
 def _check_settings(solver, method, budget, comm_budget, forward_mix, capacity, validate) -> None:
     check_choice("solver", solver, SOLVERS)
-    check_choice("method", method, METHODS)
+    check_choice("method", method, allowed_methods())
     check_choice("capacity", capacity, CAPACITIES)
     check_fraction("budget", budget)
     if comm_budget is not None:
@@ -309,8 +309,10 @@ def _column_devices(placement, always_full, n_cols: int, devices: int | None) ->
         fixed = {0, n_cols - 1} if always_full == "ends" else set(always_full)
         place = torch.full((n_cols,), -1, dtype=torch.long)
         free = [k for k in range(n_cols) if k not in fixed]
-        if 0 < len(free) and devices <= len(free):
-            place[free] = round_robin(1, len(free), devices).flatten()
+        if devices > len(free):
+            raise ValueError(f"{devices} devices but only {len(free)} schedulable subnets; use at most "
+                             f"{len(free)} devices or more subnets")
+        place[free] = round_robin(1, len(free), devices).flatten()
     used = set(place[place >= 0].tolist())
     if len(used) < devices:
         raise ValueError(

@@ -19,6 +19,13 @@ __all__ = ["CAPACITIES", "METHODS", "SOLVERS", "ScheduleSettings", "check_choice
            "check_fraction"]
 
 
+def allowed_methods() -> tuple[str, ...]:
+    """"d2ft" and every registered baseline (``lightning_d2ft.baselines.register_baseline``)."""
+    from lightning_d2ft.baselines import BASELINES
+
+    return ("d2ft", *BASELINES)
+
+
 def check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
     if value not in allowed:
         raise ValueError(f"unknown {name} {value!r}; choose one of {list(allowed)}")
@@ -75,7 +82,7 @@ class ScheduleSettings:
         if self.comm_budget is not None:
             check_fraction("comm_budget", self.comm_budget)
         check_choice("solver", self.solver, SOLVERS)
-        check_choice("method", self.method, METHODS)
+        check_choice("method", self.method, allowed_methods())
         check_choice("capacity", self.capacity, CAPACITIES)
         check_forward_mix(self.forward_mix)
         if isinstance(self.score_every, bool) or not isinstance(self.score_every, int) or self.score_every < 1:
