@@ -78,10 +78,11 @@ def _profits(scores: np.ndarray, rank: np.ndarray) -> np.ndarray:
     return np.rint(scaled * 2.0**q).astype(np.int64) * k + rank
 
 
-def make_rows(back: Tensor, fwd: Tensor, unit: Tensor, budget: DeviceBudget, cost: CostModel, step: bool) -> Rows:
+def make_rows(back: np.ndarray, fwd: np.ndarray, unit: Tensor, budget: DeviceBudget, cost: CostModel,
+              step: bool) -> Rows:
     """One device's rows: ``back``/``fwd`` are ``[micro_batches, subnets of the device]``."""
     n_mb, n_cols = back.shape
-    b, f = back.numpy(), fwd.numpy()
+    b, f = np.ascontiguousarray(back), np.ascontiguousarray(fwd)
     w_full, w_fo = int_costs(unit, cost.full), int_costs(unit, cost.forward_only)
     if not step:  # one row of all (micro-batch, subnet) items
         b, f = b.reshape(1, -1), f.reshape(1, -1)
@@ -125,9 +126,13 @@ def solve_dp(rows: Rows, time_limit: float | None = None) -> tuple[np.ndarray, n
     return full, fo
 
 
-def _best_first(value: np.ndarray, tie: np.ndarray) -> np.ndarray:
+def _best_first(value: np.ndarray, tie: np.ndarray, k: int, distinct: bool) -> np.ndarray:
+    """The ``k`` best items of every row: value descending, then tie-break ascending, then index."""
+    if distinct:  # integer profits are distinct within a row: the top-k set needs no full sort
+        return np.argpartition(-value, k - 1, axis=1)[:, :k] if k < value.shape[1] else \
+            np.broadcast_to(np.arange(value.shape[1]), value.shape)
     idx = np.broadcast_to(np.arange(value.shape[1]), value.shape)
-    return np.lexsort((idx, tie, -value), axis=-1)
+    return np.lexsort((idx, tie, -value), axis=-1)[:, :k]
 
 
 def _dp_one_class(rows: Rows) -> tuple[np.ndarray, np.ndarray]:
@@ -137,12 +142,13 @@ def _dp_one_class(rows: Rows) -> tuple[np.ndarray, np.ndarray]:
     k_full = max(0, min(m, b.outer_capacity // wf, rows.full_cap))
     k_fo = max(0, min(m - k_full, (b.capacity - k_full * wf) // wo, rows.fo_cap(k_full)))
     full = np.zeros((n_rows, m), dtype=bool)
-    np.put_along_axis(full, _best_first(rows.value_out, rows.tie_out)[:, :k_full], True, axis=1)
+    if k_full:
+        np.put_along_axis(full, _best_first(rows.value_out, rows.tie_out, k_full, rows.step), True, axis=1)
     fo = np.zeros_like(full)
     if k_fo:
         value_in = np.where(full, np.iinfo(np.int64).min // 2 if rows.step else -np.inf, rows.value_in)
         tie_in = np.where(full, np.inf, rows.tie_in)
-        np.put_along_axis(fo, _best_first(value_in, tie_in)[:, :k_fo], True, axis=1)
+        np.put_along_axis(fo, _best_first(value_in, tie_in, k_fo, rows.step), True, axis=1)
     return full, fo
 
 
@@ -219,13 +225,14 @@ def solve_devices(back: Tensor, fwd: Tensor, place: Tensor, unit: Tensor, budget
                   instance: dict) -> Solution:
     """Solve every device with ``solver``; with ``validate`` the DP re-solves each device and must agree."""
     n_mb, n_cols = back.shape
+    back_np, fwd_np, place_np = back.numpy(), fwd.numpy(), place.numpy()
     ops = np.full((n_mb, n_cols), int(Op.FULL), dtype=np.int64)
     objective = np.zeros(2)
     solve_s = check_s = 0.0
     for d, budget in enumerate(budgets):
-        cols = (place == d).nonzero().flatten()
-        rows = make_rows(back[:, cols], fwd[:, cols], unit[cols], budget, cost, step)
-        t = time.perf_counter()
+        cols = np.flatnonzero(place_np == d)
+        t = time.perf_counter()  # the shared prologue counts as solve time
+        rows = make_rows(back_np[:, cols], fwd_np[:, cols], unit[cols], budget, cost, step)
         found, obj = epilogue(rows, *SOLVERS[solver](rows, time_limit))
         solve_s += time.perf_counter() - t
         if validate and solver != "dp":
@@ -233,7 +240,7 @@ def solve_devices(back: Tensor, fwd: Tensor, place: Tensor, unit: Tensor, budget
             _, ref = epilogue(rows, *solve_dp(rows))
             _compare(obj, ref, d, step, solver, instance)
             check_s += time.perf_counter() - t
-        ops[:, cols.numpy()] = found.reshape(n_mb, cols.numel())
+        ops[:, cols] = found.reshape(n_mb, cols.size)
         objective += obj.sum(0)
     ops = torch.from_numpy(ops)
     return Solution(ops, (float(objective[0]), float(objective[1])), solve_s, check_s)
