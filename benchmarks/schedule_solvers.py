@@ -100,7 +100,8 @@ def formulation_rows(n_rows: int) -> list[dict]:
     picks = {}
     out = []
     for name, solve in [
-        ("knapsack_solver", lambda r: _ks(solvers, rows.value_out[r], rows.w_full, budget.outer_capacity, 10**9, "o")),
+        ("knapsack_solver", lambda r: _ks(solvers, rows.value_out[r].tolist(), rows.w_full, budget.outer_capacity,
+                                          10**9, "o")),
         ("cp_sat", lambda r: _cpsat(rows.value_out[r], rows.w_full, budget.outer_capacity)),
         ("scip_mip", lambda r: _scip(rows.back[r], rows.w_full, budget.outer_capacity)),
     ]:

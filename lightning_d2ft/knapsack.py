@@ -1,21 +1,22 @@
-"""The bi-level knapsack behind D2FT's schedule: capacities, two exact solvers, and the check between them.
+"""The bi-level knapsack behind D2FT's schedule: two exact solvers, and the check between them.
 
 Each device is a knapsack. With ``capacity="step"`` (default) every (device, micro-batch) pair is its own
-small knapsack (a *row* of items: that device's subnets for that micro-batch); with ``"epoch"`` a device is
-one row of all its (micro-batch, subnet) items. The outer level picks FULL items maximising backward scores
-within the outer capacity; the inner level picks FORWARD_ONLY items among the rest maximising forward
-scores within what is left; the rest is SHORTCUT. A communication budget caps the item counts.
+small knapsack (a *row*: that device's subnets for that micro-batch); with ``"epoch"`` a device is one row
+of all its (micro-batch, subnet) items. The outer level picks FULL items maximising backward scores within
+the outer capacity; the inner level picks FORWARD_ONLY items among the rest maximising forward scores
+within what is left; the rest is SHORTCUT. A communication budget caps the item counts.
 
-Both solvers share one prologue (:class:`Rows`: integer costs, capacities, and in step mode integer
-profits) and one epilogue (ops and per-row objectives from the original float scores). In step mode the
-profit of an item is its score quantised to 2^-Q of the row's largest score (Q = 36 for 36 subnets), times K, plus a distinct rank
-(lower forward score first for FULL, lower index first for FORWARD_ONLY); K exceeds every rank sum, so
-the optimum is unique up to exact profit ties and both solvers break score ties the same way.
+Both solvers share one prologue (:class:`Rows`) and one epilogue (ops, and per-row objectives summed from
+the float scores). In step mode an item's profit is its score quantised to 2^-Q of the row's largest score
+(Q = 36 for 36 subnets) times K, plus a distinct rank (lower forward score first for FULL, lower index
+first for FORWARD_ONLY), K above every rank sum: both solvers maximise the same integers and so break
+score ties the same way. In epoch mode SCIP sees the float scores; on exact ties it may pick another,
+equally good FULL set, which can change the FORWARD_ONLY objective (then the check fails loudly).
 
-Solvers (:data:`SOLVERS`): ``ortools`` (step: OR-Tools' dedicated knapsack solver, branch and bound, per
-row and level; epoch: two SCIP MIPs per device) and ``dp`` (ours: items of equal cost form a class, the
-best of a class go first, a dynamic program over capacity picks how many of each class; one class is a
-sort, vectorised over rows).
+Solvers (:data:`SOLVERS`): ``ortools`` (step: OR-Tools' dedicated knapsack solver per row and level, the
+64-item solver or branch and bound; epoch: two SCIP MIPs per device) and ``dp`` (ours: items of equal cost
+form a class, the best of a class go first, a DP over capacity picks how many of each class; one class is
+a top-k, vectorised over rows).
 """
 
 from __future__ import annotations
@@ -160,13 +161,24 @@ def solve_ortools(rows: Rows, time_limit: float | None = None) -> tuple[np.ndarr
     solvers = _knapsack_solvers(time_limit)
     full = np.zeros(rows.back.shape, dtype=bool)
     fo = np.zeros_like(full)
-    b = rows.budget
+    b, m = rows.budget, full.shape[1]
+    out_profits, in_profits = rows.value_out.tolist(), rows.value_in.tolist()  # one conversion, not per row
+    uniform = len(np.unique(rows.w_full)) == 1 and len(np.unique(rows.w_fo)) == 1
     for r in range(full.shape[0]):
-        full[r] = _ks(solvers, rows.value_out[r], rows.w_full, b.outer_capacity, rows.full_cap, "outer")
+        if uniform:  # equal weights: the count caps fold into one capacity in items
+            k = min(b.outer_capacity // int(rows.w_full[0]), rows.full_cap)
+            full[r] = _solve_one(solvers, out_profits[r], [1] * m, [k], "outer")
+        else:
+            full[r] = _ks(solvers, out_profits[r], rows.w_full, b.outer_capacity, rows.full_cap, "outer")
         rest = np.flatnonzero(~full[r])
         if rest.size:
+            n_full, profits = int(full[r].sum()), [in_profits[r][i] for i in rest]
             cap = b.capacity - int(rows.w_full[full[r]].sum())
-            pick = _ks(solvers, rows.value_in[r, rest], rows.w_fo[rest], cap, rows.fo_cap(int(full[r].sum())), "inner")
+            if uniform:
+                k = min(cap // int(rows.w_fo[0]), rows.fo_cap(n_full))
+                pick = _solve_one(solvers, profits, [1] * rest.size, [k], "inner")
+            else:
+                pick = _ks(solvers, profits, rows.w_fo[rest], cap, rows.fo_cap(n_full), "inner")
             fo[r, rest[pick]] = True
     return full, fo
 
@@ -182,23 +194,26 @@ def _knapsack_solvers(time_limit: float | None) -> dict:
     return out
 
 
-def _ks(solvers: dict, profits: np.ndarray, weights: np.ndarray, capacity: int, max_count: int,
+def _ks(solvers: dict, profits: list[int], weights: np.ndarray, capacity: int, max_count: int,
         level: str) -> np.ndarray:
-    """One knapsack: weights divided by their gcd (OR-Tools' solvers are much faster on small integers);
-    equal weights fold the count cap into the capacity, so the 64-item solver takes most rows."""
-    n = profits.size
-    if capacity <= 0 or max_count <= 0:
-        return np.zeros(n, dtype=bool)
+    """One knapsack with a count cap: weights divided by their gcd (OR-Tools' solvers are much faster on
+    small integers), the count cap as a second dimension only where it can bind."""
+    n = len(profits)
     g = int(np.gcd.reduce(weights))
-    w, capacity, max_count = weights // g, capacity // g, min(max_count, n)
-    if int(w.min()) == int(w.max()):
-        capacity, max_count = min(capacity, max_count * int(w[0])), n
-    dims, caps = [w.tolist()], [capacity]
+    dims, caps = [(weights // g).tolist()], [capacity // g]
     if max_count < n:
         dims.append([1] * n)
         caps.append(max_count)
-    solver = solvers["small" if n <= 64 and len(dims) == 1 else "general"]
-    solver.init(profits.tolist(), dims, caps)
+    return _solve_one(solvers, profits, dims[0], caps, level, dims[1:])
+
+
+def _solve_one(solvers: dict, profits: list[int], weights: list[int], caps: list[int], level: str,
+               more: list[list[int]] = ()) -> np.ndarray:
+    n = len(profits)
+    if min(caps) <= 0:
+        return np.zeros(n, dtype=bool)
+    solver = solvers["small" if n <= 64 and not more else "general"]
+    solver.init(profits, [weights, *more], caps)
     solver.solve()
     if not solver.is_solution_optimal():
         raise RuntimeError(f"OR-Tools did not prove the {level} level optimal within the time limit")
