@@ -50,10 +50,10 @@ def check_comm_budget(comm_budget: float, num_micro_batches: int, placement: Ten
     floor = 1.0 / fewest if fewest else 1.0
     if comm_budget < floor - 1e-12:
         raise ValueError(
-            f"comm_budget={comm_budget} is below {floor:.3g}, the least that lets one (micro-batch, subnet) pair "
-            f"per device{' and micro-batch' if capacity == 'step' else ''} run FULL ({fewest} scheduled pairs on "
-            f"the smallest device); use a comm_budget in [{floor:.3g}, 1] or null"
-        )
+            f"comm_budget={comm_budget} is below {floor:.3g}, the least that lets every device train one "
+            f"(micro-batch, subnet) pair FULL{' per micro-batch' if capacity == 'step' else ''} ({fewest} pairs on "
+            f"the smallest device{' per step' if capacity == 'step' else ''}); use comm_budget in [{floor:.3g}, 1] "
+            f"or drop it")
 
 
 @dataclass(frozen=True)
