@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 from torch import Tensor
 
-SOLVERS = ("ortools", "dp")
+SOLVERS = ("dp", "ortools")  # order kept: messages list them as before
 METHODS = ("d2ft", "random", "dpruning", "moe", "full")
 CAPACITIES = ("step", "epoch")
 

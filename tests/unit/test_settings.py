@@ -23,7 +23,7 @@ def test_defaults_are_ortools_per_step_and_validated():
     ("budget", 0.0, r"budget must be a fraction of the all-FULL cost in \(0, 1\], got 0.0"),
     ("budget", True, r"budget must be .* got True"),
     ("comm_budget", 1.5, r"comm_budget must be .* in \(0, 1\], got 1.5"),
-    ("solver", "cplex", r"unknown solver 'cplex'; choose one of \['ortools', 'dp'\]"),
+    ("solver", "cplex", r"unknown solver 'cplex'; choose one of \['dp', 'ortools'\]"),
     ("method", "greedy", r"unknown method 'greedy'; choose one of \['d2ft', 'random', 'dpruning', 'moe', 'full'\]"),
     ("capacity", "batch", r"unknown capacity 'batch'; choose one of \['step', 'epoch'\]"),
     ("forward_mix", 1.5, r"forward_mix must be a number in \[0, 1\], got 1.5"),
