@@ -1,4 +1,5 @@
-"""Knapsack capacities: what each device may spend per row (one micro-batch, or the whole epoch).
+"""The knapsack instance both solvers read: capacities per row (one micro-batch, or the whole epoch) and
+the shared prologue (:class:`Rows`, integer costs and profits) and epilogue (ops and objectives).
 
 Capacity is ``budget`` times the all-FULL cost of the device's items; with declared speeds it is
 proportional to speed instead (so that per-device *time* is equal), capped at all-FULL and water-filled.
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_d2ft.ops import CostModel
+from lightning_d2ft.ops import CostModel, Op
 
 RESOLUTION = 1000
 
@@ -89,3 +90,68 @@ def speed_shares(total: Tensor, speed: Tensor, cap: Tensor) -> Tensor:
         remaining = remaining - cap[over].sum()
         free &= ~over
     return share
+
+
+# -- the shared prologue -----------------------------------------------------------------------------
+@dataclass
+class Rows:
+    """Independent knapsack rows of one device, with the same items' costs and limits in every row."""
+
+    back: np.ndarray  # [R, m] float scores
+    fwd: np.ndarray
+    value_out: np.ndarray  # [R, m] what the outer level maximises (int64 profits in step mode, else floats)
+    tie_out: np.ndarray  # [R, m] ascending tie-break among equal value_out
+    value_in: np.ndarray
+    tie_in: np.ndarray
+    w_full: np.ndarray  # [m] int costs
+    w_fo: np.ndarray
+    budget: DeviceBudget
+    cost: CostModel
+    step: bool  # one row per micro-batch (integer profits) or one row for the epoch (float scores)
+
+    @property
+    def full_cap(self) -> int:
+        return count_cap(self.budget.comm, self.cost.comm_full)
+
+    def fo_cap(self, n_full: int) -> int:
+        return count_cap(self.budget.comm - n_full * self.cost.comm_full, self.cost.comm_forward_only)
+
+
+def _profits(scores: np.ndarray, rank: np.ndarray) -> np.ndarray:
+    """Integer profits ``round(score / row max * 2^Q) * K + rank`` whose row sum stays below 2^53, so that
+    OR-Tools' bounds (doubles) and the DP (int64) both compute it exactly."""
+    m = scores.shape[1]
+    k = m * (m + 1) // 2 + 1
+    q = max(8, 52 - k.bit_length() - m.bit_length())
+    top = scores.max(axis=1, keepdims=True)
+    scaled = np.divide(scores, top, out=np.zeros_like(scores), where=top > 0)
+    return np.rint(scaled * 2.0**q).astype(np.int64) * k + rank
+
+
+def make_rows(back: np.ndarray, fwd: np.ndarray, unit: Tensor, budget: DeviceBudget, cost: CostModel,
+              step: bool) -> Rows:
+    """One device's rows: ``back``/``fwd`` are ``[micro_batches, subnets of the device]``."""
+    n_mb, n_cols = back.shape
+    b, f = np.ascontiguousarray(back), np.ascontiguousarray(fwd)
+    w_full, w_fo = int_costs(unit, cost.full), int_costs(unit, cost.forward_only)
+    if not step:  # one row of all (micro-batch, subnet) items
+        b, f = b.reshape(1, -1), f.reshape(1, -1)
+        w_full, w_fo = np.tile(w_full, n_mb), np.tile(w_fo, n_mb)
+        # FULL ties go to lower forward scores, which leaves the better ones for the inner level
+        return Rows(b, f, b, f, f, -f, w_full, w_fo, budget, cost, step)
+    m = n_cols
+    by_fwd = np.argsort(f, axis=1, kind="stable")  # lower forward score (then lower index) ranks higher
+    rank_out = np.empty_like(by_fwd)
+    np.put_along_axis(rank_out, by_fwd, np.arange(m, 0, -1)[None, :].repeat(n_mb, 0), axis=1)
+    rank_in = np.arange(m, 0, -1)[None, :].repeat(n_mb, 0)  # lower index ranks higher
+    zeros = np.zeros((n_mb, m))
+    return Rows(b, f, _profits(b, rank_out), zeros, _profits(f, rank_in), zeros, w_full, w_fo, budget, cost, step)
+
+
+def epilogue(rows: Rows, full: np.ndarray, fo: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Ops ``[R, m]`` and per-row objectives ``[R, 2]`` (summed float scores of FULL and FORWARD_ONLY)."""
+    ops = np.full(full.shape, int(Op.SHORTCUT), dtype=np.int64)
+    ops[fo] = Op.FORWARD_ONLY
+    ops[full] = Op.FULL
+    objective = np.stack([(rows.back * full).sum(1), (rows.fwd * fo).sum(1)], axis=1)
+    return ops, objective
