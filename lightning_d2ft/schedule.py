@@ -243,14 +243,20 @@ class Schedule:
             ops = sol.ops
             info.update(objective=sol.objective, solve_seconds=sol.solve_seconds, check_seconds=sol.check_seconds)
         else:
-            rows = n_mb if step else 1
-            n_full = sum(b.planned_full for b in budgets) * rows
-            n_fo = sum(b.planned_fo for b in budgets) * rows
-            ops = torch.full((n_mb, n_cols), int(Op.FULL), dtype=torch.long)
-            cols = (place >= 0).nonzero().flatten()
-            ops[:, cols] = BASELINES[method](back[:, cols], fwd[:, cols], n_full, n_fo, seed)
+            ops = _baseline_ops(method, back, fwd, place, budgets, n_mb if step else 1, seed)
         return cls(ops=ops, placement=place, speeds=speed, cost=cost, column_blocks=column_blocks,
                    method=method, info=info)
+
+
+def _baseline_ops(method: str, back: Tensor, fwd: Tensor, place: Tensor, budgets: list, rows: int,
+                  seed: int) -> Tensor:
+    """A baseline's ops, spending the FULL and FORWARD_ONLY counts D2FT's capacities plan for."""
+    n_full = sum(b.planned_full for b in budgets) * rows
+    n_fo = sum(b.planned_fo for b in budgets) * rows
+    ops = torch.full(back.shape, int(Op.FULL), dtype=torch.long)
+    cols = (place >= 0).nonzero().flatten()
+    ops[:, cols] = BASELINES[method](back[:, cols], fwd[:, cols], n_full, n_fo, seed)
+    return ops
 
 
 # -- input checks ----------------------------------------------------------------------------------
