@@ -43,6 +43,9 @@ class SubnetIndex:
 
     def __init__(self, net: D2FTViT, *, count_replicated: bool = True) -> None:
         self.num_subnets = net.num_subnets
+        # every base weight takes part in the backward, counted or not, so that every tensor-parallel rank
+        # runs the same backward collectives; LoRA adapters (zero at this point) do not
+        self.base_params = [p for name, p in net.vit.named_parameters() if not name.endswith(("lora_A", "lora_B"))]
         G = net.groups_per_block
         owned = groups_of_rank(net.group_owner.cpu(), net.tp.rank) if net.tp is not None else [list(range(G))] * net.depth
         device = next(net.parameters()).device
@@ -136,7 +139,7 @@ def score_pass(net: D2FTViT, batches: Iterable, loss_fn: Callable[[Tensor, Tenso
 
     device = next(net.parameters()).device
     rows, losses = [], []
-    with _scoring_mode(net, index.params if stats else []):
+    with _scoring_mode(net, index.base_params if stats else []):
         for x, y in tqdm(batches, desc="D2FT scores", disable=not progress, leave=False, total=total):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with torch.set_grad_enabled(bool(stats)):
@@ -144,7 +147,7 @@ def score_pass(net: D2FTViT, batches: Iterable, loss_fn: Callable[[Tensor, Tenso
             if stats:
                 loss.backward()
                 rows.append(index.grad_sums(stats))
-                for p in index.params:
+                for p in index.base_params:
                     p.grad = None
             losses.append(loss.detach().double().reshape(1))
     if not losses:
