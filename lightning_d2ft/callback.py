@@ -13,7 +13,6 @@ Everything configurable is checked when the callback is built, before any heavy 
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
@@ -36,7 +35,7 @@ from lightning_d2ft.scores import (
     Scores, cache_key, check_cache_dir, check_finite_losses, check_metric, data_fingerprint, grad_stats,
     load_cached, save_cached, score_tables, weights_digest,
 )
-from lightning_d2ft.scoring_pass import score_shared
+from lightning_d2ft.scoring_pass import micro_batches_to_train, score_shared
 from lightning_d2ft.strategy import D2FTStrategy
 
 __all__ = ["D2FTCallback"]
@@ -409,27 +408,3 @@ def _check_speeds(speeds: Sequence[float] | None) -> None:
     if not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0
                          for v in values):
         raise ValueError(f"speeds must be positive finite numbers, one per tensor-parallel rank, got {values!r}")
-
-
-def micro_batches_to_train(trainer: Trainer, sampler: MicroBatchSampler) -> list[int]:
-    """The micro-batches (over every data-parallel replica) that this fit will train, in id order: all of them
-    unless ``limit_train_batches``, ``max_steps`` or ``max_epochs`` stop it short of covering them."""
-    count, replicas = sampler.num_micro_batches, sampler.num_replicas
-    per_epoch = trainer.num_training_batches
-    per_epoch = count // replicas if math.isinf(per_epoch) else int(per_epoch)
-    batches_left = trainer.max_steps * trainer.accumulate_grad_batches if trainer.max_steps >= 0 else math.inf
-    epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs >= 0 else 1000
-    views = []
-    for r in range(replicas):
-        view = copy.copy(sampler)
-        view.set_replicas(replicas, r)
-        views.append(view)
-    needed: set[int] = set()
-    for epoch in range(trainer.current_epoch, max(epochs, trainer.current_epoch + 1)):
-        take = int(min(per_epoch, batches_left))
-        for view in views:
-            needed.update(view.micro_batch_ids(epoch)[:take])
-        batches_left -= take
-        if batches_left <= 0 or len(needed) == count or not sampler.shuffle:
-            break
-    return sorted(needed)

@@ -12,19 +12,22 @@ sums only its own head groups; the replicated stem and head are counted by tenso
 
 from __future__ import annotations
 
+import copy
+import math
 from contextlib import contextmanager
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from lightning_d2ft.data import MicroBatchSampler
 from lightning_d2ft.layout import grouped_dim
 from lightning_d2ft.partition import D2FTViT
 from lightning_d2ft.placement import groups_of_rank
 
-__all__ = ["GRAD_STATS", "SubnetIndex", "score_pass", "score_shared", "scoring_loader", "sum_over_ranks"]
+__all__ = ["GRAD_STATS", "SubnetIndex", "micro_batches_to_train", "score_pass", "score_shared", "scoring_loader", "sum_over_ranks"]
 
 #: per-element statistics of a gradient ``g`` (and weight ``w``) the gradient metrics are built from
 GRAD_STATS = ("abs", "sq", "taylor")
@@ -204,3 +207,27 @@ def score_shared(net: D2FTViT, train_loader: DataLoader, micro_batches: Sequence
         packed[n, :S] = index.weight_sums()
     packed = sum_over_ranks(packed)
     return packed[:n, : k * S].reshape(n, k, S), packed[:n, -1], packed[n, :S]
+
+
+def micro_batches_to_train(trainer: Any, sampler: MicroBatchSampler) -> list[int]:
+    """The micro-batches (over every data-parallel replica) that this fit will train, in id order: all of them
+    unless ``limit_train_batches``, ``max_steps`` or ``max_epochs`` stop it short of covering them."""
+    count, replicas = sampler.num_micro_batches, sampler.num_replicas
+    per_epoch = trainer.num_training_batches
+    per_epoch = count // replicas if math.isinf(per_epoch) else int(per_epoch)
+    batches_left = trainer.max_steps * trainer.accumulate_grad_batches if trainer.max_steps >= 0 else math.inf
+    epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs >= 0 else 1000
+    views = []
+    for r in range(replicas):
+        view = copy.copy(sampler)
+        view.set_replicas(replicas, r)
+        views.append(view)
+    needed: set[int] = set()
+    for epoch in range(trainer.current_epoch, max(epochs, trainer.current_epoch + 1)):
+        take = int(min(per_epoch, batches_left))
+        for view in views:
+            needed.update(view.micro_batch_ids(epoch)[:take])
+        batches_left -= take
+        if batches_left <= 0 or len(needed) == count or not sampler.shuffle:
+            break
+    return sorted(needed)

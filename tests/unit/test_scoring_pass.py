@@ -9,7 +9,7 @@ from torch.utils.data import Dataset
 from lightning_d2ft import D2FTViT
 from lightning_d2ft.data import micro_batch_loader
 from lightning_d2ft.scores import compute_scores, data_fingerprint
-from lightning_d2ft.scoring_pass import SubnetIndex, score_shared, scoring_loader
+from lightning_d2ft.scoring_pass import SubnetIndex, micro_batches_to_train, score_shared, scoring_loader
 
 
 class _Recorded(Dataset):
@@ -84,3 +84,24 @@ def test_every_grouped_tensor_is_indexed_once_and_shared_tensors_not_at_all(make
     assert len(names) == len(set(names))
     assert not any(s in n for n in names if n.startswith("blocks.") for s in ("norm", "proj.bias", "fc2.bias"))
     assert sum("blocks." in n for n in names) == 12 * 6  # qkv w/b, proj w, fc1 w/b, fc2 w per block
+
+
+def _trainer(batches=float("inf"), max_steps=-1, accumulate=1, max_epochs=1):
+    import types
+
+    return types.SimpleNamespace(num_training_batches=batches, max_steps=max_steps, accumulate_grad_batches=accumulate,
+                                 max_epochs=max_epochs, current_epoch=0)
+
+
+def test_only_the_micro_batches_a_fit_will_train_are_chosen():
+    from lightning_d2ft.data import MicroBatchSampler
+
+    sampler = MicroBatchSampler(list(range(40)), 4, seed=0)  # 10 micro-batches
+    order = sampler.micro_batch_ids(0)
+    assert micro_batches_to_train(_trainer(), sampler) == list(range(10))
+    assert micro_batches_to_train(_trainer(batches=3), sampler) == sorted(order[:3])  # limit_train_batches=3
+    assert micro_batches_to_train(_trainer(max_steps=2, accumulate=2, max_epochs=5), sampler) == sorted(order[:4])
+    two_epochs = micro_batches_to_train(_trainer(batches=2, max_epochs=2), sampler)
+    assert two_epochs == sorted(set(order[:2]) | set(sampler.micro_batch_ids(1)[:2]))
+    sampler.set_replicas(2, 1)  # data-parallel: every replica's share, whichever replica asks
+    assert micro_batches_to_train(_trainer(batches=1), sampler) == sorted(order[:2])
