@@ -90,3 +90,39 @@ def test_the_strategy_and_callback_take_speeds_from_the_placement():
     strategy = D2FTStrategy(placement=speed_aware([2.0, 1.0]))
     assert strategy.speeds == [2.0, 1.0]
     assert D2FTStrategy().speeds is None
+
+
+# -- the frozen Placement ---------------------------------------------------------------------------
+def test_placement_round_robin_answers_groups_columns_and_speeds():
+    from lightning_d2ft.placement import Placement, subnet_devices
+
+    p = Placement.round_robin(3, 4, 2)
+    assert p.num_devices == 2 and p.speeds == (1.0, 1.0) and (p.depth, p.groups_per_block) == (3, 4)
+    assert torch.equal(p.owner, round_robin(3, 4, 2))
+    assert p.groups_of(1) == groups_of_rank(p.owner, 1) == [[1, 3]] * 3
+    cols = p.column_devices()
+    assert cols.tolist() == [-1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, -1]
+    assert torch.equal(cols, subnet_devices(p.owner))
+    fast = Placement(speed_aware([2.0, 1.0])(12, 6, 2), speeds=(2.0, 1.0))
+    assert [sum(map(len, fast.groups_of(r))) for r in range(2)] == [48, 24]
+    with pytest.raises(AttributeError):
+        p.speeds = (2.0, 1.0)  # type: ignore[misc]
+
+
+def test_placement_validates_itself():
+    from lightning_d2ft.placement import Placement
+
+    with pytest.raises(ValueError, match=r"rank 1 holds no head group of block\(s\) \[1\]"):
+        Placement(torch.tensor([[0, 1], [0, 0]]))
+    with pytest.raises(ValueError, match=r"speeds must be 2 positive numbers"):
+        Placement(torch.tensor([[0, 1]]), speeds=(1.0,))
+    with pytest.raises(ValueError, match=r"speeds must be 2 positive numbers"):
+        Placement(torch.tensor([[0, 1]]), speeds=(1.0, 0.0))
+    with pytest.raises(ValueError, match=r"integer tensor \[depth, groups_per_block\]"):
+        Placement(torch.zeros(4))
+    with pytest.raises(ValueError, match="ranks are 0"):
+        Placement(torch.tensor([[-1, 0]]))
+    with pytest.raises(ValueError, match=r"rank must be in \[0, 2\)"):
+        Placement.round_robin(1, 2, 2).groups_of(2)
+    with pytest.raises(ValueError, match="larger than the 2 head groups per block"):
+        Placement.round_robin(1, 2, 3)
