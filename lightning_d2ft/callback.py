@@ -29,10 +29,11 @@ from lightning_d2ft.data import MicroBatchSampler, find_micro_batch_sampler
 from lightning_d2ft.lora import add_lora_, check_lora, has_lora
 from lightning_d2ft.ops import CostModel
 from lightning_d2ft.partition import D2FTViT, find_d2ft
-from lightning_d2ft.placement import subnet_devices
-from lightning_d2ft.scheduling import METHODS, SOLVERS, Schedule, check_choice, check_comm_budget, check_fraction
+from lightning_d2ft.placement import Placement
+from lightning_d2ft.schedule import Schedule
+from lightning_d2ft.settings import ScheduleSettings, check_comm_budget
 from lightning_d2ft.scores import (
-    Scores, cache_key, check_cache_dir, check_finite_losses, check_metric, data_fingerprint, grad_stats,
+    Scores, cache_key, check_cache_dir, check_finite_losses, data_fingerprint, grad_stats,
     load_cached, save_cached, score_tables, weights_digest,
 )
 from lightning_d2ft.scoring_pass import micro_batches_to_train, score_shared
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 
 
 class D2FTCallback(Callback):
-    """Compute scores and the schedule before fit; give each training micro-batch its ops.
+    """Score the micro-batches, solve the schedule and hand it to the strategy, once the model is placed.
 
     Args:
         budget: compute budget, a fraction of all-FULL in (0, 1].
@@ -57,9 +58,15 @@ class D2FTCallback(Callback):
         score_every: score every k-th micro-batch only (cheaper scoring pass).
         data_key: names the training data for the score cache and the schedule's data check (default: a
             fingerprint of the micro-batch index lists and a seeded sample of the data set).
-        schedule_path: use this saved schedule instead of solving (checked against the run).
-        lora_rank / lora_alpha: D2FT-LoRA: after scoring, add a LoRA adapter per subnet on its ``qkv``
-            slice and freeze the rest but the classifier head (see :mod:`lightning_d2ft.lora`).
+        schedule_path: use this saved schedule instead of solving (checked against the run: model, data,
+            settings and world size).
+        capacity / validate: see :class:`~lightning_d2ft.settings.ScheduleSettings`.
+        settings: a :class:`~lightning_d2ft.settings.ScheduleSettings` instead of its fields one by one (it
+            then wins over budget, comm_budget, the scores, solver, method, forward_mix, score_every,
+            capacity and validate).
+        lora_rank / lora_alpha: D2FT-LoRA: add a LoRA adapter per subnet on its ``qkv`` slice in ``setup``
+            and freeze the rest but the classifier head (see :mod:`lightning_d2ft.lora`); the scoring pass
+            still rates the base subnets.
     """
 
     def __init__(
@@ -82,27 +89,27 @@ class D2FTCallback(Callback):
         lora_rank: int | None = None,
         lora_alpha: float | None = None,
         data_key: str | None = None,
+        capacity: str = "step",
+        validate: bool = True,
+        settings: ScheduleSettings | None = None,
     ) -> None:
-        check_fraction("budget", budget)
-        if comm_budget is not None:
-            check_fraction("comm_budget", comm_budget)
-        check_metric("backward", backward_score)
-        check_metric("forward", forward_score)
-        check_choice("solver", solver, SOLVERS)
-        check_choice("method", method, METHODS)
-        if not 0.0 <= forward_mix <= 1.0:
-            raise ValueError(f"forward_mix must be in [0, 1], got {forward_mix}")
-        if score_every < 1:
-            raise ValueError(f"score_every must be >= 1, got {score_every}")
+        if settings is None:  # validates every field, naming it and what it allows
+            settings = ScheduleSettings(
+                budget=budget, comm_budget=comm_budget, backward_score=backward_score, forward_score=forward_score,
+                solver=solver, method=method, forward_mix=forward_mix, score_every=score_every, capacity=capacity,
+                validate=validate)
         check_lora(lora_rank, lora_alpha, rank_optional=True)
         _check_speeds(speeds)
         if schedule_path is not None and not Path(schedule_path).is_file():
             raise FileNotFoundError(f"schedule_path {schedule_path} is not a file: give a schedule saved by an earlier "
                                     "run (<run dir>/d2ft/schedule.pt), or drop schedule_path to solve one")
-        self.lora_rank, self.lora_alpha = lora_rank, lora_alpha
-        self.budget, self.subnets, self.comm_budget, self.forward_mix = budget, subnets, comm_budget, forward_mix
-        self.backward_score, self.forward_score, self.solver, self.method = backward_score, forward_score, solver, method
-        self.cost, self.speeds, self.cache_dir, self.score_every = cost or CostModel(), speeds, cache_dir, score_every
+        self.settings = s = settings
+        self.lora_rank, self.lora_alpha, self.subnets = lora_rank, lora_alpha, subnets
+        self.budget, self.comm_budget, self.forward_mix, self.score_every = s.budget, s.comm_budget, s.forward_mix, \
+            s.score_every
+        self.backward_score, self.forward_score, self.solver, self.method = s.backward_score, s.forward_score, \
+            s.solver, s.method
+        self.cost, self.speeds, self.cache_dir = cost or CostModel(), speeds, cache_dir
         self.schedule_path, self.seed, self.progress, self.data_key = schedule_path, seed, progress, data_key
         self.schedule: Schedule | None = None
         self.scoring_seconds = 0.0
@@ -180,30 +187,38 @@ class D2FTCallback(Callback):
             return None
         return restored
 
-    def _devices(self, trainer: Trainer, net: D2FTViT) -> tuple[int, torch.Tensor]:
+    def _owner(self, trainer: Trainer, net: D2FTViT) -> torch.Tensor:
+        """The tensor-parallel rank of every head group ``[depth, G]`` (all 0 without D2FTStrategy)."""
         strategy = _d2ft_strategy(trainer)
         if strategy is not None:
-            return strategy.tensor_parallel_size, subnet_devices(strategy.placement_for(net))
-        return 1, subnet_devices(torch.zeros(net.depth, net.groups_per_block, dtype=torch.long))
+            placement = strategy.placement_for(net)
+            return torch.as_tensor(getattr(placement, "owner", placement)).long()
+        return torch.zeros(net.depth, net.groups_per_block, dtype=torch.long)
+
+    def _devices(self, trainer: Trainer, net: D2FTViT) -> tuple[int, torch.Tensor]:
+        """(tensor-parallel ranks, device of every schedule column)."""
+        placement = Placement.from_any(self._owner(trainer, net))
+        return placement.num_devices, placement.column_devices()
 
     def _settings(self, data: str) -> dict[str, Any]:
-        return {"data": data, "budget": self.budget, "comm_budget": self.comm_budget, "method": self.method,
-                "backward_score": self.backward_score, "forward_score": self.forward_score}
+        """What a schedule must have been solved for to be used by this run (stored in ``schedule.info``)."""
+        s = self.settings
+        return {"data": data, "budget": s.budget, "comm_budget": s.comm_budget, "method": s.method,
+                "backward_score": s.backward_score, "forward_score": s.forward_score, "capacity": s.capacity}
 
     def _solve(self, trainer: Trainer, net: D2FTViT, sampler: MicroBatchSampler, devices: int,
                placement: torch.Tensor, data: str) -> Schedule:
         if self.comm_budget is not None:  # before the scoring pass, not after it
-            check_comm_budget(self.comm_budget, sampler.num_micro_batches, placement, devices)
+            check_comm_budget(self.comm_budget, sampler.num_micro_batches, placement, devices, self.settings.capacity)
         scores = self._scores(trainer, net, sampler, data) if self._needs_scores() else None
 
         def solve() -> Schedule:
             n = sampler.num_micro_batches
             ones = torch.ones(n, net.num_subnets)  # every pair FULL whatever the scores say: no scoring pass
             schedule = Schedule.solve(
-                scores.backward if scores else ones, scores.forward if scores else ones, budget=self.budget,
-                devices=devices, solver=self.solver, method=self.method, comm_budget=self.comm_budget,
-                forward_mix=self.forward_mix, placement=placement, speeds=self._speeds(trainer),
-                column_blocks=net.subnet_blocks(), cost=self.cost, seed=self.seed)
+                scores.backward if scores else ones, scores.forward if scores else ones,
+                placement=Placement.from_any(self._owner(trainer, net), self._speeds(trainer)),
+                column_blocks=net.subnet_blocks(), cost=self.cost, seed=self.seed, **self.settings.solve_kwargs())
             schedule.info.update(scores_key=scores.key if scores else None, scoring_seconds=self.scoring_seconds,
                                  scored_micro_batches=self.scored_micro_batches, num_subnets=net.num_subnets,
                                  micro_batch_size=sampler.micro_batch_size, settings=self._settings(data))

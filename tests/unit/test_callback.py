@@ -34,10 +34,11 @@ def _fit(tmp_path: Path, callback: D2FTCallback, subnets: int = 14, batch: int =
     ({"comm_budget": -0.1}, r"comm_budget must be a fraction .* got -0.1"),
     ({"backward_score": "entropy"}, r"backward.*'entropy'.*weight_magnitude.*fisher"),
     ({"forward_score": "l2"}, r"forward.*'l2'"),
-    ({"solver": "cplex"}, r"unknown solver 'cplex'; choose one of \['dp', 'ortools'\]"),
+    ({"solver": "cplex"}, r"unknown solver 'cplex'; choose one of \['ortools', 'dp'\]"),
     ({"method": "greedy"}, r"unknown method 'greedy'"),
-    ({"forward_mix": 2.0}, r"forward_mix must be in \[0, 1\]"),
-    ({"score_every": 0}, r"score_every must be >= 1"),
+    ({"forward_mix": 2.0}, r"forward_mix must be a number in \[0, 1\]"),
+    ({"score_every": 0}, r"score_every must be an int >= 1"),
+    ({"capacity": "week"}, r"unknown capacity 'week'; choose one of \['step', 'epoch'\]"),
     ({"lora_rank": 0}, r"lora_rank must be a positive int or None, got 0"),
     ({"lora_rank": 4, "lora_alpha": -1.0}, r"lora_alpha must be positive"),
 ])
@@ -58,7 +59,7 @@ def test_a_subnet_count_the_model_cannot_have_lists_the_valid_ones(tmp_path):
 
 def test_a_communication_budget_too_small_to_train_is_refused_before_scoring(tmp_path):
     cache = tmp_path / "cache"
-    with pytest.raises(ValueError, match=r"comm_budget=1e-05 is below .* use comm_budget in \["):
+    with pytest.raises(ValueError, match=r"comm_budget=1e-05 is below .* use a comm_budget in \["):
         _fit(tmp_path, D2FTCallback(budget=0.6, comm_budget=1e-5, cache_dir=cache, progress=False))
     assert not cache.exists(), "the scoring pass ran before the check"
 
@@ -154,3 +155,17 @@ def test_lora_adapters_are_added_before_the_optimizer_and_the_scores_rate_the_ba
     net = lora.lightning_module.net
     assert all(id(p) in trained for n, p in net.vit.named_parameters() if "lora_" in n)
     assert not net.vit.blocks[0].attn.qkv.weight.requires_grad  # frozen again after scoring
+
+
+class _TrainStartFirst(D2FTCallback):
+    """As if a Lightning version called on_train_start without on_fit_start before it."""
+
+    def on_fit_start(self, trainer, pl_module):
+        pass
+
+
+def test_planning_does_not_depend_on_which_hook_comes_first(tmp_path):
+    usual = _fit(tmp_path / "a", D2FTCallback(budget=0.6, cache_dir=tmp_path / "c1", progress=False))
+    late = _fit(tmp_path / "b", _TrainStartFirst(budget=0.6, cache_dir=tmp_path / "c2", progress=False))
+    assert torch.equal(usual.callbacks[0].schedule.ops, late.callbacks[0].schedule.ops)
+    assert late.callbacks[0].scored_micro_batches == 2
