@@ -145,8 +145,10 @@ class D2FTCallback(Callback):
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._plan(trainer)  # a no-op when on_fit_start planned already
-        if self._fallback:
-            self._fallback_resume(trainer)
+        if trainer.fit_loop.restarted_mid_epoch:  # Lightning skips on_train_epoch_start then
+            self._ids = find_micro_batch_sampler(trainer.train_dataloader).micro_batch_ids(trainer.current_epoch)
+            if self._fallback:
+                self._fallback_resume(trainer)
 
     def _plan(self, trainer: Trainer) -> None:
         net = find_d2ft(trainer.lightning_module)
@@ -294,8 +296,8 @@ class D2FTCallback(Callback):
     # -- during fit: timing for the summary; ops per batch only while the strategy cannot install them ----
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._fallback:
-            self._ids = find_micro_batch_sampler(trainer.train_dataloader).micro_batch_ids(trainer.current_epoch)
+        # the epoch's micro-batch order, for micro_batch_of (benchmarks and tests read it)
+        self._ids = find_micro_batch_sampler(trainer.train_dataloader).micro_batch_ids(trainer.current_epoch)
 
     def micro_batch_of(self, batch_idx: int) -> int:
         """The micro-batch that training batch ``batch_idx`` of the current epoch holds (-1 if unknown)."""
@@ -329,13 +331,9 @@ class D2FTCallback(Callback):
 
     def _fallback_resume(self, trainer: Trainer) -> None:
         """Resuming mid-epoch without the strategy's own handling: skip the micro-batches this epoch already
-        trained on (Lightning skips ``on_train_epoch_start`` then, so the epoch's order is set here too)."""
-        loop = trainer.fit_loop
-        if not loop.restarted_mid_epoch:
-            return
+        trained on, so the rest of the epoch sees the same micro-batches (and ops) as an uninterrupted run."""
         sampler = find_micro_batch_sampler(trainer.train_dataloader)
-        sampler.skip = loop.epoch_loop.batch_progress.current.processed
-        self._ids = sampler.micro_batch_ids(trainer.current_epoch)
+        sampler.skip = trainer.fit_loop.epoch_loop.batch_progress.current.processed
         warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
         rank_zero_info(f"D2FT: resuming epoch {trainer.current_epoch} after micro-batch {sampler.skip}")
 
