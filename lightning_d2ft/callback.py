@@ -144,17 +144,19 @@ class D2FTCallback(Callback):
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._plan(trainer)  # a no-op when on_fit_start planned already
+        self._plan(trainer, placed=True)  # a no-op when on_fit_start planned already; training starts: placed
         if trainer.fit_loop.restarted_mid_epoch:  # Lightning skips on_train_epoch_start then
             self._ids = find_micro_batch_sampler(trainer.train_dataloader).micro_batch_ids(trainer.current_epoch)
             if self._fallback:
                 self._fallback_resume(trainer)
 
-    def _plan(self, trainer: Trainer) -> None:
+    def _plan(self, trainer: Trainer, placed: bool = False) -> None:
+        """Score, solve (or restore / load) and install the schedule, once the strategy has placed and sharded
+        the model; whichever of on_fit_start / on_train_start comes first with the model placed does it."""
         net = find_d2ft(trainer.lightning_module)
         strategy = _d2ft_strategy(trainer)
-        placed = next(net.parameters()).device == trainer.strategy.root_device and (
-            strategy is None or strategy.tensor_parallel_size == 1 or net.tp is not None)
+        placed = placed or (next(net.parameters()).device == trainer.strategy.root_device and (
+            strategy is None or strategy.tensor_parallel_size == 1 or net.tp is not None))
         if self._planned or not placed:
             return
         self._net = net
