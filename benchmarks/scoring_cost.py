@@ -1,0 +1,124 @@
+"""What the scoring pass costs, against a plain forward+backward pass and a plain training epoch.
+
+    PYTHONPATH=. python benchmarks/scoring_cost.py [--repeats 3] [--threads 1] [--vit-s16]
+
+The default is `make demo`'s shape: ViT-S-shaped (12 blocks x 6 heads, width 192, 32 px, 8 px patches),
+74 subnets, digits 5-9 in micro-batches of 32. Measured side by side in one run, interleaved, median of
+``--repeats``, all over the very same micro-batches streamed through the same DataLoader:
+
+* ``fwd_bwd``: one plain forward+backward (all FULL, no optimizer) per micro-batch;
+* ``train_epoch``: a plain fine-tuning epoch (forward+backward+AdamW step) on a copy of the model;
+* ``scoring``: the scoring pass the callback runs (``score_shared``; weight_magnitude / fisher);
+* ``scoring_3stats``: the pass with all three gradient statistics (gradient_magnitude, fisher, taylor);
+* ``scoring_every10``: ``score_every=10``.
+
+Targets (issue 15): scoring <= 1.2x fwd_bwd, scoring_every10 <= 0.15x fwd_bwd. ``--vit-s16`` adds a
+ViT-S/16 row at 224 px (batch 8, random data). Writes benchmarks/results/scoring_cost.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+
+from _common import print_table, write_json
+from lightning_d2ft import D2FTViT
+from lightning_d2ft.data import DigitsDataModule, micro_batch_loader
+from lightning_d2ft.scoring_pass import score_shared, scoring_loader
+
+
+def demo_setup() -> tuple[D2FTViT, torch.utils.data.DataLoader]:
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=192, depth=12, num_heads=6, num_classes=5)
+    data = DigitsDataModule(img_size=32, batch_size=32, classes=[5, 6, 7, 8, 9], seed=0)
+    data.setup()
+    return D2FTViT(vit, subnets=74), data.train_dataloader()
+
+
+def vit_s16_setup(n_mb: int = 8) -> tuple[D2FTViT, torch.utils.data.DataLoader]:
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6, num_classes=10)
+    x, y = torch.randn(n_mb * 8, 3, 224, 224), torch.randint(0, 10, (n_mb * 8,))
+    return D2FTViT(vit, subnets=74), micro_batch_loader(torch.utils.data.TensorDataset(x, y), 8, seed=0)
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def measure(net: D2FTViT, loader, repeats: int) -> dict:
+    micro_batches = loader.sampler.micro_batches
+    ids = list(range(len(micro_batches)))
+    stream = lambda: scoring_loader(loader, micro_batches)  # noqa: E731 - the same loader for every case
+    trained = copy.deepcopy(net)
+    opt = torch.optim.AdamW(trained.parameters(), lr=1e-4)
+
+    def fwd_bwd() -> None:
+        net.train()
+        for x, y in stream():
+            net.zero_grad(set_to_none=True)
+            F.cross_entropy(net(x), y).backward()
+        net.zero_grad(set_to_none=True)
+
+    def train_epoch() -> None:
+        trained.train()
+        for x, y in stream():
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(trained(x), y).backward()
+            opt.step()
+
+    def scoring(stats, every=1):
+        return lambda: score_shared(net, loader, micro_batches, ids[::every], stats, F.cross_entropy)
+
+    cases = {"fwd_bwd": fwd_bwd, "train_epoch": train_epoch, "scoring": scoring(["sq"]),
+             "scoring_3stats": scoring(["abs", "sq", "taylor"]), "scoring_every10": scoring(["sq"], 10)}
+    fwd_bwd()  # warm-up
+    times = {name: [] for name in cases}
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            times[name].append(_timed(fn))
+    med = {name: statistics.median(t) for name, t in times.items()}
+    base = med["fwd_bwd"]
+    return {"micro_batches": len(ids), "micro_batch_size": len(micro_batches[0]), "seconds": med,
+            "all_seconds": times, "scoring_vs_fwd_bwd": med["scoring"] / base,
+            "scoring_3stats_vs_fwd_bwd": med["scoring_3stats"] / base,
+            "scoring_every10_vs_fwd_bwd": med["scoring_every10"] / base,
+            "scoring_vs_train_epoch": med["scoring"] / med["train_epoch"],
+            "scoring_every10_vs_train_epoch": med["scoring_every10"] / med["train_epoch"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
+    parser.add_argument("--vit-s16", action="store_true", help="add a ViT-S/16 224 px row (slow on CPU)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = {"demo (width 192, 32 px, 74 subnets, digits)": measure(*demo_setup(), args.repeats)}
+    if args.vit_s16:
+        rows["ViT-S/16 224 px, batch 8, 74 subnets"] = measure(*vit_s16_setup(), args.repeats)
+    table = [{"case": name, "micro_batches": r["micro_batches"], "fwd_bwd_s": r["seconds"]["fwd_bwd"],
+              "train_epoch_s": r["seconds"]["train_epoch"], "scoring_s": r["seconds"]["scoring"],
+              "scoring/fwd_bwd": r["scoring_vs_fwd_bwd"], "3stats/fwd_bwd": r["scoring_3stats_vs_fwd_bwd"],
+              "every10/fwd_bwd": r["scoring_every10_vs_fwd_bwd"], "scoring/epoch": r["scoring_vs_train_epoch"]}
+             for name, r in rows.items()]
+    print_table(table, list(table[0]))
+    targets = {name: {"scoring <= 1.2x fwd_bwd": r["scoring_vs_fwd_bwd"] <= 1.2,
+                      "every10 <= 0.15x fwd_bwd": r["scoring_every10_vs_fwd_bwd"] <= 0.15} for name, r in rows.items()}
+    print(targets)
+    path = write_json("scoring_cost.json", {"args": vars(args), "rows": rows, "targets_met": targets,
+                                            "note": "a 2-core machine shared with other jobs: ratios measured "
+                                                    "side by side, interleaved, median of repeats"})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
