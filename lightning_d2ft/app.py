@@ -73,9 +73,9 @@ def check_run_dir(cfg: DictConfig, out: Path, resuming: bool) -> None:
                 for key in RUN_IDENTITY}
     identity["schedule"] = {k: v for k, v in identity["schedule"].items() if k != "cache_dir"}
     if resuming and record.exists():
-        before = json.loads(record.read_text())
+        before = _flatten(json.loads(record.read_text()))
         changed = [f"{k}: {before.get(k)!r} in this run directory, {v!r} asked"
-                   for k, v in _flatten(identity).items() if _flatten(before).get(k) != v]
+                   for k, v in _flatten(identity).items() if before.get(k) != v]
         if changed:
             raise ValueError(f"{out} belongs to a run with other settings ({'; '.join(changed)}). Start fresh "
                              "with another hydra.run.dir=..., or resume=null to overwrite this one")
@@ -138,7 +138,9 @@ def _trainer(cfg: DictConfig, out: Path, callbacks: list) -> Trainer:
     Trainer argument comes from ``trainer.extra`` and wins over the app's own."""
     t = cfg.trainer
     speeds = t.get("speeds")
-    strategy = D2FTStrategy(tensor_parallel_size=t.tensor_parallel_size, start_method=t.start_method,
+    # one device runs in this process (popen launches nobody for rank 0): no spawned copy of the run
+    start_method = "popen" if t.devices == 1 and t.get("num_nodes", 1) == 1 else t.start_method
+    strategy = D2FTStrategy(tensor_parallel_size=t.tensor_parallel_size, start_method=start_method,
                             data_parallel=t.get("data_parallel", "sync"),
                             placement=speed_aware(list(speeds)) if speeds else None)
     kwargs = dict(accelerator=t.accelerator, devices=t.devices, strategy=strategy, max_epochs=t.max_epochs,
