@@ -170,7 +170,7 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     checkpoints = _checkpoints(out, cfg.trainer.get("checkpoint_every_n_steps"))
     trainer = _trainer(cfg, out, [callback, *checkpoints])
     start = time.perf_counter()
-    trainer.fit(module, dm, ckpt_path=ckpt_path)
+    trainer.fit(module, dm, ckpt_path=ckpt_path, weights_only=True)  # a checkpoint cannot run code
     seconds = time.perf_counter() - start
     result = _result(cfg, trainer, callback, out, seconds)
     if trainer.is_global_zero:
