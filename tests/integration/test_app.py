@@ -27,6 +27,7 @@ def test_single_run_prints_savings_and_accuracy(tmp_path):
                  f"model.pretrain.cache_dir={tmp_path}/pretrained"], tmp_path)
     assert "compute: 0.600 of full fine-tuning (40% saved)" in proc.stdout
     assert "validation top-1 accuracy" in proc.stdout
+    assert f"outputs: {tmp_path / 'run'}" in proc.stdout  # the app says where its outputs went
     result = json.loads((tmp_path / "run" / "results.json").read_text())
     assert result["compute_fraction"] == pytest.approx(0.6, abs=0.01) and 0 <= result["val_acc"] <= 1
     assert (tmp_path / "run" / "d2ft" / "schedule.png").exists()
@@ -46,12 +47,18 @@ def test_multirun_sweeps_the_budget(tmp_path):
           f"schedule.cache_dir={tmp_path}/cache", f"model.pretrain.cache_dir={tmp_path}/pretrained"], tmp_path)
     results = sorted(json.loads(p.read_text())["compute_fraction"] for p in (tmp_path / "sweep").rglob("results.json"))
     assert results == pytest.approx([0.5, 1.0], abs=0.01)
+    # the Hydra callback summarised the sweep in its directory
+    table = (tmp_path / "sweep" / "summary.md").read_text()
+    assert "schedule.budget=0.5" in table and "schedule.budget=1.0" in table
+    assert (tmp_path / "sweep" / "summary.csv").exists() and (tmp_path / "sweep" / "summary.png").exists()
 
 
 def test_help_lists_config_groups(tmp_path):
     proc = _run(["--help"], tmp_path)
     for group in ("model:", "data:", "schedule:", "trainer:"):
         assert group in proc.stdout
+    assert proc.stdout.startswith("lightning_d2ft: Distributed Dynamic Fine-Tuning")
+    assert "powered by Hydra" not in proc.stdout and "gpu1" in proc.stdout
 
 
 def test_bad_subnets_fail_before_any_data_or_pretraining(tmp_path):
