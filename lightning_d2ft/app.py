@@ -18,7 +18,7 @@ from lightning_d2ft.app_config import check_config, check_trainer_extra
 from lightning_d2ft.callback import D2FTCallback
 from lightning_d2ft.data import DigitsDataModule
 from lightning_d2ft.files import RunCheckpoint, atomic_write, checked_checkpoint, newest_checkpoint
-from lightning_d2ft.module import ViTClassifier, build_vit
+from lightning_d2ft.module import ShardedModelSummary, ViTClassifier, build_vit
 from lightning_d2ft.partition import D2FTViT
 from lightning_d2ft.placement import speed_aware
 from lightning_d2ft.pretrain import pretrained_checkpoint
@@ -149,6 +149,8 @@ def _trainer(cfg: DictConfig, out: Path, callbacks: list) -> Trainer:
                   callbacks=callbacks, default_root_dir=out, logger=CSVLogger(out, name="logs"), deterministic=True)
     extra = OmegaConf.to_container(t.extra, resolve=True) if "extra" in t else {}
     check_trainer_extra(extra)
+    if extra.get("enable_model_summary", True):  # says that its counts are per shard, with the total
+        kwargs["callbacks"] = [*callbacks, ShardedModelSummary()]
     return Trainer(**{**kwargs, **extra})
 
 

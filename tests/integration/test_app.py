@@ -28,6 +28,7 @@ def test_single_run_prints_savings_and_accuracy(tmp_path):
     assert "compute: 0.600 of full fine-tuning (40% saved)" in proc.stdout
     assert "validation top-1 accuracy" in proc.stdout
     assert f"outputs: {tmp_path / 'run'}" in proc.stdout  # the app says where its outputs went
+    assert "per tensor-parallel shard (1 of 2 ranks); the whole model has" in proc.stdout + proc.stderr
     result = json.loads((tmp_path / "run" / "results.json").read_text())
     assert result["compute_fraction"] == pytest.approx(0.6, abs=0.01) and 0 <= result["val_acc"] <= 1
     assert (tmp_path / "run" / "d2ft" / "schedule.png").exists()
