@@ -35,18 +35,6 @@ class ModelConfig:
 
 
 @dataclass
-class DataConfig:
-    name: str = "digits"
-    img_size: int = 32
-    batch_size: int = 32
-    classes: Optional[List[int]] = None
-    train_per_class: Optional[int] = None
-    val_fraction: float = 0.25
-    seed: int = 0
-    num_workers: int = 0
-
-
-@dataclass
 class ScheduleConfig:
     budget: float = 0.6
     comm_budget: Optional[float] = None
@@ -82,7 +70,9 @@ class TrainerConfig:
 @dataclass
 class AppConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    # ``data.name`` picks a data module (app.DATAMODULES); the other fields are its keyword arguments, so
+    # each data set has its own (the data module checks them, naming the field, before loading anything)
+    data: Dict[str, Any] = field(default_factory=lambda: {"name": "digits"})
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     seed: int = 0
@@ -119,7 +109,8 @@ def check_config(cfg: DictConfig) -> None:
     _at_least("trainer.max_epochs", t.max_epochs, 1)
     _at_least("trainer.accumulate_grad_batches", t.accumulate_grad_batches, 1)
     _at_least("trainer.log_every_n_steps", t.log_every_n_steps, 1)
-    _at_least("data.batch_size", cfg.data.batch_size, 1)
+    if not isinstance(cfg.data.get("name"), str):
+        raise ValueError(f"data.name must name a data set, got {cfg.data.get('name')!r}")
     if t.checkpoint_every_n_steps is not None:
         _at_least("trainer.checkpoint_every_n_steps", t.checkpoint_every_n_steps, 1)
     if t.limit_train_batches is not None and t.limit_train_batches <= 0:

@@ -82,3 +82,12 @@ def test_sweep_summary_writes_table_csv_and_plot(tmp_path):
     assert "hydra.job" not in table
     assert csv.read_text().splitlines()[0] == "job,setting,val_acc,compute_fraction,wire_fraction,fit_seconds"
     assert png.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("override, message", [("data.batch_size=abc", "data.batch_size must be a positive int"),
+                                               ("data.name=imagenet", r"data.name='imagenet' is not known")])
+def test_data_fields_are_checked_by_the_data_module_before_loading(override, message):
+    from lightning_d2ft.app import build_datamodule
+
+    with pytest.raises(ValueError, match=message):
+        build_datamodule(_compose(override))
