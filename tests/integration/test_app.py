@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,13 +12,16 @@ import pytest
 import torch
 
 pytestmark = pytest.mark.timeout(900)
+ROOT = Path(__file__).resolve().parents[2]
+# the package of this checkout, whatever the cwd (a relative PYTHONPATH=. would resolve against tmp_path)
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
 TINY = ["model.kwargs.img_size=16", "model.kwargs.embed_dim=48", "+model.kwargs.depth=2", "schedule.subnets=14",
         "trainer.max_epochs=1", "trainer.limit_train_batches=4", "data.batch_size=16", "model.pretrain.epochs=1"]
 
 
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, "-m", "lightning_d2ft", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=800)
+                          timeout=800, env=ENV)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -65,7 +69,7 @@ def test_help_lists_config_groups(tmp_path):
 def test_bad_subnets_fail_before_any_data_or_pretraining(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "lightning_d2ft", "schedule.subnets=27", f"hydra.run.dir={tmp_path}/run",
                            f"model.pretrain.cache_dir={tmp_path}/pretrained"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300, env=ENV)
     assert proc.returncode != 0
     assert "subnets=27 is not valid" in proc.stderr + proc.stdout and "[14, 26, 38, 74]" in proc.stderr + proc.stdout
     assert not (tmp_path / "pretrained").exists()
@@ -73,6 +77,6 @@ def test_bad_subnets_fail_before_any_data_or_pretraining(tmp_path):
 
 def test_bad_budget_fails_fast_with_a_clear_message(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "lightning_d2ft", "schedule.budget=1.5", f"hydra.run.dir={tmp_path}"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300, env=ENV)
     assert proc.returncode != 0
     assert "budget must be a fraction of the all-FULL cost in (0, 1], got 1.5" in proc.stderr + proc.stdout
