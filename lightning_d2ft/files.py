@@ -139,7 +139,7 @@ class RunCheckpoint(ModelCheckpoint):
         self._save_last_checkpoint(trainer, monitor_candidates)  # the trigger fired: `last` is all we keep
 
     def _save_last_checkpoint(self, trainer: Any, monitor_candidates: dict[str, Any]) -> None:
-        if self._written_at == trainer.global_step and self.path.exists():
+        if self._written_at == trainer.global_step:  # the same on every rank: saving is a collective
             return  # already written at this step by this callback (Lightning asks twice per trigger)
         self._written_at = trainer.global_step
         self.last_model_path = str(self.path)
