@@ -134,3 +134,38 @@ def test_a_malicious_checkpoint_in_the_run_directory_runs_no_code(tmp_path):
     torch.save({"state_dict": {}, "global_step": 9, "x": _Payload(marker)}, out / "checkpoints" / "last.ckpt")
     assert app._resume_path(_cfg(tmp_path), out) is None
     assert not marker.exists()
+
+
+@pytest.mark.xfail(strict=False, reason="on main's D2FTStrategy (0e7c41c) the 2-process mid-epoch resume ends 2.7e-4 "
+                   "away (qkv.weight, lr 1e-3) from the uninterrupted run while 1 process matches exactly: strategy "
+                   "branch (sharded optimizer state / ops on resume); the sampler skip is right (same step count)")
+def test_two_processes_stopped_in_epoch_1_then_rerun_reach_the_uninterrupted_weights(tmp_path):
+    """13.1 on 2 tensor-parallel processes (the command line, spawn): the first run stops at step 5
+    (``max_steps``, in epoch 1 of 3) leaving step 4's checkpoint as a kill would; the rerun continues."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    base = [sys.executable, "-m", "lightning_d2ft", *[o for o in TINY if o != "trainer=cpu1"], "trainer=cpu2",
+            "trainer.checkpoint_every_n_steps=2", f"schedule.cache_dir={tmp_path}/cache"]
+
+    def cli(run: str, *extra: str) -> None:
+        proc = subprocess.run([*base, f"hydra.run.dir={tmp_path}/{run}", *extra], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+    cli("straight")
+    cli("stopped", "+trainer.extra.max_steps=5")
+    assert _weights(tmp_path / "stopped" / "checkpoints" / "last-step.ckpt")[1] == 4
+    # a stop at max_steps ends the epoch (Lightning writes the epoch-end last.ckpt at step 5 and counts
+    # epoch 1 as done); a kill would not: remove it, so the newest checkpoint is step 4's, mid-epoch 1
+    (tmp_path / "stopped" / "checkpoints" / "last.ckpt").unlink()
+    cli("stopped")
+    expected, step = _weights(tmp_path / "straight" / "checkpoints" / "last.ckpt")
+    got, got_step = _weights(tmp_path / "stopped" / "checkpoints" / "last.ckpt")
+    assert step == got_step == 9
+    worst = max(expected, key=lambda k: float((got[k] - expected[k]).abs().max()))
+    assert float((got[worst] - expected[worst]).abs().max()) <= 1e-5, (
+        f"{worst}: max |diff| {float((got[worst] - expected[worst]).abs().max()):.3g}")
