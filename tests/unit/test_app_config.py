@@ -91,3 +91,13 @@ def test_data_fields_are_checked_by_the_data_module_before_loading(override, mes
 
     with pytest.raises(ValueError, match=message):
         build_datamodule(_compose(override))
+
+
+def test_an_explicit_damaged_resume_path_is_refused_naming_the_file(tmp_path):
+    from lightning_d2ft.app import _resume_path
+    from lightning_d2ft.files import StaleFileError
+
+    bad = tmp_path / "half.ckpt"
+    bad.write_bytes(b"PK\x03\x04" + b"\0" * 64)  # a truncated zip: torch alone says only "miniz ..."
+    with pytest.raises(StaleFileError, match="half.ckpt"):
+        _resume_path(_compose(f"resume={bad}"), tmp_path)
