@@ -1,10 +1,14 @@
 """lightning_d2ft: Distributed Dynamic Fine-Tuning (D2FT) of vision transformers in PyTorch Lightning."""
 
 from lightning_d2ft.callback import D2FTCallback
+from lightning_d2ft.data import MicroBatchSampler, micro_batch_loader
+from lightning_d2ft.files import timm_state_dict
+from lightning_d2ft.module import ViTClassifier
 from lightning_d2ft.ops import CostModel, Op
 from lightning_d2ft.partition import D2FTViT
 from lightning_d2ft.scheduling import Schedule
 from lightning_d2ft.strategy import D2FTStrategy
 
-__all__ = ["CostModel", "D2FTCallback", "D2FTStrategy", "D2FTViT", "Op", "Schedule"]
+__all__ = ["CostModel", "D2FTCallback", "D2FTStrategy", "D2FTViT", "MicroBatchSampler", "Op", "Schedule",
+           "ViTClassifier", "micro_batch_loader", "timm_state_dict"]
 __version__ = "0.1.0"

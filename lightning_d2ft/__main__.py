@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+from importlib.resources import files
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-CONFIGS = str(Path(__file__).resolve().parent.parent / "configs")
+from lightning_d2ft.app_config import register_configs
 
 
-@hydra.main(config_path=CONFIGS, config_name="config", version_base="1.3")
+def config_dir() -> str:
+    """The YAML configs: inside the installed package (a wheel ships them as ``lightning_d2ft/configs``),
+    else ``configs/`` at the root of a source checkout."""
+    packaged = files("lightning_d2ft") / "configs"
+    if packaged.is_dir():
+        return str(packaged)
+    return str(Path(__file__).resolve().parent.parent / "configs")
+
+
+register_configs()
+
+
+@hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     from lightning_d2ft.app import print_summary, run
 

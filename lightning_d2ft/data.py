@@ -38,7 +38,7 @@ class MicroBatchSampler(DistributedSampler):
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(n)
         count = n // micro_batch_size
         self.micro_batches: list[list[int]] = order[: count * micro_batch_size].view(count, -1).tolist()
-        self.skip = 0  # micro-batches of the current epoch already consumed (set when resuming mid-epoch)
+        self.skip = 0  # micro-batches to skip at the start of the next pass only (resuming mid-epoch)
 
     @property
     def num_micro_batches(self) -> int:
@@ -62,12 +62,15 @@ class MicroBatchSampler(DistributedSampler):
         return order[self.rank :: self.num_replicas][:per_replica].tolist()
 
     def __iter__(self) -> Iterator[int]:
-        for mb in self.micro_batch_ids()[self.skip :]:
+        # ``skip`` holds for one pass only: read and cleared when the pass starts, not when it ends, because
+        # Lightning stops fetching after ``len(dataloader)`` batches and never exhausts this generator
+        skip, self.skip = self.skip, 0
+        for mb in self.micro_batch_ids()[skip:]:
             yield from self.micro_batches[mb]
-        self.skip = 0
 
     def __len__(self) -> int:
-        return (self.num_micro_batches // self.num_replicas - self.skip) * self.micro_batch_size
+        # the whole epoch, skip or not: Lightning counts a resumed epoch's batches from the restored progress
+        return self.num_micro_batches // self.num_replicas * self.micro_batch_size
 
 
 def micro_batch_loader(dataset: Dataset, batch_size: int, *, shuffle: bool = True, seed: int = 0,
@@ -89,6 +92,25 @@ def find_micro_batch_sampler(loader: object) -> MicroBatchSampler:
     )
 
 
+def _check_digits_settings(img_size: int, batch_size: int, classes: Sequence[int] | None,
+                           train_per_class: int | None, val_fraction: float) -> None:
+    """Refuse settings the digits cannot satisfy before any data is loaded, naming the field."""
+    if classes is not None:
+        classes = list(classes)
+        bad = [c for c in classes if not isinstance(c, int) or isinstance(c, bool) or not 0 <= c <= 9]
+        if bad or len(set(classes)) != len(classes) or len(classes) < 2:
+            raise ValueError(f"data.classes must be at least 2 distinct digits from 0..9 (the digits data set has "
+                             f"no other classes), got {classes}")
+    if not isinstance(img_size, int) or img_size < 1:
+        raise ValueError(f"data.img_size must be a positive int, got {img_size!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"data.batch_size must be a positive int, got {batch_size!r}")
+    if train_per_class is not None and (not isinstance(train_per_class, int) or train_per_class < 1):
+        raise ValueError(f"data.train_per_class must be null or a positive int, got {train_per_class!r}")
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction!r}")
+
+
 class DigitsDataModule(LightningDataModule):
     """scikit-learn's bundled 8x8 digits (1,797 real images, 10 classes), upsampled to RGB ``img_size``.
 
@@ -100,6 +122,7 @@ class DigitsDataModule(LightningDataModule):
                  train_per_class: int | None = None, val_fraction: float = 0.25, seed: int = 0,
                  num_workers: int = 0) -> None:
         super().__init__()
+        _check_digits_settings(img_size, batch_size, classes, train_per_class, val_fraction)
         self.save_hyperparameters()
         self.train_set: TensorDataset | None = None
         self.val_set: TensorDataset | None = None

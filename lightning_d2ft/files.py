@@ -8,11 +8,17 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+__all__ = ["StaleFileError", "atomic_write", "checked_checkpoint", "newest_checkpoint", "read_checked",
+           "RunCheckpoint",            "timm_state_dict", "write_checked"]
+log = logging.getLogger(__name__)
 
 
 class StaleFileError(ValueError):
@@ -24,11 +30,15 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # disk full, killed mid-write: leave the old file, and no temp file eating space
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -53,3 +63,84 @@ def read_checked(path: str | os.PathLike, version: int, what: str) -> dict[str, 
     if payload.get("version") != version:
         raise StaleFileError(f"{what} {path} has format version {payload.get('version')}, expected {version}")
     return payload
+
+
+def checked_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a Lightning checkpoint safely (``weights_only=True``: a pickle cannot run code) and refuse it,
+    naming the file, when it is truncated, not a checkpoint, or holds NaN/inf weights."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # truncated zip (miniz), foreign pickle, code-carrying pickle, ...
+        raise StaleFileError(f"checkpoint {path} cannot be read safely (truncated, corrupt or not a weights-only "
+                             f"Lightning checkpoint): {str(err).splitlines()[0][:200]}") from err
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "global_step" not in ckpt:
+        raise StaleFileError(f"checkpoint {path} is not a Lightning checkpoint (no state_dict/global_step)")
+    bad = [k for k, v in ckpt["state_dict"].items()
+           if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise StaleFileError(f"checkpoint {path} holds NaN/inf weights ({', '.join(bad[:3])}"
+                             f"{' and more' if len(bad) > 3 else ''})")
+    return ckpt
+
+
+def newest_checkpoint(paths: list[Path]) -> Path | None:
+    """The usable checkpoint with the highest global step among ``paths``; a missing one is ignored, an
+    unusable one (truncated, NaN/inf, code-carrying pickle) is skipped with a warning naming it."""
+    best: tuple[int, Path] | None = None
+    for path in paths:
+        if not Path(path).exists():
+            continue
+        try:
+            step = int(checked_checkpoint(path)["global_step"])
+        except StaleFileError as err:
+            log.warning(f"skipping {err}")
+            continue
+        if best is None or step > best[0]:
+            best = (step, Path(path))
+    return None if best is None else best[1]
+
+
+def timm_state_dict(checkpoint: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A plain timm state dict from a Lightning checkpoint of a module holding a D2FTViT (or from a plain
+    state dict): the ``<attr>.vit.`` prefix is stripped and LoRA adapters, if any, are merged into ``qkv``.
+    ``timm.create_model(name, **kwargs).load_state_dict(timm_state_dict(path))`` then loads it."""
+    from lightning_d2ft.lora import merge_lora
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    anchors = [k for k in state if k.endswith("patch_embed.proj.weight")]
+    if len(anchors) != 1:
+        raise ValueError(f"{checkpoint} holds {len(anchors)} vision transformers (keys ending in "
+                         "patch_embed.proj.weight); expected one")
+    prefix = anchors[0][: -len("patch_embed.proj.weight")]
+    vit = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return merge_lora(vit)
+
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """One file, ``<dirpath>/<name>.ckpt``, rewritten at every trigger (epoch end, or every n steps).
+
+    Lightning's ``save_top_k=0`` writes ``last`` only when fit ends, and a run directory that was moved
+    gets ``last-v1.ckpt`` beside the old file; this writes the same file every time, through the
+    strategy's checkpoint IO (D2FTStrategy's is atomic), so a rerun always finds the newest weights.
+    """
+
+    def __init__(self, dirpath: str | os.PathLike, name: str = "last", **triggers: Any) -> None:
+        super().__init__(dirpath=dirpath, save_last=True, save_top_k=0, enable_version_counter=False, **triggers)
+        self.CHECKPOINT_NAME_LAST = name
+        self._written_at: int | None = None
+
+    @property
+    def path(self) -> Path:
+        return Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
+
+    def _save_topk_checkpoint(self, trainer: Any, monitor_candidates: dict[str, Any]) -> None:
+        self._save_last_checkpoint(trainer, monitor_candidates)  # the trigger fired: `last` is all we keep
+
+    def _save_last_checkpoint(self, trainer: Any, monitor_candidates: dict[str, Any]) -> None:
+        if self._written_at == trainer.global_step:  # the same on every rank: saving is a collective
+            return  # already written at this step by this callback (Lightning asks twice per trigger)
+        self._written_at = trainer.global_step
+        self.last_model_path = str(self.path)
+        self._save_checkpoint(trainer, str(self.path))

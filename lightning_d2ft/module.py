@@ -11,12 +11,14 @@ from typing import Any
 import timm
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelSummary
+from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_d2ft.partition import D2FTViT
 
-__all__ = ["ViTClassifier", "build_vit"]
+__all__ = ["ShardedModelSummary", "ViTClassifier", "build_vit"]
 
 
 def build_vit(name: str = "vit_small_patch16_224", *, pretrained: bool = False, num_classes: int = 10,
@@ -46,6 +48,7 @@ class ViTClassifier(LightningModule):
         vit = build_vit(model, pretrained=pretrained, num_classes=num_classes, checkpoint=checkpoint,
                         **(model_kwargs or {}))
         self.net = D2FTViT(vit, subnets=subnets)
+        self.whole_model_parameters = sum(p.numel() for p in self.parameters())  # before any sharding
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
 
@@ -81,3 +84,16 @@ class ViTClassifier(LightningModule):
         if self.hparams.optimizer == "sgd":
             return torch.optim.SGD(params, lr=self.hparams.lr, momentum=0.9, weight_decay=self.hparams.weight_decay)
         raise ValueError(f"unknown optimizer {self.hparams.optimizer!r}; choose 'adamw' or 'sgd'")
+
+
+class ShardedModelSummary(ModelSummary):
+    """Lightning's model summary, plus one line saying that under tensor parallelism its counts are one
+    rank's shard, and the whole model's count (a module may set ``whole_model_parameters``)."""
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        tp = getattr(trainer.strategy, "tensor_parallel_size", 1)
+        whole = getattr(pl_module, "whole_model_parameters", None)
+        if tp > 1:
+            total = f"; the whole model has {whole / 1e6:.2f} M parameters" if whole else ""
+            rank_zero_info(f"D2FT: the parameter counts above are per tensor-parallel shard (1 of {tp} ranks){total}")

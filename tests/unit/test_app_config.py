@@ -1,0 +1,103 @@
+"""app_config.py + the app's early checks: wrong types, ranges, models, data and Trainer arguments are
+refused when the config is composed or right after, naming the field and what is allowed; a multirun
+summary is written from the jobs' results."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ValidationError
+
+from lightning_d2ft.__main__ import config_dir
+from lightning_d2ft.app import check_model
+from lightning_d2ft.app_config import check_config, register_configs
+from lightning_d2ft.sweep_summary import summarize_sweep
+
+PATHS = ["schedule.cache_dir=/tmp/x", "model.pretrain.cache_dir=/tmp/y"]
+
+
+def _compose(*overrides: str):
+    register_configs()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose("config", [*PATHS, *overrides])
+
+
+def test_defaults_and_every_trainer_config_pass():
+    for trainer in ("cpu1", "cpu2", "gpu1"):
+        cfg = _compose(f"trainer={trainer}")
+        check_config(cfg)
+    assert _compose("trainer=gpu1").trainer.accelerator == "gpu"
+
+
+@pytest.mark.parametrize("override, field", [("schedule.forward_mix=abc", "schedule.forward_mix"),
+                                             ("schedule.score_every=abc", "schedule.score_every"),
+                                             ("seed=abc", "seed"), ("trainer.devices=two", "trainer.devices"),
+                                             ("schedule.budgett=0.5", "budgett")])
+def test_wrong_types_and_unknown_keys_are_refused_when_composed(override, field):
+    with pytest.raises((ConfigCompositionException, ValidationError)) as err:
+        _compose(override)
+    assert field in str(err.value) + str(err.value.__cause__)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("schedule.forward_mix=1.5", r"schedule.forward_mix must be in \[0.0, 1.0\], got 1.5"),
+    ("schedule.score_every=0", "schedule.score_every must be an int >= 1, got 0"),
+    ("schedule.method=magic", r"schedule.method='magic' is not allowed; choose one of \['d2ft'"),
+    ("schedule.solver=greedy", r"schedule.solver='greedy' is not allowed; choose one of \['dp', 'ortools'\]"),
+    ("trainer.max_epochs=0", "trainer.max_epochs must be an int >= 1"),
+    ("trainer.tensor_parallel_size=-2", "trainer.tensor_parallel_size must be 'auto' or a positive int"),
+    ("+trainer.extra.gradient_clip_vall=1", r"trainer.extra has \['gradient_clip_vall'\], which lightning.Trainer"),
+])
+def test_ranges_and_choices_are_refused_naming_the_field(override, message):
+    with pytest.raises(ValueError, match=message):
+        check_config(_compose(override))
+
+
+def test_trainer_extra_passes_any_trainer_argument():
+    cfg = _compose("+trainer.extra.gradient_clip_val=1.0", "+trainer.extra.max_steps=5")
+    check_config(cfg)
+    assert dict(cfg.trainer.extra) == {"gradient_clip_val": 1.0, "max_steps": 5}
+
+
+@pytest.mark.parametrize("name, message", [("resnet18", "model.name='resnet18'.*VisionTransformer"),
+                                           ("no_such_model", "model.name='no_such_model' is not a timm model")])
+def test_a_model_that_is_not_a_vit_is_refused_naming_model_name(name, message):
+    with pytest.raises(ValueError, match=message):
+        check_model(name, {"img_size": 32}, None)
+
+
+def test_sweep_summary_writes_table_csv_and_plot(tmp_path):
+    for job, (budget, acc) in enumerate([(0.4, 0.7), (0.8, 0.9)]):
+        run = tmp_path / str(job)
+        (run / ".hydra").mkdir(parents=True)
+        (run / ".hydra" / "overrides.yaml").write_text(f"- schedule.budget={budget}\n- hydra.job.num={job}\n")
+        (run / "results.json").write_text(json.dumps({"val_acc": acc, "compute_fraction": budget,
+                                                      "wire_fraction": 0.5, "fit_seconds": 1.0}))
+    md, csv, png = summarize_sweep(tmp_path)
+    table = md.read_text()
+    assert "| 0 | schedule.budget=0.4 | 0.7 | 0.4 |" in table and "schedule.budget=0.8 | 0.9 | 0.8" in table
+    assert "hydra.job" not in table
+    assert csv.read_text().splitlines()[0] == "job,setting,val_acc,compute_fraction,wire_fraction,fit_seconds"
+    assert png.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("override, message", [("data.batch_size=abc", "data.batch_size must be a positive int"),
+                                               ("data.name=imagenet", r"data.name='imagenet' is not known")])
+def test_data_fields_are_checked_by_the_data_module_before_loading(override, message):
+    from lightning_d2ft.app import build_datamodule
+
+    with pytest.raises(ValueError, match=message):
+        build_datamodule(_compose(override))
+
+
+def test_an_explicit_damaged_resume_path_is_refused_naming_the_file(tmp_path):
+    from lightning_d2ft.app import _resume_path
+    from lightning_d2ft.files import StaleFileError
+
+    bad = tmp_path / "half.ckpt"
+    bad.write_bytes(b"PK\x03\x04" + b"\0" * 64)  # a truncated zip: torch alone says only "miniz ..."
+    with pytest.raises(StaleFileError, match="half.ckpt"):
+        _resume_path(_compose(f"resume={bad}"), tmp_path)
