@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_d2ft.app_config import check_config, check_trainer_extra
 from lightning_d2ft.callback import D2FTCallback
+from lightning_d2ft.settings import ScheduleSettings
 from lightning_d2ft.data import DigitsDataModule
 from lightning_d2ft.files import RunCheckpoint, atomic_write, checked_checkpoint, newest_checkpoint
 from lightning_d2ft.module import ShardedModelSummary, ViTClassifier, build_vit
@@ -115,9 +116,11 @@ def _checkpoints(out: Path, every_n_steps: int | None) -> list[RunCheckpoint]:
 
 def _callback(cfg: DictConfig) -> D2FTCallback:
     s = cfg.schedule
-    return D2FTCallback(budget=s.budget, backward_score=s.backward_score, forward_score=s.forward_score,
-                        solver=s.solver, method=s.method, comm_budget=s.comm_budget, forward_mix=s.forward_mix,
-                        score_every=s.score_every, cache_dir=s.cache_dir, seed=cfg.seed,
+    settings = ScheduleSettings(  # validates every field, naming it and what it allows
+        budget=s.budget, comm_budget=s.comm_budget, backward_score=s.backward_score, forward_score=s.forward_score,
+        solver=s.solver, method=s.method, forward_mix=s.forward_mix, score_every=s.score_every,
+        capacity=s.capacity, validate=s.validate)
+    return D2FTCallback(settings=settings, cache_dir=s.cache_dir, seed=cfg.seed,
                         lora_rank=s.get("lora_rank"), lora_alpha=s.get("lora_alpha"))
 
 

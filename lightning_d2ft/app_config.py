@@ -41,10 +41,12 @@ class ScheduleConfig:
     subnets: Optional[int] = None
     backward_score: str = "weight_magnitude"
     forward_score: str = "fisher"
-    solver: str = "dp"
+    solver: str = "ortools"
     method: str = "d2ft"
     forward_mix: float = 0.5
     score_every: int = 1
+    capacity: str = "step"
+    validate: bool = True
     lora_rank: Optional[int] = None
     lora_alpha: Optional[float] = None
     cache_dir: Optional[str] = None

@@ -34,7 +34,7 @@ def _fit(tmp_path: Path, callback: D2FTCallback, subnets: int = 14, batch: int =
     ({"comm_budget": -0.1}, r"comm_budget must be a fraction .* got -0.1"),
     ({"backward_score": "entropy"}, r"backward.*'entropy'.*weight_magnitude.*fisher"),
     ({"forward_score": "l2"}, r"forward.*'l2'"),
-    ({"solver": "cplex"}, r"unknown solver 'cplex'; choose one of \['ortools', 'dp'\]"),
+    ({"solver": "cplex"}, r"unknown solver 'cplex'; choose one of \['dp', 'ortools'\]"),
     ({"method": "greedy"}, r"unknown method 'greedy'"),
     ({"forward_mix": 2.0}, r"forward_mix must be a number in \[0, 1\]"),
     ({"score_every": 0}, r"score_every must be an int >= 1"),
@@ -59,7 +59,7 @@ def test_a_subnet_count_the_model_cannot_have_lists_the_valid_ones(tmp_path):
 
 def test_a_communication_budget_too_small_to_train_is_refused_before_scoring(tmp_path):
     cache = tmp_path / "cache"
-    with pytest.raises(ValueError, match=r"comm_budget=1e-05 is below .* use a comm_budget in \["):
+    with pytest.raises(ValueError, match=r"comm_budget=1e-05 is below .* use comm_budget in \["):
         _fit(tmp_path, D2FTCallback(budget=0.6, comm_budget=1e-5, cache_dir=cache, progress=False))
     assert not cache.exists(), "the scoring pass ran before the check"
 
