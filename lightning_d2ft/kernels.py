@@ -4,12 +4,15 @@ A branch (attention or MLP) of a block has an input projection cut by rows (``qk
 projection cut by columns (``proj``/``fc2``); :mod:`lightning_d2ft.layout` says where each group sits.
 The active groups (FULL first, then FORWARD_ONLY) are computed together:
 
-* forward: one ``cat`` + one ``index_select`` gathers every active slice of the branch's grouped weights
-  (indices cached per (branch, op pattern, device)), one matmul per projection covers FULL and
-  FORWARD_ONLY rows, attention runs once for the FULL heads (recorded) and once for the others (not);
-* backward (a custom :class:`torch.autograd.Function`): weight gradients only for FULL rows, input
-  gradient only through FULL rows, and the gradients of all grouped tensors land in one zero buffer with
-  one ``index_copy_``. FORWARD_ONLY groups get exactly zero gradient and pass none to their input.
+* forward: one ``cat`` + one ``index_select`` per block gathers every active slice of the block's six
+  grouped tensors (indices cached per (op pattern, shapes, device) in a :class:`BlockPlan`), one matmul per
+  projection covers FULL and FORWARD_ONLY rows, attention runs once for the FULL heads (recorded) and once
+  for the others (not);
+* backward (custom :class:`torch.autograd.Function` s): weight gradients only for FULL rows, input
+  gradients only through FULL rows; the MLP's backward (which runs first) hands its weight gradients to the
+  attention's, which puts all six into one zero buffer with one ``index_copy_`` (the attention Function
+  takes the MLP's grouped Parameters as inputs for that). FORWARD_ONLY groups get exactly zero gradient
+  and pass none to their input.
 
 :func:`fast_path_ok` says when a block can use this; otherwise :mod:`lightning_d2ft.partition` runs the
 general (slower, per-op) grouped path, which also serves tensor parallelism and LoRA.
@@ -26,10 +29,9 @@ from torch import Tensor, nn
 from lightning_d2ft.layout import GROUPED, group_indices
 from lightning_d2ft.ops import Op
 
-__all__ = ["AttentionGroups", "BranchPlan", "MlpGroups", "branch_plan", "fast_path_ok", "grouped_branch"]
+__all__ = ["AttentionGroups", "BlockPlan", "MlpGroups", "block_plan", "fast_path_ok", "fused_block"]
 
-_ATTN_KEYS = ("attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight")
-_MLP_KEYS = ("mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight")
+_KEYS = ("attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight")
 
 
 def fast_path_ok(blk: nn.Module) -> bool:
@@ -48,72 +50,82 @@ def fast_path_ok(blk: nn.Module) -> bool:
 
 
 @dataclass(frozen=True)
-class BranchPlan:
-    """Cached indices for one (branch, op pattern): ``gather`` picks the active slices (FULL first) from the
-    flat concatenation of the grouped tensors, ``scatter`` puts the FULL slices' gradients back."""
+class BlockPlan:
+    """Cached indices for one op pattern of a block: ``gather`` picks the active slices (FULL groups first)
+    from the flat concatenation of the grouped tensors, ``scatter`` puts the FULL slices' gradients back.
+    ``identity``: the active slices are the tensors themselves (every group runs, one op), no gather."""
 
     n_full: int
     n_active: int
     groups: int
+    present: tuple[bool, ...]  # which of the six grouped tensors exist (biases are optional)
     gather: Tensor
     scatter: Tensor
-    shapes: tuple[torch.Size, ...]  # full shapes of the grouped tensors (None-free, in order)
+    shapes: tuple[torch.Size, ...]  # full shapes of the present tensors, in order
     active_shapes: tuple[tuple[int, ...], ...]  # their shapes after the gather
-    numel: int
+    identity: bool
 
 
-def _flat_indices(shape: torch.Size, key: str, G: int, groups: list[list[int]]) -> Tensor:
-    """Flat element indices of ``groups`` (a list of runs, concatenated in order) in a tensor of ``shape``."""
+def _flat_indices(shape: torch.Size, key: str, G: int, runs: list[list[int]]) -> Tensor:
+    """Flat element indices of the groups of ``runs`` (concatenated in order) in a tensor of ``shape``."""
     layout = GROUPED[key]
-    size = shape[layout.dim]
-    idx = torch.cat([group_indices(size, layout, G, run) for run in groups if run])
+    idx = torch.cat([group_indices(shape[layout.dim], layout, G, run) for run in runs if run])
     return torch.arange(shape.numel()).view(shape).index_select(layout.dim, idx).reshape(-1)
 
 
-def branch_plan(keys: tuple[str, ...], tensors: list[Tensor], ops: tuple[int, ...]) -> BranchPlan:
-    """Indices for running the groups of ``ops`` (local order) over ``tensors`` (the non-None of ``keys``)."""
+def block_plan(tensors: list[Tensor | None], ops: tuple[int, ...]) -> BlockPlan:
+    """Indices for running the groups of ``ops`` (local order) over a block's six grouped ``tensors``."""
     G = len(ops)
     full = [i for i, o in enumerate(ops) if o == Op.FULL]
     fwd = [i for i, o in enumerate(ops) if o == Op.FORWARD_ONLY]
     gather, scatter, active_shapes, offset = [], [], [], 0
-    for key, t in zip(keys, tensors):
+    for key, t in zip(_KEYS, tensors):
+        if t is None:
+            continue
         gather.append(_flat_indices(t.shape, key, G, [full, fwd]) + offset)
         if full:
             scatter.append(_flat_indices(t.shape, key, G, [full]) + offset)
         dim = GROUPED[key].dim
-        active_shapes.append(tuple(t.shape[d] * (len(full) + len(fwd)) // G if d == dim else t.shape[d]
-                                   for d in range(t.dim())))
+        active_shapes.append(tuple(n * (len(full) + len(fwd)) // G if d == dim else n for d, n in enumerate(t.shape)))
         offset += t.numel()
-    device = tensors[0].device
-    empty = torch.zeros(0, dtype=torch.long)
-    return BranchPlan(len(full), len(full) + len(fwd), G, torch.cat(gather).to(device),
-                      (torch.cat(scatter) if scatter else empty).to(device), tuple(t.shape for t in tensors),
-                      tuple(active_shapes), offset)
+    present = [t for t in tensors if t is not None]
+    device = present[0].device
+    identity = len(full) in (0, G) and len(full) + len(fwd) == G
+    return BlockPlan(len(full), len(full) + len(fwd), G, tuple(t is not None for t in tensors),
+                     torch.cat(gather).to(device),
+                     torch.cat(scatter).to(device) if scatter else torch.zeros(0, dtype=torch.long, device=device),
+                     tuple(t.shape for t in present), tuple(active_shapes), identity)
 
 
-def _gather(plan: BranchPlan, tensors: list[Tensor]) -> list[Tensor]:
+def _gather(plan: BlockPlan, tensors: list[Tensor]) -> list[Tensor]:
+    """The active slices of ``tensors`` (present ones, in order), FULL groups first: detached copies."""
+    if plan.identity:
+        return [t.detach() for t in tensors]
     flat = torch.cat([t.detach().reshape(-1) for t in tensors]).index_select(0, plan.gather)
-    out, start = [], 0
-    for shape in plan.active_shapes:
-        n = torch.Size(shape).numel()
-        out.append(flat[start:start + n].view(shape))
-        start += n
-    return out
+    return list(flat.split([torch.Size(s).numel() for s in plan.active_shapes]))
 
 
-def _scatter(plan: BranchPlan, pieces: list[Tensor]) -> list[Tensor]:
+def _scatter(plan: BlockPlan, pieces: list[Tensor]) -> list[Tensor]:
     """Full-size gradients (views of one zero buffer) holding ``pieces`` at the FULL groups' places."""
-    buf = pieces[0].new_zeros(plan.numel)
+    buf = pieces[0].new_zeros(sum(s.numel() for s in plan.shapes))
     buf.index_copy_(0, plan.scatter, torch.cat([p.reshape(-1) for p in pieces]))
-    out, start = [], 0
-    for shape in plan.shapes:
-        out.append(buf[start:start + shape.numel()].view(shape))
-        start += shape.numel()
-    return out
+    return [g.view(s) for g, s in zip(buf.split([s.numel() for s in plan.shapes]), plan.shapes)]
 
 
-def _split(params: list[Tensor | None]) -> tuple[list[Tensor], list[bool]]:
-    return [p for p in params if p is not None], [p is not None for p in params]
+class _BlockRun:
+    """What the two branch Functions of one block call share: plan, gathered slices, the MLP's gradients."""
+
+    def __init__(self, plan: BlockPlan, gathered: list[Tensor]) -> None:
+        self.plan = plan
+        it = iter(gathered)
+        slices = [next(it).view(s) if p else None for p, s in zip(plan.present, _pad(plan))]
+        self.attn_slices, self.mlp_slices = slices[:3], slices[3:]
+        self.mlp_pieces: list[Tensor] | None = None
+
+
+def _pad(plan: BlockPlan) -> list[tuple[int, ...] | None]:
+    it = iter(plan.active_shapes)
+    return [next(it) if p else None for p in plan.present]
 
 
 def _attend(attn: nn.Module, y: Tensor, B: int, N: int, heads: int) -> Tensor:
@@ -125,19 +137,18 @@ def _attend(attn: nn.Module, y: Tensor, B: int, N: int, heads: int) -> Tensor:
 
 
 class AttentionGroups(torch.autograd.Function):
-    """Attention branch (without norm and LayerScale) of the active head groups of ``plan``."""
+    """Attention branch (without norm and LayerScale) of the active head groups; its backward also returns
+    the gradients of the MLP's grouped tensors (``params`` are all present grouped tensors of the block)."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, h, w_qkv, b_qkv, w_proj, b_proj, plan: BranchPlan, attn: nn.Module):
+    def forward(ctx, h, b_proj, run: _BlockRun, attn: nn.Module, *params):
         B, N, D = h.shape
         h2 = h.reshape(B * N, D)
-        tensors, present = _split([w_qkv, b_qkv, w_proj])
-        gathered = iter(_gather(plan, tensors))
-        w_a, b_a, wp_a = (next(gathered) if p else None for p in present)
+        w_a, b_a, wp_a = run.attn_slices
         y = F.linear(h2, w_a, b_a)
-        heads_per_group = attn.num_heads // plan.groups
-        h_full, h_all = plan.n_full * heads_per_group, plan.n_active * heads_per_group
+        heads_per_group = attn.num_heads // run.plan.groups
+        h_full, h_all = run.plan.n_full * heads_per_group, run.plan.n_active * heads_per_group
         r_full = 3 * h_full * attn.head_dim
         parts, ctx.graph = [], None
         if h_full:
@@ -151,7 +162,7 @@ class AttentionGroups(torch.autograd.Function):
         o = torch.cat(parts, 1) if len(parts) > 1 else parts[0]
         o2 = o.transpose(1, 2).reshape(B * N, -1)
         out = F.linear(o2, wp_a, b_proj)
-        ctx.plan, ctx.dims, ctx.present = plan, (B, N, D, h_full, attn.head_dim), present
+        ctx.run, ctx.dims = run, (B, N, D, h_full, attn.head_dim)
         ctx.save_for_backward(h2, w_a, wp_a, o2)
         return out.view(B, N, D)
 
@@ -160,39 +171,46 @@ class AttentionGroups(torch.autograd.Function):
     def backward(ctx, grad):
         h2, w_a, wp_a, o2 = ctx.saved_tensors
         B, N, D, h_full, hd = ctx.dims
+        run, plan = ctx.run, ctx.run.plan
         g2 = grad.reshape(B * N, D)
-        need = ctx.needs_input_grad
-        g_bp = g2.sum(0) if need[4] else None
+        g_bp = g2.sum(0) if ctx.needs_input_grad[1] else None
+        n_params = len(plan.shapes)
         if ctx.graph is None:  # no FULL group: only the shared bias learns
-            return None, None, None, None, g_bp, None, None
+            return (None, g_bp, None, None) + (None,) * n_params
         c_full = h_full * hd
         g_o = g2 @ wp_a[:, :c_full]
         g_wp = g2.t() @ o2[:, :c_full]
         leaf, o_full = ctx.graph
-        (g_y,) = torch.autograd.grad(o_full, leaf, g_o.view(B, N, h_full, hd).transpose(1, 2))
-        ctx.graph = None
-        g_h = (g_y @ w_a[: g_y.shape[1]]).view(B, N, D) if need[0] else None
-        pieces = [g_y.t() @ h2] + ([g_y.sum(0)] if ctx.present[1] else []) + [g_wp]
-        grads = iter(_scatter(ctx.plan, pieces))
-        g_w, g_b, g_wproj = (next(grads) if p else None for p in ctx.present)
-        return g_h, g_w, g_b, g_wproj, g_bp, None, None
+        # retain: a second backward through the same graph (gradcheck, retain_graph=True) needs it again;
+        # the local graph goes with ctx when autograd frees the block's nodes
+        (g_y,) = torch.autograd.grad(o_full, leaf, g_o.view(B, N, h_full, hd).transpose(1, 2), retain_graph=True)
+        g_h = (g_y @ w_a[: g_y.shape[1]]).view(B, N, D) if ctx.needs_input_grad[0] else None
+        pieces = [g_y.t() @ h2] + ([g_y.sum(0)] if plan.present[1] else []) + [g_wp]
+        pieces += run.mlp_pieces if run.mlp_pieces is not None else _zero_mlp_pieces(plan, g_wp)
+        run.mlp_pieces = None
+        return (g_h, g_bp, None, None) + tuple(_scatter(plan, pieces))
+
+
+def _zero_mlp_pieces(plan: BlockPlan, like: Tensor) -> list[Tensor]:
+    """Zero FULL-slice gradients of the MLP's tensors (its backward did not run)."""
+    shapes = [s for s, p in zip(_pad(plan)[3:], plan.present[3:]) if p]
+    return [like.new_zeros(torch.Size(s).numel() * plan.n_full // plan.n_active) for s in shapes]
 
 
 class MlpGroups(torch.autograd.Function):
-    """MLP branch (without norm and LayerScale) of the active hidden-unit slices of ``plan``."""
+    """MLP branch (without norm and LayerScale) of the active hidden-unit slices; its weight gradients go
+    to the block's :class:`AttentionGroups` backward (which runs after this one)."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, h, w1, b1, w2, b2, plan: BranchPlan, approximate: str):
+    def forward(ctx, h, b2, run: _BlockRun, approximate: str):
         B, N, D = h.shape
         h2 = h.reshape(B * N, D)
-        tensors, present = _split([w1, b1, w2])
-        gathered = iter(_gather(plan, tensors))
-        w1_a, b1_a, w2_a = (next(gathered) if p else None for p in present)
+        w1_a, b1_a, w2_a = run.mlp_slices
         pre = F.linear(h2, w1_a, b1_a)
         act = F.gelu(pre, approximate=approximate)
         out = F.linear(act, w2_a, b2)
-        ctx.plan, ctx.dims, ctx.present, ctx.approximate = plan, (B, N, D), present, approximate
+        ctx.run, ctx.dims, ctx.approximate = run, (B, N, D), approximate
         ctx.save_for_backward(h2, w1_a, w2_a, pre, act)
         return out.view(B, N, D)
 
@@ -201,36 +219,34 @@ class MlpGroups(torch.autograd.Function):
     def backward(ctx, grad):
         h2, w1_a, w2_a, pre, act = ctx.saved_tensors
         B, N, D = ctx.dims
+        run, plan = ctx.run, ctx.run.plan
         g2 = grad.reshape(B * N, D)
-        need = ctx.needs_input_grad
-        g_b2 = g2.sum(0) if need[4] else None
-        plan = ctx.plan
+        g_b2 = g2.sum(0) if ctx.needs_input_grad[1] else None
         if plan.n_full == 0:
-            return None, None, None, None, g_b2, None, None
+            return None, g_b2, None, None
         c_full = pre.shape[1] * plan.n_full // plan.n_active
         g_act = g2 @ w2_a[:, :c_full]
-        g_w2 = g2.t() @ act[:, :c_full]
         g_pre = torch.ops.aten.gelu_backward(g_act, pre[:, :c_full], approximate=ctx.approximate)
-        g_h = (g_pre @ w1_a[:c_full]).view(B, N, D) if need[0] else None
-        pieces = [g_pre.t() @ h2] + ([g_pre.sum(0)] if ctx.present[1] else []) + [g_w2]
-        grads = iter(_scatter(plan, pieces))
-        g_w1, g_b1, g_w2_full = (next(grads) if p else None for p in ctx.present)
-        return g_h, g_w1, g_b1, g_w2_full, g_b2, None, None
+        g_h = (g_pre @ w1_a[:c_full]).view(B, N, D) if ctx.needs_input_grad[0] else None
+        run.mlp_pieces = [g_pre.t() @ h2] + ([g_pre.sum(0)] if plan.present[4] else []) + [g2.t() @ act[:, :c_full]]
+        return g_h, g_b2, None, None
 
 
-def grouped_branch(blk: nn.Module, h: Tensor, ops: tuple[int, ...], attention: bool,
-                   cache: dict) -> Tensor:
-    """The branch output (shared bias included, LayerScale not) of the groups that run in ``ops``."""
-    if attention:
-        mod_in, mod_out, keys = blk.attn.qkv, blk.attn.proj, _ATTN_KEYS
-    else:
-        mod_in, mod_out, keys = blk.mlp.fc1, blk.mlp.fc2, _MLP_KEYS
-    pairs = [(k, t) for k, t in zip(keys, (mod_in.weight, mod_in.bias, mod_out.weight)) if t is not None]
-    cache_key = (attention, ops, tuple(t.shape for _, t in pairs), h.device)
-    plan = cache.get(cache_key)
+def fused_block(blk: nn.Module, x: Tensor, ops: tuple[int, ...], cache: dict) -> Tensor:
+    """One block with the groups of ``ops`` (not all FULL, not all SHORTCUT) through the fused kernels."""
+    attn, mlp = blk.attn, blk.mlp
+    tensors = [attn.qkv.weight, attn.qkv.bias, attn.proj.weight, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight]
+    key = (ops, tuple(None if t is None else t.shape for t in tensors), x.device)
+    plan = cache.get(key)
     if plan is None:
-        plan = cache[cache_key] = branch_plan(tuple(k for k, _ in pairs), [t for _, t in pairs], ops)
-    args = (h, mod_in.weight, mod_in.bias, mod_out.weight, mod_out.bias, plan)
-    if attention:
-        return AttentionGroups.apply(*args, blk.attn)
-    return MlpGroups.apply(*args, blk.mlp.act.approximate)
+        plan = cache[key] = block_plan(tensors, ops)
+    params = [t for t in tensors if t is not None]
+    with torch.no_grad():
+        run = _BlockRun(plan, _gather(plan, params))
+    grad = plan.n_full > 0 and torch.is_grad_enabled()
+    with torch.set_grad_enabled(grad):  # the residual adds below keep the stream's graph either way
+        a = blk.ls1(AttentionGroups.apply(blk.norm1(x), attn.proj.bias, run, attn, *params))
+    x = x + a
+    with torch.set_grad_enabled(grad):
+        m = blk.ls2(MlpGroups.apply(blk.norm2(x), mlp.fc2.bias, run, mlp.act.approximate))
+    return x + m

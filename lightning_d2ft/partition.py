@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_d2ft.grouped import attention_groups, mlp_groups
-from lightning_d2ft.kernels import fast_path_ok, grouped_branch
+from lightning_d2ft.kernels import fast_path_ok, fused_block
 from lightning_d2ft.ops import Op
 from lightning_d2ft.placement import groups_of_rank
 from lightning_d2ft.sharding import shard_state_dict, shard_vit, unshard_state_dict
@@ -248,16 +248,9 @@ class D2FTViT(nn.Module):
             if max(block_ops) == Op.SHORTCUT:
                 return x
             if fast_path_ok(blk):
-                ops = tuple(block_ops)
-                x = x + blk.ls1(self._fused_branch(blk, x, ops, attention=True))
-                return x + blk.ls2(self._fused_branch(blk, x, ops, attention=False))
+                return fused_block(blk, x, tuple(block_ops), self._plans)
         x = x + self._branch(l, blk, x, block_ops, attention=True)
         return x + self._branch(l, blk, x, block_ops, attention=False)
-
-    def _fused_branch(self, blk: nn.Module, x: Tensor, ops: tuple[int, ...], attention: bool) -> Tensor:
-        with torch.set_grad_enabled(Op.FULL in ops and torch.is_grad_enabled()):
-            h = (blk.norm1 if attention else blk.norm2)(x)
-            return grouped_branch(blk, h, ops, attention, self._plans)
 
     def _branch(self, l: int, blk: nn.Module, x: Tensor, block_ops: list[int], attention: bool) -> Tensor | int:
         """One residual branch (attention or MLP) of block ``l``; returns 0 when every group is SHORTCUT."""
