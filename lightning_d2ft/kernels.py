@@ -97,12 +97,29 @@ def block_plan(tensors: list[Tensor | None], ops: tuple[int, ...]) -> BlockPlan:
                      tuple(t.shape for t in present), tuple(active_shapes), identity)
 
 
+def _autocast_dtype(t: Tensor) -> torch.dtype | None:
+    """The dtype autocast would run a matmul on ``t``'s device in (None: autocast is off)."""
+    kind = t.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+
+
 def _gather(plan: BlockPlan, tensors: list[Tensor]) -> list[Tensor]:
-    """The active slices of ``tensors`` (present ones, in order), FULL groups first: detached copies."""
+    """The active slices of ``tensors`` (present ones, in order), FULL groups first: detached, and cast once
+    to the autocast dtype when autocast is on (so that forward and backward matmuls agree on dtypes)."""
+    dtype = _autocast_dtype(tensors[0])
     if plan.identity:
-        return [t.detach() for t in tensors]
+        return [t.detach() if dtype is None else t.detach().to(dtype) for t in tensors]
     flat = torch.cat([t.detach().reshape(-1) for t in tensors]).index_select(0, plan.gather)
+    if dtype is not None:
+        flat = flat.to(dtype)
     return list(flat.split([torch.Size(s).numel() for s in plan.active_shapes]))
+
+
+def _rows(h: Tensor) -> Tensor:
+    """``h`` [B, N, D] as [B*N, D] in the matmul dtype."""
+    dtype = _autocast_dtype(h)
+    h2 = h.reshape(-1, h.shape[-1])
+    return h2 if dtype is None or h2.dtype == dtype else h2.to(dtype)
 
 
 def _scatter(plan: BlockPlan, pieces: list[Tensor]) -> list[Tensor]:
@@ -141,10 +158,9 @@ class AttentionGroups(torch.autograd.Function):
     the gradients of the MLP's grouped tensors (``params`` are all present grouped tensors of the block)."""
 
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, h, b_proj, run: _BlockRun, attn: nn.Module, *params):
         B, N, D = h.shape
-        h2 = h.reshape(B * N, D)
+        h2 = _rows(h)
         w_a, b_a, wp_a = run.attn_slices
         y = F.linear(h2, w_a, b_a)
         heads_per_group = attn.num_heads // run.plan.groups
@@ -167,7 +183,6 @@ class AttentionGroups(torch.autograd.Function):
         return out.view(B, N, D)
 
     @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad):
         h2, w_a, wp_a, o2 = ctx.saved_tensors
         B, N, D, h_full, hd = ctx.dims
@@ -202,10 +217,9 @@ class MlpGroups(torch.autograd.Function):
     to the block's :class:`AttentionGroups` backward (which runs after this one)."""
 
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, h, b2, run: _BlockRun, approximate: str):
         B, N, D = h.shape
-        h2 = h.reshape(B * N, D)
+        h2 = _rows(h)
         w1_a, b1_a, w2_a = run.mlp_slices
         pre = F.linear(h2, w1_a, b1_a)
         act = F.gelu(pre, approximate=approximate)
@@ -215,7 +229,6 @@ class MlpGroups(torch.autograd.Function):
         return out.view(B, N, D)
 
     @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad):
         h2, w1_a, w2_a, pre, act = ctx.saved_tensors
         B, N, D = ctx.dims
