@@ -6,9 +6,12 @@ gradient, a SHORTCUT one skips it. A library adapter (PEFT's ``LoraConfig`` on `
 across every head of the layer, which a FORWARD_ONLY group would still update through the FULL ones and
 which tensor-parallel sharding by head group would have to replicate and all-reduce; hence our own.
 
-The adapters live on timm's ``attn.qkv`` modules as ``lora_A`` [G*r, dim] (group-major rows) and
-``lora_B`` [3*attn_dim, r] (rows laid out like ``qkv.weight``: q|k|v, group, group_dim), plus a
-``lora_scale`` buffer, so they shard, checkpoint and resume like every other block tensor.
+:func:`add_lora_` replaces every block's ``attn.qkv`` by a :class:`GroupedLoRALinear` (the same weight and
+bias Parameters plus ``lora_A`` [G*r, dim], group-major rows, ``lora_B`` [3*attn_dim, r], rows laid out
+like ``qkv.weight``, and a ``lora_scale`` buffer; see :mod:`lightning_d2ft.layout`). The checkpoint keys stay
+``...attn.qkv.lora_A/lora_B/lora_scale``, so they shard, checkpoint and resume like every other block
+tensor. The module computes its own adapter output, for all groups (``forward``, so a whole FULL block runs
+timm's own modules) or for selected groups (:meth:`GroupedLoRALinear.group_delta`, for the grouped path).
 :func:`merge_lora` folds them into ``qkv.weight`` for a plain timm model.
 """
 
@@ -16,18 +19,54 @@ from __future__ import annotations
 
 import math
 import re
+from typing import TYPE_CHECKING, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_d2ft.partition import D2FTViT
+if TYPE_CHECKING:
+    from lightning_d2ft.partition import D2FTViT
 
-__all__ = ["add_lora_", "check_lora", "has_lora", "match_lora_", "merge_lora"]
+__all__ = ["GroupedLoRALinear", "add_lora_", "check_lora", "has_lora", "match_lora_", "merge_lora"]
 _LORA_KEY = re.compile(r"^(.*attn\.qkv)\.lora_A$")
 
 
+class GroupedLoRALinear(nn.Linear):
+    """timm's ``qkv`` Linear plus one rank-``r`` adapter per head group: ``y = W h + b + s * B_g A_g h``."""
+
+    def __init__(self, base: nn.Linear, groups: int, rank: int, alpha: float, gen: torch.Generator) -> None:
+        with torch.device("meta"):
+            super().__init__(base.in_features, base.out_features, bias=base.bias is not None)
+        self.weight, self.bias = base.weight, base.bias  # the very Parameters: nothing is copied
+        self.rank = rank
+        a = torch.empty(groups * rank, base.in_features)
+        bound = 1.0 / math.sqrt(base.in_features)  # PEFT's kaiming_uniform(a=sqrt(5)) bound
+        a.uniform_(-bound, bound, generator=gen)
+        self.lora_A = nn.Parameter(a.to(base.weight))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank).to(base.weight))
+        self.register_buffer("lora_scale", torch.tensor(alpha / rank, device=base.weight.device))
+
+    @property
+    def groups(self) -> int:
+        return self.lora_A.shape[0] // self.rank
+
+    def forward(self, h: Tensor) -> Tensor:
+        return F.linear(h, self.weight, self.bias) + self.group_delta(h, list(range(self.groups)), None)
+
+    def group_delta(self, h: Tensor, positions: list[int], select: Callable | None) -> Tensor:
+        """``scale * B_g A_g h`` of the groups at ``positions`` (local order), laid out like their qkv rows;
+        ``select(tensor, dim, positions, n_groups)`` picks the groups' slices (None: all groups)."""
+        n, r, D = self.groups, self.rank, h.shape[-1]
+        a, b = self.lora_A.view(n, r, D), self.lora_B.view(3, n, -1, r)
+        if select is not None:
+            a, b = select(a, 0, positions, n), select(b, 1, positions, n)
+        u = F.linear(h, a.reshape(-1, D)).unflatten(-1, (len(positions), r))  # [..., P, r]
+        return torch.einsum("...pr,tpdr->...tpd", u, b).flatten(-3) * self.lora_scale
+
+
 def has_lora(net: D2FTViT) -> bool:
-    return hasattr(net.vit.blocks[0].attn.qkv, "lora_A")
+    return isinstance(net.vit.blocks[0].attn.qkv, GroupedLoRALinear)
 
 
 def check_lora(rank: int | None, alpha: float | None, *, rank_optional: bool = False) -> None:
@@ -52,16 +91,8 @@ def add_lora_(net: D2FTViT, rank: int, alpha: float | None = None, seed: int = 0
     for p in net.vit.get_classifier().parameters():
         p.requires_grad_(True)
     gen = torch.Generator().manual_seed(seed)
-    G = net.groups_per_block
     for blk in net.vit.blocks:
-        qkv = blk.attn.qkv
-        dim = qkv.in_features
-        a = torch.empty(G * rank, dim)
-        bound = 1.0 / math.sqrt(dim)  # PEFT's kaiming_uniform(a=sqrt(5)) bound
-        a.uniform_(-bound, bound, generator=gen)
-        qkv.register_parameter("lora_A", nn.Parameter(a.to(qkv.weight)))
-        qkv.register_parameter("lora_B", nn.Parameter(torch.zeros(qkv.out_features, rank).to(qkv.weight)))
-        qkv.register_buffer("lora_scale", torch.tensor(alpha / rank))
+        blk.attn.qkv = GroupedLoRALinear(blk.attn.qkv, net.groups_per_block, rank, alpha, gen)
 
 
 def merge_lora(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:

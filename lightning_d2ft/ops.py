@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 class Op(IntEnum):
@@ -59,3 +60,24 @@ class CostModel:
         """Communication units of every entry of ``ops`` (same shape, float64)."""
         table = torch.tensor([0.0, self.comm_forward_only, self.comm_full], dtype=torch.float64)
         return table[torch.as_tensor(ops, dtype=torch.long)]
+
+
+class _AtenOpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched (views and detaches are metadata, not launches: not counted)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view and func.overloadpacket.__name__ not in ("detach", "alias", "_unsafe_view"):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_aten_ops(fn: Callable[[], object]) -> int:
+    """Aten ops one call of ``fn`` dispatches: a deterministic proxy for kernel launches (a CPU-side count of
+    what a GPU would launch one kernel or more for), so op-count targets can be tested without a GPU."""
+    with _AtenOpCounter() as counter:
+        fn()
+    return counter.count

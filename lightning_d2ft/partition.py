@@ -5,9 +5,12 @@ hidden units (SPEC section 2). Subnet 0 is the stem (patch embedding, cls token,
 subnets ``1 .. depth*G`` are the blocks' groups in order (block-major), and the last subnet is the head
 (final norm and classifier). Stem and head always run FULL.
 
-Execution is grouped: inside a block, all groups that share an op are computed with one matmul per
-projection over the union of their rows/columns (never a Python loop over heads), FULL groups with
-autograd, FORWARD_ONLY groups under ``no_grad`` on a detached input, SHORTCUT groups not at all.
+Execution (unsharded): a block whose groups are all FULL runs timm's own modules (exactly timm, fewest
+launches); a mixed block runs each branch through the fused grouped kernels of :mod:`lightning_d2ft.kernels`
+(FULL and FORWARD_ONLY rows in one matmul, a custom backward for the FULL rows only). Sharded blocks and
+blocks the fused path does not model (LoRA, qk-norm, dropout, ...) take the general grouped path of
+:mod:`lightning_d2ft.grouped`: FULL groups with autograd, FORWARD_ONLY groups under ``no_grad`` on a
+detached input. SHORTCUT groups never run.
 
 Shared pieces of a block (LayerNorms, the biases of ``proj``/``fc2``, LayerScale) belong to the block:
 they get a gradient when at least one group of the block is FULL, they run under ``no_grad`` when the
@@ -21,16 +24,16 @@ and the strategy's collectives sum the partials across ranks.
 
 from __future__ import annotations
 
-import copy
 from typing import Protocol, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_d2ft.layout import group_indices, grouped_dim
+from lightning_d2ft.grouped import attention_groups, mlp_groups
+from lightning_d2ft.kernels import fast_path_ok, fused_block
 from lightning_d2ft.ops import Op
 from lightning_d2ft.placement import groups_of_rank
+from lightning_d2ft.sharding import shard_state_dict, shard_vit, unshard_state_dict
 
 __all__ = [
     "D2FTViT", "TensorParallel", "check_supported", "find_d2ft", "shard_state_dict", "shard_vit", "unshard_state_dict",
@@ -162,7 +165,8 @@ class D2FTViT(nn.Module):
         self.tp: TensorParallel | None = None
         self.regroup_(subnets, groups_per_block=groups_per_block)
         self.full_shapes: dict[str, torch.Size] | None = None  # the unsharded vit's shapes, once sharded
-        self.scheduled_ops: Tensor | None = None  # set per micro-batch by D2FTCallback; used in training
+        self.scheduled_ops: Tensor | None = None  # set per micro-batch by the strategy; used in training
+        self._plans: dict = {}  # fused-kernel index plans per (branch, op pattern, device)
 
     def regroup_(self, subnets: int | None = None, *, groups_per_block: int | None = None) -> None:
         """Change the granularity (before sharding): the total subnet count, or the groups per block."""
@@ -184,10 +188,6 @@ class D2FTViT(nn.Module):
         self.tp = tp
 
     # -- indexing -------------------------------------------------------------------------------
-    @property
-    def heads_per_group(self) -> int:
-        return self.num_heads // self.groups_per_block
-
     def subnet_index(self, block: int, group: int) -> int:
         """Index of (block, group) in an ops vector."""
         return 1 + block * self.groups_per_block + group
@@ -242,6 +242,13 @@ class D2FTViT(nn.Module):
         return vit.forward_head(x)
 
     def _block(self, l: int, blk: nn.Module, x: Tensor, block_ops: list[int]) -> Tensor:
+        if self.tp is None:
+            if min(block_ops) == Op.FULL:
+                return blk(x)  # timm's own block: exactly timm, fewest launches
+            if max(block_ops) == Op.SHORTCUT:
+                return x
+            if fast_path_ok(blk):
+                return fused_block(blk, x, tuple(block_ops), self._plans)
         x = x + self._branch(l, blk, x, block_ops, attention=True)
         return x + self._branch(l, blk, x, block_ops, attention=False)
 
@@ -278,7 +285,7 @@ class D2FTViT(nn.Module):
     ) -> Tensor | None:
         """Sum over this rank's active groups of their branch output (without the shared bias)."""
         local_ops = block_ops if owners is None else [op for op, o in zip(block_ops, owners) if o == self.tp.rank]
-        run = _attention_groups if attention else _mlp_groups
+        run = attention_groups if attention else mlp_groups
         partial = None
         for op in (Op.FULL, Op.FORWARD_ONLY):
             positions = [i for i, o in enumerate(local_ops) if o == op]
@@ -295,140 +302,3 @@ class D2FTViT(nn.Module):
 
 def _add_bias(partial: Tensor, bias: Tensor | None) -> Tensor:
     return partial if bias is None else partial + bias
-
-
-def _select(weight: Tensor, dim: int, positions: list[int], n_groups: int) -> Tensor:
-    """Rows/columns of ``weight`` belonging to the groups at ``positions``, viewed group-wise on ``dim``."""
-    if len(positions) == n_groups:
-        return weight
-    first, last = positions[0], positions[-1]
-    if last - first + 1 == len(positions):  # contiguous run: a view, no gather
-        return weight.narrow(dim, first, len(positions))
-    index = torch.tensor(positions, device=weight.device)
-    return weight.index_select(dim, index)
-
-
-def _attention_groups(blk: nn.Module, h: Tensor, positions: list[int], n_groups: int) -> Tensor:
-    """Attention output of the head groups at ``positions`` through their columns of ``proj`` (no bias)."""
-    attn = blk.attn
-    B, N, D = h.shape
-    group_dim = attn.attn_dim // n_groups
-    heads = len(positions) * (attn.num_heads // n_groups)
-    w = _select(attn.qkv.weight.view(3, n_groups, group_dim, D), 1, positions, n_groups).reshape(-1, D)
-    b = attn.qkv.bias
-    if b is not None:
-        b = _select(b.view(3, n_groups, group_dim), 1, positions, n_groups).reshape(-1)
-    qkv = F.linear(h, w, b)
-    if hasattr(attn.qkv, "lora_A"):
-        qkv = qkv + _lora_qkv(attn.qkv, h, positions, n_groups)
-    qkv = qkv.view(B, N, 3, heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    if attn.fused_attn:
-        o = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
-    else:
-        a = (q * attn.scale) @ k.transpose(-2, -1)
-        o = attn.attn_drop(a.softmax(dim=-1)) @ v
-    o = o.transpose(1, 2).reshape(B, N, heads * attn.head_dim)
-    w_proj = _select(attn.proj.weight.view(D, n_groups, group_dim), 1, positions, n_groups).reshape(D, -1)
-    return F.linear(o, w_proj)
-
-
-def _lora_qkv(qkv: nn.Module, h: Tensor, positions: list[int], n_groups: int) -> Tensor:
-    """The groups' adapter outputs ``scale * B_g A_g h``, laid out like their ``qkv`` rows (see lora.py)."""
-    a, b = qkv.lora_A, qkv.lora_B
-    r, D = b.shape[1], h.shape[-1]
-    group_dim = b.shape[0] // (3 * n_groups)
-    a = _select(a.view(n_groups, r, D), 0, positions, n_groups).reshape(-1, D)  # [P*r, D]
-    b = _select(b.view(3, n_groups, group_dim, r), 1, positions, n_groups)  # [3, P, group_dim, r]
-    u = F.linear(h, a).unflatten(-1, (len(positions), r))  # [B, N, P, r]
-    return torch.einsum("...pr,tpdr->...tpd", u, b).flatten(-3) * qkv.lora_scale
-
-
-def _mlp_groups(blk: nn.Module, h: Tensor, positions: list[int], n_groups: int) -> Tensor:
-    """MLP output of the hidden-unit slices at ``positions`` through their columns of ``fc2`` (no bias)."""
-    mlp = blk.mlp
-    D = h.shape[-1]
-    hidden = mlp.fc1.out_features // n_groups
-    w1 = _select(mlp.fc1.weight.view(n_groups, hidden, D), 0, positions, n_groups).reshape(-1, D)
-    b1 = mlp.fc1.bias
-    if b1 is not None:
-        b1 = _select(b1.view(n_groups, hidden), 0, positions, n_groups).reshape(-1)
-    a = mlp.drop1(mlp.act(F.linear(h, w1, b1)))
-    w2 = _select(mlp.fc2.weight.view(D, n_groups, hidden), 1, positions, n_groups).reshape(D, -1)
-    return F.linear(a, w2)
-
-
-# -- tensor-parallel sharding -----------------------------------------------------------------------
-def shard_index(key: str, full_shape: Sequence[int], groups_per_block: int,
-                groups: list[list[int]]) -> tuple[int, Tensor] | None:
-    """(dim, indices) that cut ``key``'s full tensor down to the groups a rank owns; None if replicated."""
-    found = grouped_dim(key)
-    if found is None:
-        return None
-    block, layout = found
-    return layout.dim, group_indices(full_shape[layout.dim], layout, groups_per_block, groups[block])
-
-
-def shard_state_dict(full: dict[str, Tensor], groups_per_block: int, groups: list[list[int]]) -> dict[str, Tensor]:
-    """Cut a full (timm-layout) state dict down to one rank's head groups."""
-    out = {}
-    for key, value in full.items():
-        cut = shard_index(key, value.shape, groups_per_block, groups)
-        out[key] = value if cut is None else value.index_select(cut[0], cut[1].to(value.device))
-    return out
-
-
-def unshard_state_dict(shapes: dict[str, Sequence[int]], groups_per_block: int,
-                       shards: list[tuple[list[list[int]], dict[str, Tensor]]]) -> dict[str, Tensor]:
-    """Assemble full tensors of ``shapes`` from per-rank shards ``[(groups, state_dict), ...]``.
-
-    Replicated tensors are taken from the first shard (they are identical on every rank).
-    """
-    full: dict[str, Tensor] = {}
-    for key, shape in shapes.items():
-        first = shards[0][1][key]
-        if shard_index(key, shape, groups_per_block, shards[0][0]) is None:
-            full[key] = first.detach().clone()
-            continue
-        out = first.new_zeros(tuple(shape))
-        for groups, sd in shards:
-            dim, idx = shard_index(key, shape, groups_per_block, groups)
-            out.index_copy_(dim, idx.to(out.device), sd[key].detach())
-        full[key] = out
-    return full
-
-
-def shard_vit(vit: nn.Module, groups_per_block: int, groups: list[list[int]]) -> nn.Module:
-    """A copy of ``vit`` whose block l keeps only head groups ``groups[l]`` (for one tensor-parallel rank).
-
-    The result is still a timm VisionTransformer (narrowed ``qkv``/``proj``/``fc1``/``fc2``, fewer heads),
-    so :class:`D2FTViT` runs it as it is. Replicated pieces (stem, norms, biases, head) are copied whole.
-    """
-    check_supported(vit)
-    if len(groups) != len(vit.blocks) or any(not owned for owned in groups):
-        raise ValueError("every rank must own at least one head group of every block")
-    sharded = shard_state_dict(vit.state_dict(), groups_per_block, groups)
-    local = copy.deepcopy(vit)
-    for l, (blk, owned) in enumerate(zip(local.blocks, groups)):
-        attn, mlp = blk.attn, blk.mlp
-        for parent, name, path in ((attn, "qkv", "attn.qkv"), (attn, "proj", "attn.proj"),
-                                   (mlp, "fc1", "mlp.fc1"), (mlp, "fc2", "mlp.fc2")):
-            out_f, in_f = sharded[f"blocks.{l}.{path}.weight"].shape
-            old = getattr(parent, name)
-            with torch.device("meta"):
-                new = nn.Linear(in_f, out_f, bias=old.bias is not None, dtype=old.weight.dtype)
-            new = new.to_empty(device=old.weight.device)
-            for pname, p in old.named_parameters(recurse=False):  # frozen or not, and LoRA adapters
-                if pname in ("weight", "bias"):
-                    getattr(new, pname).requires_grad_(p.requires_grad)
-                else:
-                    shape = sharded[f"blocks.{l}.{path}.{pname}"].shape
-                    new.register_parameter(pname, nn.Parameter(p.new_empty(shape), requires_grad=p.requires_grad))
-            for bname, buf in old.named_buffers(recurse=False):
-                new.register_buffer(bname, buf.clone())
-            setattr(parent, name, new)
-        attn.num_heads = attn.num_heads // groups_per_block * len(owned)
-        attn.attn_dim = attn.num_heads * attn.head_dim
-    local.load_state_dict(sharded)
-    return local

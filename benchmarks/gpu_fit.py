@@ -1,0 +1,109 @@
+"""A Lightning fine-tune on one device: ViTClassifier + D2FTCallback(solver="dp") + D2FTStrategy, fit +
+validation + checkpoint, at budget 1.0 and 0.6 on the same data; times the fit with scoring excluded.
+
+    PYTHONPATH=. python benchmarks/gpu_fit.py                         # one GPU, ViT-S/16 224 px, bf16
+    PYTHONPATH=. python benchmarks/gpu_fit.py --accelerator cpu --img-size 32 --batch 8 --samples 64 \\
+        --precision 32-true --out gpu_fit_cpu_smoke.json             # tiny CPU check
+
+Data are random images with random labels (the same tensors for both budgets; speed, not accuracy, is
+measured here). Fit time is the wall time from the first to the last training batch (``on_train_start`` is
+after D2FTCallback has scored and solved in ``on_fit_start``) plus validation, synchronised on CUDA.
+Writes ``benchmarks/results/gpu_fit.json`` (or ``--out``). Needs torch, timm, lightning; no hydra/ortools.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Callback, Trainer, seed_everything
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import print_table, write_json  # noqa: E402
+from lightning_d2ft.callback import D2FTCallback  # noqa: E402
+from lightning_d2ft.data import micro_batch_loader  # noqa: E402
+from lightning_d2ft.module import ViTClassifier  # noqa: E402
+from lightning_d2ft.strategy import D2FTStrategy  # noqa: E402
+
+
+class FitTimer(Callback):
+    """Seconds from the start of training (after scoring) to the end of fit, synchronised on CUDA."""
+
+    def __init__(self) -> None:
+        self.start = self.seconds = 0.0
+
+    def _now(self) -> float:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.start = self._now()
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self.seconds = self._now() - self.start
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--accelerator", default="gpu")
+    parser.add_argument("--precision", default="bf16-mixed")
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--samples", type=int, default=64 * 40)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--subnets", type=int, default=74)
+    parser.add_argument("--budgets", type=float, nargs="+", default=[1.0, 0.6])
+    parser.add_argument("--out", default="gpu_fit.json")
+    return parser.parse_args()
+
+
+def fit_once(args, budget: float, data: TensorDataset, val: TensorDataset, root: Path) -> dict:
+    seed_everything(0)
+    module = ViTClassifier(model="vit_small_patch16_224", num_classes=10, subnets=args.subnets, lr=1e-4,
+                           model_kwargs={"img_size": args.img_size})
+    timer = FitTimer()
+    strategy = D2FTStrategy(parallel_devices=[torch.device("cuda" if args.accelerator == "gpu" else "cpu")])
+    trainer = Trainer(accelerator=args.accelerator, devices=1, strategy=strategy, precision=args.precision,
+                      callbacks=[D2FTCallback(budget=budget, solver="dp", progress=False), timer],
+                      max_epochs=args.epochs, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, default_root_dir=root, num_sanity_val_steps=0)
+    trainer.fit(module, train_dataloaders=micro_batch_loader(data, args.batch, seed=0),
+                val_dataloaders=DataLoader(val, batch_size=args.batch))
+    ckpt = root / f"budget{budget}.ckpt"
+    trainer.save_checkpoint(ckpt)
+    steps = trainer.global_step
+    return {"case": f"budget {budget}", "fit_seconds": timer.seconds, "steps": steps,
+            "val_acc": float(trainer.callback_metrics.get("val/acc", float("nan"))),
+            "checkpoint_mib": ckpt.stat().st_size / 2**20}
+
+
+def main() -> None:
+    args = parse_args()
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(args.samples, 3, args.img_size, args.img_size, generator=gen)
+    labels = torch.randint(0, 10, (args.samples,), generator=gen)
+    data = TensorDataset(images, labels)
+    val = TensorDataset(images[: args.batch * 2], labels[: args.batch * 2])
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for budget in args.budgets:
+            rows.append(fit_once(args, budget, data, val, Path(tmp)))
+            print(f"  budget {budget}: fit {rows[-1]['fit_seconds']:.2f} s", flush=True)
+    for row in rows:
+        row["time_ratio"] = row["fit_seconds"] / rows[0]["fit_seconds"]
+    device = torch.cuda.get_device_name(0) if args.accelerator == "gpu" else "cpu"
+    print(f"\nfit on {device}, {args.samples} samples x {args.epochs} epochs, batch {args.batch}, "
+          f"{args.img_size}px, {args.precision}, torch {torch.__version__}")
+    print_table(rows, ["case", "fit_seconds", "steps", "time_ratio", "val_acc"])
+    path = write_json(args.out, {"device": device, "torch": torch.__version__, "args": vars(args), "rows": rows})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
