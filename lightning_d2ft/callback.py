@@ -96,7 +96,6 @@ class D2FTCallback(Callback):
         self._ids: list[int] = []
         self._net: D2FTViT | None = None
         self._fit_start = 0.0
-        self._bytes_total = 0
         self._restored: Schedule | None = None  # the schedule of a checkpoint being resumed
 
     # -- before fit -----------------------------------------------------------------------------
@@ -211,6 +210,10 @@ class D2FTCallback(Callback):
             raise RuntimeError("D2FTCallback has no schedule: was setup() skipped?")
         self._check_matches(self.schedule, sampler, devices, placement)
         self._fit_start = time.perf_counter()
+        install = getattr(trainer.strategy, "install_schedule", None)  # D2FTStrategy executes the schedule
+        self._strategy_executes = install is not None
+        if install is not None:
+            install(self.schedule)
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -239,22 +242,18 @@ class D2FTCallback(Callback):
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        self._net.scheduled_ops = self.schedule.ops[self._ids[batch_idx]]
-        if isinstance(trainer.strategy, D2FTStrategy):
-            trainer.strategy.comm_stats.reset()
+        if not getattr(self, "_strategy_executes", False):
+            self._net.scheduled_ops = self.schedule.ops[self._ids[batch_idx]]
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        if getattr(self, "_strategy_executes", False):  # the strategy counts, logs and clears the ops
+            return
         ops = self._net.scheduled_ops
-        rank = trainer.strategy.tensor_parallel_rank if isinstance(trainer.strategy, D2FTStrategy) else 0
-        mine = self.schedule.placement == rank
+        mine = self.schedule.placement == 0
         fraction = float(self.cost.compute(ops[mine]).sum() / (mine.sum() * self.cost.full))
         pl_module.log("d2ft/compute_fraction", fraction, on_step=True, on_epoch=True)
-        if isinstance(trainer.strategy, D2FTStrategy):
-            sent = trainer.strategy.comm_stats.total_bytes
-            self._bytes_total += sent
-            pl_module.log("d2ft/bytes_sent", float(sent), on_step=True, on_epoch=True, reduce_fx="sum")
         self._net.scheduled_ops = None
 
     @override
