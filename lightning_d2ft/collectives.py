@@ -78,7 +78,7 @@ class SparseTensorParallel:
     def reduce_partial(self, partial: Tensor | None, like: Tensor, active: Sequence[bool]) -> Tensor:
         """Sum of all ranks' partial outputs. ``like`` is the branch input (shape, dtype, and the autograd
         edge that makes a rank without local FULL subnets still join the backward collective)."""
-        own = partial if partial is not None else torch.zeros_like(like)
+        own = partial if partial is not None else torch.zeros_like(like, dtype=_partial_dtype(like))
         # Whether the sum requires grad must be the same on every rank: downstream, the next block's
         # copy_to_ranks runs a backward collective only where its input requires grad. The partial alone
         # may require grad on some ranks only (trainable LoRA adapters in this rank's FULL groups, a frozen
@@ -133,6 +133,15 @@ class SparseTensorParallel:
             part = flat if r == self.rank else next(pieces)
             out = part.clone() if out is None else out + part
         return out.view_as(tensor), sum(send_splits) * tensor.element_size()
+
+
+def _partial_dtype(like: Tensor) -> torch.dtype:
+    """The dtype the ranks with a partial produce: the autocast dtype under mixed precision (a rank without
+    a partial must put the same bytes on the wire, or the others read garbage)."""
+    device = like.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return like.dtype
 
 
 class _ReducePartial(torch.autograd.Function):

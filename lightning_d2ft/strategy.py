@@ -373,7 +373,9 @@ class D2FTStrategy(DDPStrategy):
         if self.on_nonfinite == "skip":
             self.skipped_steps.append(where)
             log.warning(f"{message}: skipped (on_nonfinite='skip')")
-            return None  # Lightning runs no backward and the optimizer sees no gradient
+            # not None (Lightning refuses that on several processes): a zero loss outside the model, so the
+            # backward runs no collective on any rank and adds no gradient (the optimizer skips None grads)
+            return torch.zeros((), requires_grad=True)
         raise FloatingPointError(f"{message}. Nothing from this step was applied or saved; the last checkpoint "
                                  "is intact. Fix the data, or pass D2FTStrategy(on_nonfinite='skip').")
 
