@@ -42,13 +42,13 @@ def is_peer_error(err: BaseException) -> bool:
 
 class _WholeModelSpawnLauncher(_MultiProcessingLauncher):
     @override
-    def _wrapping_function(self, *args: Any, **kwargs: Any) -> None:
+    def _wrapping_function(self, process_idx: int, trainer: Any, *args: Any, **kwargs: Any) -> None:
         try:
-            super()._wrapping_function(*args, **kwargs)
+            super()._wrapping_function(process_idx, trainer, *args, **kwargs)
         except SIGTERMException as stop:
             # a SystemExit with code 0: the worker would look finished and the main process would wait
             # for its results forever; report the stop as the failure it is
-            raise RuntimeError(str(stop.code or "D2FT: stopped by SIGTERM")) from stop
+            raise RuntimeError(sigterm_message(trainer)) from stop
         except Exception as err:
             if is_peer_error(err):
                 time.sleep(PEER_ERROR_GRACE_S)  # let the rank with the real error exit (and be reported) first

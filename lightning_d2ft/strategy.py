@@ -19,60 +19,38 @@ import atexit
 import logging
 import math
 import os
-import warnings
 from datetime import timedelta
 from typing import Any, Callable, Literal
 
 import torch
 import torch.distributed as dist
-from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment, TorchCheckpointIO
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.utilities.distributed import _destroy_dist_connection
 from lightning.pytorch.overrides.distributed import _sync_module_states
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_d2ft.collectives import CommStats, SparseTensorParallel, named_collective
-from lightning_d2ft.data import MicroBatchSampler, find_micro_batch_sampler
-from lightning_d2ft.files import atomic_write
+from lightning_d2ft.data import MicroBatchSampler
+from lightning_d2ft.checkpointing import AtomicCheckpointIO, FullCheckpoints
+from lightning_d2ft.execution import ScheduleExecution
 from lightning_d2ft.guards import StepGuard
 from lightning_d2ft.launchers import _WholeModelSpawnLauncher, sigterm_exit
-from lightning_d2ft.lora import match_lora_
-from lightning_d2ft.optim_state import full_optimizer_state, load_full_optimizer_state
-from lightning_d2ft.partition import D2FTViT, find_d2ft, shard_state_dict, unshard_state_dict
+from lightning_d2ft.partition import D2FTViT, find_d2ft
 from lightning_d2ft.placement import groups_of_rank, round_robin
 from lightning_d2ft.replicas import Replicas, make_replicas
 from lightning_d2ft.samplers import with_micro_batches
-from lightning_d2ft.scheduling import Schedule
 
 __all__ = ["AtomicCheckpointIO", "D2FTStrategy"]
 log = logging.getLogger(__name__)
 
 
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """torch.save to a temporary file and rename: a crash mid-save leaves the previous checkpoint intact.
-    A checkpoint whose weights hold NaN/inf is refused: it would overwrite the last good one."""
-
-    @override
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
-        import io
-
-        bad = [k for k, v in checkpoint.get("state_dict", {}).items()
-               if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
-        if bad:
-            raise FloatingPointError(f"refusing to write checkpoint {path}: NaN/inf in {bad[:5]}"
-                                     f"{' and more' if len(bad) > 5 else ''}; the previous checkpoint is kept")
-        buffer = io.BytesIO()
-        torch.save(checkpoint, buffer)
-        atomic_write(path, buffer.getvalue())
-
-
-class D2FTStrategy(DDPStrategy):
+class D2FTStrategy(ScheduleExecution, FullCheckpoints, DDPStrategy):
     """Shard a D2FTViT over tensor-parallel ranks and execute the D2FT schedule.
 
     Args:
@@ -142,10 +120,7 @@ class D2FTStrategy(DDPStrategy):
         self.data_parallel_group: dist.ProcessGroup | None = None
         self.replicas: Replicas = Replicas(None, 1, 0)
         self.placement: Tensor | None = None  # owner[block, group], once the model is sharded
-        self.schedule: Schedule | None = None
-        self._epoch_ids: tuple[int, list[int]] = (-1, [])
         self._sharded_ids: set[int] = set()
-        self._bytes_logged = 0
         self._own_weights: list[Tensor] | None = None  # lo-fi: a replica's weights while validation sees the mean
 
     # -- mesh -----------------------------------------------------------------------------------
@@ -295,64 +270,11 @@ class D2FTStrategy(DDPStrategy):
         for g in grads:
             g.detach().mul_(coef.to(g.device, g.dtype))
 
-    # -- executing the schedule -----------------------------------------------------------------
-    def install_schedule(self, schedule: Schedule) -> None:
-        """From now on every training batch runs its micro-batch's row of ``schedule``."""
-        self.schedule = schedule
-        self._epoch_ids = (-1, [])
-
-    def micro_batch_of(self, batch_idx: int) -> int:
-        """The micro-batch id training batch ``batch_idx`` of the current epoch holds (-1 if unknown)."""
-        trainer = self.lightning_module.trainer
-        epoch = trainer.current_epoch
-        if self._epoch_ids[0] != epoch:
-            try:
-                sampler = find_micro_batch_sampler(trainer.train_dataloader)
-            except TypeError:
-                return -1
-            self._epoch_ids = (epoch, sampler.micro_batch_ids(epoch))
-        ids = self._epoch_ids[1]
-        return int(ids[batch_idx]) if 0 <= batch_idx < len(ids) else -1
-
     @override
     def on_train_start(self) -> None:
         super().on_train_start()
         if self.world_size > 1:
             self.guard.install_sigterm_handler(self.global_rank)
-        trainer = self.lightning_module.trainer
-        loop = trainer.fit_loop
-        if loop.restarted_mid_epoch:  # the rest of the epoch sees the micro-batches (and ops) it would have
-            sampler = find_micro_batch_sampler(trainer.train_dataloader)
-            # ``processed``, not ``completed``: a checkpoint saved in on_train_batch_end has the batch
-            # processed but not yet marked completed (Lightning marks it when its loop resets)
-            sampler.skip = loop.epoch_loop.batch_progress.current.processed
-            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
-            rank_zero_info(f"D2FT: resuming epoch {trainer.current_epoch} after micro-batch {sampler.skip}")
-
-    @override
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        super().on_train_batch_start(batch, batch_idx)
-        net = find_d2ft(self.lightning_module)
-        net.scheduled_ops = None
-        if self.schedule is not None:
-            mb = self.micro_batch_of(batch_idx)
-            net.scheduled_ops = self.schedule.ops[mb] if mb >= 0 else None
-            if net.scheduled_ops is not None:
-                s = self.schedule
-                ops = net.scheduled_ops[s.scheduled]
-                fraction = float(s.cost.compute(ops).sum() / (ops.numel() * s.cost.full))
-                self.lightning_module.log("d2ft/compute_fraction", fraction, on_step=False, on_epoch=True,
-                                          sync_dist=True, batch_size=1)
-
-    @override
-    def backward(self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Tensor:
-        out = super().backward(closure_loss, optimizer, *args, **kwargs)
-        total = self.comm_stats.total_bytes + self.dp_bytes
-        # bytes every rank sent for this micro-batch, summed over the ranks (Lightning reduces once per epoch)
-        self.lightning_module.log("d2ft/bytes_sent", float(total - self._bytes_logged), on_step=False,
-                                  on_epoch=True, sync_dist=True, reduce_fx="sum", batch_size=1)
-        self._bytes_logged = total
-        return out
 
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
@@ -429,63 +351,6 @@ class D2FTStrategy(DDPStrategy):
         module = self.lightning_module
         return [*module.parameters(), *(b for b in module.buffers() if b.is_floating_point())]
 
-    # -- checkpoints: whole model in, whole model out -------------------------------------------
-    def _gather(self, obj: Any) -> list[Any]:
-        out: list[Any] = [None] * self.tensor_parallel_size
-        named_collective("tensor-parallel all_gather_object (checkpoint shards)", self.global_rank,
-                         dist.all_gather_object, out, obj, group=self.tp.group)
-        return out
-
-    def _rank_groups(self) -> list[list[list[int]]]:
-        return [groups_of_rank(self.placement, r) for r in range(self.tensor_parallel_size)]
-
-    def _is_sharded(self, net: D2FTViT) -> bool:
-        return net.tp is not None and self.tensor_parallel_size > 1
-
-    @override
-    def lightning_module_state_dict(self) -> dict[str, Any]:
-        module = self.lightning_module
-        net = find_d2ft(module)
-        state = module.state_dict()
-        if self.replicas.differ:  # the lo-fi model is the replicas' mean (every rank takes part)
-            state = {k: self.replicas.mean(v) if v.is_floating_point() else v for k, v in state.items()}
-        if not self._is_sharded(net):
-            return state
-        prefix = _prefix_of(module, net)
-        vit_keys = {k for k in state if k.startswith(prefix)}
-        shards = self._gather({k: state[k].detach().cpu() for k in vit_keys})
-        shapes = {prefix + k: v for k, v in net.full_shapes.items()}
-        full = unshard_state_dict(shapes, net.groups_per_block, list(zip(self._rank_groups(), shards)))
-        return {**{k: v for k, v in state.items() if k not in vit_keys}, **full}
-
-    @override
-    def load_model_state_dict(self, checkpoint: dict[str, Any], strict: bool = True) -> None:
-        module = self.lightning_module
-        net = find_d2ft(module)
-        state = checkpoint["state_dict"]
-        match_lora_(net, state)
-        if self._is_sharded(net):
-            state = shard_state_dict(state, net.groups_per_block, groups_of_rank(self.placement,
-                                                                                 self.tensor_parallel_rank))
-        module.load_state_dict(state, strict=strict)
-
-    @override
-    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
-        """Optimizer state with full-size tensors keyed by parameter name: independent of the world size."""
-        module = self.lightning_module
-        net = find_d2ft(module)
-        groups = self._rank_groups() if self._is_sharded(net) else None
-        return full_optimizer_state(optimizer, module, net, _prefix_of(module, net), groups, self._gather)
-
-    @override
-    def load_optimizer_state_dict(self, checkpoint: dict[str, Any]) -> None:
-        module = self.lightning_module
-        net = find_d2ft(module)
-        groups = groups_of_rank(self.placement, self.tensor_parallel_rank) if self._is_sharded(net) else None
-        for optimizer, saved in zip(self.optimizers, checkpoint["optimizer_states"]):
-            load_full_optimizer_state(optimizer, saved, module, net, groups, self.tensor_parallel_rank,
-                                      self.tensor_parallel_size)
-
     # -- registry -------------------------------------------------------------------------------
     @classmethod
     @override
@@ -496,13 +361,6 @@ class D2FTStrategy(DDPStrategy):
 
 def _seed_of(trainer: Any) -> int:
     return int(os.environ.get("PL_GLOBAL_SEED", 0))
-
-
-def _prefix_of(module: torch.nn.Module, net: D2FTViT) -> str:
-    for name, m in module.named_modules():
-        if m is net:
-            return f"{name}.vit." if name else "vit."
-    raise RuntimeError("D2FTViT not found in the module")
 
 
 def _register() -> None:
