@@ -9,7 +9,10 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
+import sys
 import threading
+import time
 from typing import Any
 
 import torch
@@ -25,10 +28,16 @@ _WHAT = {0: "", 1: "loss", 2: "input"}
 
 
 class StepGuard:
-    """Notes SIGTERM, and agrees once per step on (non-finite input/loss, any rank got SIGTERM)."""
+    """Notes SIGTERM, and agrees once per step on (non-finite input/loss, any rank got SIGTERM).
 
-    def __init__(self) -> None:
+    A rank stuck in a collective (a peer hung) never returns to Python, so no Python signal handler runs
+    there; a watchdog thread, woken by the signal itself (``signal.set_wakeup_fd``), ends the process when
+    it has not stopped ``grace_s`` seconds after SIGTERM."""
+
+    def __init__(self, grace_s: float = 60.0) -> None:
         self.sigterm_seen = False
+        self.grace_s = grace_s
+        self._wakeup: tuple[socket.socket, socket.socket] | None = None
 
     def install_sigterm_handler(self, rank: int) -> None:
         """Lightning's SIGTERM handler broadcasts from inside the handler: when only some ranks get the signal,
@@ -43,6 +52,40 @@ class StepGuard:
             self.sigterm_seen = True
 
         signal.signal(signal.SIGTERM, note)
+        self._start_watchdog(rank)
+
+    def _start_watchdog(self, rank: int) -> None:
+        self.stop_watchdog()
+        read, write = socket.socketpair()
+        write.setblocking(False)
+        signal.set_wakeup_fd(write.fileno())
+        self._wakeup = (read, write)
+
+        def watch() -> None:
+            try:
+                while (data := read.recv(1)) and data[0] != signal.SIGTERM:
+                    pass
+            except OSError:
+                return  # closed: training ended
+            if not data:
+                return
+            time.sleep(self.grace_s)  # time to finish the step and stop with every rank
+            sys.stderr.write(f"D2FT: rank {rank} did not stop within {self.grace_s:g} s of SIGTERM (stuck in a "
+                             "collective: a peer hung or died); exiting with status 143\n")
+            sys.stderr.flush()
+            os._exit(143)
+
+        threading.Thread(target=watch, name="d2ft-sigterm-watchdog", daemon=True).start()
+
+    def stop_watchdog(self) -> None:
+        """Detach the wakeup fd and end the watchdog (training is over)."""
+        if self._wakeup is None:
+            return
+        if threading.current_thread() is threading.main_thread():
+            signal.set_wakeup_fd(-1)
+        for sock in self._wakeup:
+            sock.close()
+        self._wakeup = None
 
     def agree(self, batch: Any, loss: Any, world_size: int, rank: int) -> tuple[str, bool]:
         """('input' | 'loss' | '', any rank got SIGTERM): the same on every rank."""

@@ -72,6 +72,8 @@ class D2FTStrategy(ScheduleExecution, FullCheckpoints, DDPStrategy):
             :class:`MicroBatchSampler` of the same batch size (logged), as Lightning injects
             DistributedSampler; False leaves the loader alone (it must then yield fixed micro-batches).
         timeout: how long any collective waits for a peer before it fails, naming the op and the rank.
+        sigterm_grace_s: after SIGTERM, a rank that has not stopped within this many seconds (stuck in a
+            collective whose peer hung) exits with status 143.
         The remaining arguments are DDPStrategy's (launcher, backend, ...).
     """
     strategy_name = "d2ft"
@@ -92,6 +94,7 @@ class D2FTStrategy(ScheduleExecution, FullCheckpoints, DDPStrategy):
         data_parallel: Literal["sync", "lofi"] = "sync",
         lofi_average_every_n_steps: int | None = None,
         use_micro_batch_sampler: bool = True,
+        sigterm_grace_s: float = 60.0,
     ) -> None:
         super().__init__(
             accelerator=accelerator, parallel_devices=parallel_devices, cluster_environment=cluster_environment,
@@ -114,7 +117,7 @@ class D2FTStrategy(ScheduleExecution, FullCheckpoints, DDPStrategy):
         self.data_parallel, self.lofi_every = data_parallel, lofi_average_every_n_steps
         self.on_nonfinite, self.use_micro_batch_sampler = on_nonfinite, use_micro_batch_sampler
         self.skipped_steps: list[dict[str, int]] = []
-        self.guard = StepGuard()
+        self.guard = StepGuard(grace_s=sigterm_grace_s)
         self.tp: SparseTensorParallel | None = None
         self.tensor_parallel_group: dist.ProcessGroup | None = None
         self.data_parallel_group: dist.ProcessGroup | None = None
@@ -275,6 +278,11 @@ class D2FTStrategy(ScheduleExecution, FullCheckpoints, DDPStrategy):
         super().on_train_start()
         if self.world_size > 1:
             self.guard.install_sigterm_handler(self.global_rank)
+
+    @override
+    def teardown(self) -> None:
+        self.guard.stop_watchdog()
+        super().teardown()
 
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:

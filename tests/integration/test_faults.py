@@ -207,3 +207,25 @@ def test_a_checkpoint_with_nan_weights_is_refused(tmp_path):
     with pytest.raises(FloatingPointError, match="refusing to write checkpoint"):
         io.save_checkpoint({"state_dict": {"w": torch.tensor([1.0, float("nan")])}}, tmp_path / "last.ckpt")
     assert torch.equal(torch.load(tmp_path / "last.ckpt")["state_dict"]["w"], torch.ones(2))
+
+
+class TermWhileStuck(Callback):
+    """Rank 1 hangs at step 1 (stops answering); rank 0, stuck in the next collective, gets SIGTERM."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step != 1:
+            return
+        if trainer.global_rank == 1:
+            time.sleep(60)
+        else:
+            import threading
+
+            threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+
+
+def test_sigterm_stops_a_rank_stuck_in_a_collective(tmp_path):
+    """No Python handler runs while a rank waits inside gloo; the watchdog ends it after the grace period
+    (well before the 120 s collective timeout)."""
+    with pytest.raises(Exception, match="exit code 143"):
+        _trainer(tmp_path, [_d2ft(1.0, tmp_path), TermWhileStuck()], limit_train_batches=4,
+                 strategy_kw=dict(timeout=timedelta(seconds=120), sigterm_grace_s=2.0)).fit(_module(), _data())
