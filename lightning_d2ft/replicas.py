@@ -26,6 +26,7 @@ class Replicas:
         self.group, self.size, self.rank = group, size, rank
         self.bytes_sent = 0  # gradients or weight averages this rank sent
         self.differ = False  # replicas may hold different weights now
+        self._own: list[Tensor] | None = None  # this replica's weights while evaluation sees the mean
 
     def after_backward(self, optimizer: Optimizer) -> None:
         """Between the closure (backward) and clipping/the optimizer step."""
@@ -49,6 +50,22 @@ class Replicas:
             for t in tensors:
                 t.copy_(self.mean(t))
         self.differ = False
+
+
+    def evaluate_mean_(self, tensors: list[Tensor]) -> None:
+        """Evaluation sees the replicas' mean (the model lo-fi delivers); :meth:`resume_own_` undoes it."""
+        if self.differ:
+            self._own = [t.detach().clone() for t in tensors]
+            self.average_(tensors)
+
+    def resume_own_(self, tensors: list[Tensor]) -> None:
+        """Give each replica its own weights back, so that evaluation does not change training."""
+        if self._own is None:
+            return
+        with torch.no_grad():
+            for t, saved in zip(tensors, self._own):
+                t.copy_(saved)
+        self._own, self.differ = None, True
 
 
 class SyncReplicas(Replicas):

@@ -124,7 +124,6 @@ class D2FTStrategy(ScheduleExecution, FullCheckpoints, DDPStrategy):
         self.replicas: Replicas = Replicas(None, 1, 0)
         self.placement: Tensor | None = None  # owner[block, group], once the model is sharded
         self._sharded_ids: set[int] = set()
-        self._own_weights: list[Tensor] | None = None  # lo-fi: a replica's weights while validation sees the mean
 
     # -- mesh -----------------------------------------------------------------------------------
     def _check_tp_divides(self, world: int) -> int:
@@ -337,23 +336,13 @@ class D2FTStrategy(ScheduleExecution, FullCheckpoints, DDPStrategy):
 
     @override
     def on_validation_start(self) -> None:
-        """lo-fi: evaluate the replicas' mean (the model lo-fi delivers), then give each replica its own
-        weights back, so that evaluation does not change training."""
         super().on_validation_start()
-        if self.replicas.differ:
-            self._own_weights = [t.detach().clone() for t in self._replica_tensors()]
-            self.replicas.average_(self._replica_tensors())
+        self.replicas.evaluate_mean_(self._replica_tensors())
 
     @override
     def on_validation_end(self) -> None:
         super().on_validation_end()
-        own = self._own_weights
-        if own is not None:
-            with torch.no_grad():
-                for t, saved in zip(self._replica_tensors(), own):
-                    t.copy_(saved)
-            self._own_weights = None
-            self.replicas.differ = True
+        self.replicas.resume_own_(self._replica_tensors())
 
     def _replica_tensors(self) -> list[Tensor]:
         module = self.lightning_module
