@@ -124,6 +124,7 @@ class MeasureStep(Callback):
         self.counter = FlopCounterMode(display=False)
         self.counter.__enter__()
         self.before = trainer.strategy.comm_stats.total_bytes
+        self.ops.append(trainer.strategy.micro_batch_of(batch_idx))  # the micro-batch this step trains
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.counter.__exit__(None, None, None)
@@ -133,7 +134,7 @@ class MeasureStep(Callback):
     def on_train_end(self, trainer, pl_module):
         d2ft = next(c for c in trainer.callbacks if isinstance(c, D2FTCallback))
         rank = trainer.strategy.tensor_parallel_rank
-        ids = [trainer.strategy.micro_batch_of(i) for i in range(trainer.num_training_batches)]
+        ids = self.ops
         Path(self.out).mkdir(parents=True, exist_ok=True)
         (Path(self.out) / f"rank{rank}.json").write_text(json.dumps(
             {"flops": self.flops, "bytes": self.bytes, "ids": ids}))
