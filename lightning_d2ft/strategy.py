@@ -17,95 +17,40 @@ from __future__ import annotations
 
 import atexit
 import logging
+import math
 import os
-import signal
-import threading
 from datetime import timedelta
 from typing import Any, Callable, Literal
 
 import torch
 import torch.distributed as dist
-from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment, TorchCheckpointIO
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.utilities.distributed import _destroy_dist_connection
+from lightning.pytorch.overrides.distributed import _sync_module_states
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher, _WorkerOutput
-from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_d2ft.collectives import CommStats, SparseTensorParallel
+from lightning_d2ft.collectives import CommStats, SparseTensorParallel, named_collective
 from lightning_d2ft.data import MicroBatchSampler
-from lightning_d2ft.files import atomic_write
-from lightning_d2ft.lora import match_lora_
-from lightning_d2ft.partition import D2FTViT, find_d2ft, shard_state_dict, unshard_state_dict
+from lightning_d2ft.checkpointing import AtomicCheckpointIO, FullCheckpoints
+from lightning_d2ft.execution import ScheduleExecution
+from lightning_d2ft.guards import StepGuard
+from lightning_d2ft.launchers import _WholeModelSpawnLauncher, sigterm_exit
+from lightning_d2ft.partition import D2FTViT, find_d2ft
 from lightning_d2ft.placement import groups_of_rank, round_robin
+from lightning_d2ft.replicas import Replicas, make_replicas
+from lightning_d2ft.samplers import with_micro_batches
 
 __all__ = ["AtomicCheckpointIO", "D2FTStrategy"]
 log = logging.getLogger(__name__)
 
 
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """torch.save to a temporary file and rename: a crash mid-save leaves the previous checkpoint intact.
-    A checkpoint whose weights hold NaN/inf is refused: it would overwrite the last good one."""
-
-    @override
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
-        import io
-
-        bad = [k for k, v in checkpoint.get("state_dict", {}).items()
-               if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
-        if bad:
-            raise FloatingPointError(f"refusing to write checkpoint {path}: NaN/inf in {bad[:5]}"
-                                     f"{' and more' if len(bad) > 5 else ''}; the previous checkpoint is kept")
-        buffer = io.BytesIO()
-        torch.save(checkpoint, buffer)
-        atomic_write(path, buffer.getvalue())
-
-
-class _WholeModelSpawnLauncher(_MultiProcessingLauncher):
-    """Lightning's spawn launcher, but it sends the main process the whole model, not rank 0's shard,
-    and each worker destroys its process group before it exits."""
-
-    @override
-    def _wrapping_function(self, *args: Any, **kwargs: Any) -> None:
-        try:
-            super()._wrapping_function(*args, **kwargs)
-        except SIGTERMException as stop:
-            # a SystemExit with code 0: the worker would look finished and the main process would wait
-            # for its results forever; report the stop as the failure it is
-            raise RuntimeError("fit stopped by SIGTERM; resume from the last checkpoint") from stop
-        # a gloo group left to interpreter finalization can abort the worker (SIGABRT, "terminate called
-        # without an active exception"); Lightning destroys groups at exit only for NCCL
-        _destroy_dist_connection()
-
-    @override
-    def _collect_rank_zero_results(self, trainer: Any, results: Any) -> _WorkerOutput | None:
-        callback = trainer.checkpoint_callback
-        best_model_path = getattr(callback, "best_model_path", None) if callback else None
-        state_dict = self._strategy.lightning_module_state_dict()  # a collective: every rank takes part
-        if self._strategy.local_rank != 0:
-            return None
-        weights_path = None
-        if trainer.state.fn == TrainerFn.FITTING:
-            import tempfile
-
-            weights_path = os.path.join(tempfile.mkdtemp(), ".temp.ckpt")
-            self._strategy.checkpoint_io.save_checkpoint(state_dict, weights_path)
-        return _WorkerOutput(best_model_path, weights_path, trainer.state, results, self.get_extra_results(trainer))
-
-    @override
-    def _recover_results_in_main_process(self, worker_output: _WorkerOutput, trainer: Any) -> None:
-        if worker_output.weights_path is not None:  # Lightning loads non-strictly: adapters would be dropped
-            state = self._strategy.checkpoint_io.load_checkpoint(worker_output.weights_path)
-            match_lora_(find_d2ft(trainer.lightning_module), state)
-        super()._recover_results_in_main_process(worker_output, trainer)
-
-
-class D2FTStrategy(DDPStrategy):
+class D2FTStrategy(ScheduleExecution, FullCheckpoints, DDPStrategy):
     """Shard a D2FTViT over tensor-parallel ranks and execute the D2FT schedule.
 
     Args:
@@ -123,9 +68,14 @@ class D2FTStrategy(DDPStrategy):
             ``lofi_average_every_n_steps`` optimizer steps as well. Validation and checkpoints see the
             average of the replicas at that moment without changing them (a resumed lo-fi run restarts
             every replica from the checkpoint's average).
-        The remaining arguments are DDPStrategy's (launcher, backend, timeout, ...).
+        use_micro_batch_sampler: swap a plain training sampler (sequential, random, distributed) for a
+            :class:`MicroBatchSampler` of the same batch size (logged), as Lightning injects
+            DistributedSampler; False leaves the loader alone (it must then yield fixed micro-batches).
+        timeout: how long any collective waits for a peer before it fails, naming the op and the rank.
+        sigterm_grace_s: after SIGTERM, a rank that has not stopped within this many seconds (stuck in a
+            collective whose peer hung) exits with status 143.
+        The remaining arguments are DDPStrategy's (launcher, backend, ...).
     """
-
     strategy_name = "d2ft"
 
     def __init__(
@@ -143,6 +93,8 @@ class D2FTStrategy(DDPStrategy):
         on_nonfinite: Literal["raise", "skip"] = "raise",
         data_parallel: Literal["sync", "lofi"] = "sync",
         lofi_average_every_n_steps: int | None = None,
+        use_micro_batch_sampler: bool = True,
+        sigterm_grace_s: float = 60.0,
     ) -> None:
         super().__init__(
             accelerator=accelerator, parallel_devices=parallel_devices, cluster_environment=cluster_environment,
@@ -159,29 +111,31 @@ class D2FTStrategy(DDPStrategy):
         if lofi_average_every_n_steps is not None and (data_parallel != "lofi" or lofi_average_every_n_steps < 1):
             raise ValueError(f"lofi_average_every_n_steps must be a positive int and needs data_parallel='lofi', "
                              f"got {lofi_average_every_n_steps!r} with data_parallel={data_parallel!r}")
+        self._tp_size_arg, self._placement_arg = tensor_parallel_size, placement
+        if parallel_devices is not None:
+            self._check_tp_divides(len(parallel_devices))
         self.data_parallel, self.lofi_every = data_parallel, lofi_average_every_n_steps
-        self._lofi_steps = 0
-        self._replicas_differ = False  # lo-fi: a step since the last average (replicas start identical)
-        self._own_weights: list[Tensor] | None = None  # lo-fi: a replica's weights while validation sees the mean
-        self.on_nonfinite = on_nonfinite
+        self.on_nonfinite, self.use_micro_batch_sampler = on_nonfinite, use_micro_batch_sampler
         self.skipped_steps: list[dict[str, int]] = []
-        self._sigterm_seen = False
-        self._tp_size_arg = tensor_parallel_size
-        self._placement_arg = placement
+        self.guard = StepGuard(grace_s=sigterm_grace_s)
         self.tp: SparseTensorParallel | None = None
-        self._dp_group: dist.ProcessGroup | None = None
-        self.dp_bytes = 0  # bytes this rank sent for data-parallel sync (gradients, or lo-fi weight averages)
+        self.tensor_parallel_group: dist.ProcessGroup | None = None
+        self.data_parallel_group: dist.ProcessGroup | None = None
+        self.replicas: Replicas = Replicas(None, 1, 0)
         self.placement: Tensor | None = None  # owner[block, group], once the model is sharded
+        self._sharded_ids: set[int] = set()
 
     # -- mesh -----------------------------------------------------------------------------------
-    @property
-    def tensor_parallel_size(self) -> int:
-        world = self.world_size
+    def _check_tp_divides(self, world: int) -> int:
         tp = world if self._tp_size_arg == "auto" else self._tp_size_arg
         if world % tp:
-            raise ValueError(f"world size {world} is not a multiple of tensor_parallel_size={tp}; use a divisor "
-                             f"of {world}: {[d for d in range(1, world + 1) if world % d == 0]}")
+            raise ValueError(f"tensor_parallel_size={tp} does not divide the {world} devices (processes); use a "
+                             f"divisor of {world}: {[d for d in range(1, world + 1) if world % d == 0]}")
         return tp
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        return self._check_tp_divides(self.world_size)
 
     @property
     def data_parallel_size(self) -> int:
@@ -195,20 +149,18 @@ class D2FTStrategy(DDPStrategy):
     def data_parallel_rank(self) -> int:
         return self.global_rank // self.tensor_parallel_size
 
+    @property
+    def dp_bytes(self) -> int:
+        """Bytes this rank sent for data-parallel sync (gradients, or lo-fi weight averages)."""
+        return self.replicas.bytes_sent
+
     @override
     def _configure_launcher(self) -> None:
+        # refuse a bad size here, before any process starts (the accelerator connector knows the devices)
+        self._check_tp_divides(self.num_nodes * len(self.parallel_devices or [None]))
         super()._configure_launcher()
         if self._start_method != "popen":
             self._launcher = _WholeModelSpawnLauncher(self, start_method=self._start_method)
-
-    @override
-    def process_dataloader(self, dataloader: object) -> object:
-        """Point a MicroBatchSampler at this rank's data-parallel replica before Lightning measures the
-        loader (the epoch length, and so when validation runs, depend on it)."""
-        sampler = getattr(dataloader, "sampler", None)
-        if isinstance(sampler, MicroBatchSampler):
-            sampler.set_replicas(self.data_parallel_size, self.data_parallel_rank)
-        return super().process_dataloader(dataloader)
 
     @property
     @override
@@ -217,21 +169,36 @@ class D2FTStrategy(DDPStrategy):
         return {"num_replicas": self.data_parallel_size, "rank": self.data_parallel_rank}
 
     @override
+    def process_dataloader(self, dataloader: object) -> object:
+        """The training loader gets fixed micro-batches (a plain sampler is swapped for a MicroBatchSampler,
+        as Lightning injects DistributedSampler), pointed at this rank's data-parallel replica before
+        Lightning measures the loader (the epoch length, and so when validation runs, depend on it)."""
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        if trainer is not None and trainer.state.stage == RunningStage.TRAINING and self.use_micro_batch_sampler:
+            dataloader = with_micro_batches(dataloader, seed=_seed_of(trainer))
+        sampler = getattr(dataloader, "sampler", None)
+        if isinstance(sampler, MicroBatchSampler):
+            sampler.set_replicas(self.data_parallel_size, self.data_parallel_rank)
+        return super().process_dataloader(dataloader)
+
+    @override
     def setup_distributed(self) -> None:
         super().setup_distributed()
-        atexit.register(_destroy_dist_connection)  # see _WholeModelSpawnLauncher._wrapping_function
+        atexit.register(_destroy_dist_connection)  # see launchers._WholeModelSpawnLauncher
         tp, dp = self.tensor_parallel_size, self.data_parallel_size
-        tp_group = None
         # every rank creates every group, in the same order (a torch.distributed rule)
         for r in range(dp):
-            group = dist.new_group(list(range(r * tp, (r + 1) * tp))) if dp > 1 else None
+            group = dist.new_group(list(range(r * tp, (r + 1) * tp)), timeout=self._timeout) if dp > 1 else None
             if r == self.data_parallel_rank:
-                tp_group = group
+                self.tensor_parallel_group = group if tp > 1 else None
         for t in range(tp):
-            group = dist.new_group(list(range(t, tp * dp, tp))) if dp > 1 else None
+            group = dist.new_group(list(range(t, tp * dp, tp)), timeout=self._timeout) if dp > 1 else None
             if t == self.tensor_parallel_rank:
-                self._dp_group = group
-        self.tp = SparseTensorParallel(tp_group, self.tensor_parallel_rank, tp)
+                self.data_parallel_group = group
+        group = self.tensor_parallel_group if dp > 1 else None  # None: the world group
+        self.tp = SparseTensorParallel(group, self.tensor_parallel_rank, tp)
+        self.replicas = make_replicas(self.data_parallel, self.data_parallel_group, dp, self.data_parallel_rank,
+                                      self.lofi_every)
 
     @property
     def comm_stats(self) -> CommStats:
@@ -239,12 +206,32 @@ class D2FTStrategy(DDPStrategy):
 
     # -- model ----------------------------------------------------------------------------------
     @override
+    def setup(self, trainer: Any) -> None:
+        """DDPStrategy.setup, except that outside fit a sharded model is not overwritten by rank 0's shard
+        (Lightning broadcasts every tensor of rank 0 to make replicas equal, which shards are not)."""
+        net = find_d2ft(self.model) if self.model is not None else None
+        if trainer.state.fn != TrainerFn.FITTING and net is not None and net.tp is not None:
+            self.accelerator.setup(trainer)
+            self.precision_plugin.convert_module(self.model)
+            self.model_to_device()
+            self.setup_precision_plugin()
+            return
+        super().setup(trainer)
+        self.precision_plugin.clip_grad_by_norm = self._clip_grad_by_global_norm
+
+    @override
     def configure_ddp(self) -> None:
-        """Shard instead of wrapping in DistributedDataParallel."""
+        """Shard instead of wrapping in DistributedDataParallel; rank 0's whole model first goes to every
+        rank, so that every rank starts from the same weights with or without ``seed_everything``."""
         net = find_d2ft(self.lightning_module)
         if net.tp is None:
+            if self.world_size > 1:
+                _sync_module_states(self.model)
             net.shard_(self._resolve_placement(net), self.tp)
         self.placement = net.group_owner.cpu()
+        full = {k: math.prod(v) for k, v in (net.full_shapes or {}).items()}
+        self._sharded_ids = {id(p) for k, p in net.vit.named_parameters()
+                             if self.tensor_parallel_size > 1 and k in full and p.numel() != full[k]}
 
     def _resolve_placement(self, net: D2FTViT) -> Tensor:
         tp = self.tensor_parallel_size
@@ -268,21 +255,33 @@ class D2FTStrategy(DDPStrategy):
         """The placement this strategy will use for ``net`` (before or after sharding)."""
         return net.group_owner.cpu() if net.tp is not None else self._resolve_placement(net)
 
-    # -- per-step agreement: non-finite data and SIGTERM ------------------------------------------
+    def _clip_grad_by_global_norm(self, optimizer: Optimizer, clip_val: float) -> None:
+        """clip_grad_norm_ over the whole sharded model: shards' squares summed across the tensor-parallel
+        ranks, replicated parameters counted once, so every rank scales by the same factor."""
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        sharded = [p.grad for g in optimizer.param_groups for p in g["params"]
+                   if p.grad is not None and id(p) in self._sharded_ids]
+        squares = torch.stack([torch.zeros(()), *(g.detach().float().pow(2).sum().cpu() for g in sharded)]).sum()
+        ids = {id(g) for g in sharded}
+        replicated = torch.stack([torch.zeros(()), *(g.detach().float().pow(2).sum().cpu() for g in grads
+                                                     if id(g) not in ids)]).sum()
+        if self.tensor_parallel_size > 1:
+            named_collective("tensor-parallel all_reduce (gradient norm)", self.global_rank, dist.all_reduce,
+                             squares, group=self.tp.group)
+        coef = (float(clip_val) / ((squares + replicated).sqrt() + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.detach().mul_(coef.to(g.device, g.dtype))
+
     @override
     def on_train_start(self) -> None:
         super().on_train_start()
-        self._sigterm_seen = False
-        if self.world_size > 1 and threading.current_thread() is threading.main_thread():
-            # Lightning's SIGTERM handler broadcasts from inside the handler: when only some ranks get the
-            # signal, the others are inside a tensor-parallel collective and every rank hangs. Ours only
-            # notes it; the next step's flag all-reduce tells every rank (Lightning restores its handlers
-            # at teardown).
-            signal.signal(signal.SIGTERM, self._note_sigterm)
+        if self.world_size > 1:
+            self.guard.install_sigterm_handler(self.global_rank)
 
-    def _note_sigterm(self, signum: int, frame: Any) -> None:
-        log.warning(f"[rank {self.global_rank}] received SIGTERM: every rank stops after this step")
-        self._sigterm_seen = True
+    @override
+    def teardown(self) -> None:
+        self.guard.stop_watchdog()
+        super().teardown()
 
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
@@ -290,201 +289,64 @@ class D2FTStrategy(DDPStrategy):
         batch = args[0] if args else kwargs.get("batch")
         batch_idx = args[1] if len(args) > 1 else kwargs.get("batch_idx", -1)
         loss = out["loss"] if isinstance(out, dict) else out
-        what, sigterm = self._agree(batch, loss)
+        what, sigterm = self.guard.agree(batch, loss, self.world_size, self.global_rank)
         trainer = self.lightning_module.trainer
         if sigterm:  # Lightning's next-batch broadcast then stops every rank together (SIGTERMException)
             trainer._signal_connector.received_sigterm = True
         if not what:
             return out
         where = {"global_step": trainer.global_step, "epoch": trainer.current_epoch, "batch_idx": batch_idx,
-                 "micro_batch": _micro_batch_of(trainer, batch_idx)}
+                 "micro_batch": self.micro_batch_of(batch_idx)}
         message = (f"non-finite {what} at global step {where['global_step']} (epoch {where['epoch']}, batch "
                    f"{batch_idx}, micro-batch {where['micro_batch']})")
         if self.on_nonfinite == "skip":
             self.skipped_steps.append(where)
             log.warning(f"{message}: skipped (on_nonfinite='skip')")
-            return None  # Lightning runs no backward and the optimizer sees no gradient
+            # not None (Lightning refuses that on several processes): a zero loss outside the model, so the
+            # backward runs no collective on any rank and adds no gradient (the optimizer skips None grads)
+            return torch.zeros((), requires_grad=True)
         raise FloatingPointError(f"{message}. Nothing from this step was applied or saved; the last checkpoint "
                                  "is intact. Fix the data, or pass D2FTStrategy(on_nonfinite='skip').")
 
-    def _agree(self, batch: Any, loss: Any) -> tuple[str, bool]:
-        """('input' | 'loss' | '', any rank got SIGTERM), the same on every rank (one 2-int all-reduce),
-        so that all raise, skip or stop together."""
-        from lightning.fabric.utilities.apply_func import apply_to_collection
-
-        flags = [False]
-        apply_to_collection(batch, Tensor, lambda t: flags.__setitem__(
-            0, flags[0] or (t.is_floating_point() and not bool(torch.isfinite(t).all()))))
-        bad_loss = torch.is_tensor(loss) and not bool(torch.isfinite(loss).all())
-        code = torch.tensor([2 if flags[0] else (1 if bad_loss else 0), int(self._sigterm_seen)])
-        if self.world_size > 1 and dist.is_initialized():
-            dist.all_reduce(code, op=dist.ReduceOp.MAX)
-        return {0: "", 1: "loss", 2: "input"}[int(code[0])], bool(code[1])
+    @override
+    def on_exception(self, exception: BaseException) -> None:
+        super().on_exception(exception)
+        module = self.lightning_module
+        if module is not None and module._trainer is not None:
+            sigterm_exit(exception, module.trainer)
 
     @override
     def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
         def closure_then_sync() -> Any:
             out = closure()
-            self._sync_data_parallel_grads(optimizer)
+            self.replicas.after_backward(optimizer)
             return out
 
         out = super().optimizer_step(optimizer, closure_then_sync, model, **kwargs)
-        if self.data_parallel == "lofi" and self.data_parallel_size > 1:
-            self._replicas_differ = True
-            self._lofi_steps += 1
-            if self.lofi_every and self._lofi_steps % self.lofi_every == 0:
-                self._average_replicas_()
+        self.replicas.after_step(self._replica_tensors())
         return out
 
-    # -- lo-fi: independent replicas, weights averaged -------------------------------------------
+    # -- lo-fi: the replicas' mean is the model ---------------------------------------------------
     @override
     def on_train_end(self) -> None:
         super().on_train_end()
-        if self._replicas_differ:
-            self._average_replicas_()
+        find_d2ft(self.lightning_module).scheduled_ops = None
+        if self.replicas.differ:
+            self.replicas.average_(self._replica_tensors())
 
     @override
     def on_validation_start(self) -> None:
-        """lo-fi: evaluate the replicas' mean (the model lo-fi delivers), then give each replica its own
-        weights back, so that evaluation does not change training."""
         super().on_validation_start()
-        if self._replicas_differ:
-            self._own_weights = [t.detach().clone() for t in self._replica_tensors()]
-            self._average_replicas_()
+        self.replicas.evaluate_mean_(self._replica_tensors())
 
     @override
     def on_validation_end(self) -> None:
         super().on_validation_end()
-        own = self._own_weights
-        if own is not None:
-            with torch.no_grad():
-                for t, saved in zip(self._replica_tensors(), own):
-                    t.copy_(saved)
-            self._own_weights = None
-            self._replicas_differ = True
+        self.replicas.resume_own_(self._replica_tensors())
 
     def _replica_tensors(self) -> list[Tensor]:
         module = self.lightning_module
         return [*module.parameters(), *(b for b in module.buffers() if b.is_floating_point())]
-
-    def _average_replicas_(self) -> None:
-        """Replace every replica's weights by their mean (one all-reduce per tensor, bytes counted)."""
-        with torch.no_grad():
-            for t in self._replica_tensors():
-                t.copy_(self._replica_mean(t))
-        self._replicas_differ = False
-
-    def _replica_mean(self, t: Tensor) -> Tensor:
-        if self.data_parallel_size == 1:
-            return t
-        total = t.detach().clone()
-        dist.all_reduce(total, group=self._dp_group)
-        n = self.data_parallel_size
-        self.dp_bytes += total.numel() * total.element_size() * 2 * (n - 1) // n
-        return total.div_(n)
-
-    def _sync_data_parallel_grads(self, optimizer: Optimizer) -> None:
-        if self.data_parallel_size == 1 or self.data_parallel == "lofi":
-            return
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                dist.all_reduce(p.grad, group=self._dp_group)
-                p.grad.div_(self.data_parallel_size)
-                n = self.data_parallel_size
-                self.dp_bytes += p.grad.numel() * p.grad.element_size() * 2 * (n - 1) // n
-
-    # -- checkpoints: whole model in, whole model out -------------------------------------------
-    def _gather_shards(self, local: dict[str, Tensor]) -> list[tuple[list[list[int]], dict[str, Tensor]]]:
-        shards: list[Any] = [None] * self.tensor_parallel_size
-        payload = {k: v.detach().cpu() for k, v in local.items()}
-        dist.all_gather_object(shards, payload, group=self.tp.group)
-        return [(groups_of_rank(self.placement, r), sd) for r, sd in enumerate(shards)]
-
-    def _full_shapes(self, net: D2FTViT, prefix: str) -> dict[str, torch.Size]:
-        return {prefix + k: v for k, v in net.full_shapes.items()}
-
-    @override
-    def lightning_module_state_dict(self) -> dict[str, Any]:
-        module = self.lightning_module
-        net = find_d2ft(module)
-        state = module.state_dict()
-        if self._replicas_differ:  # the lo-fi model is the replicas' mean (every rank takes part)
-            state = {k: self._replica_mean(v) if v.is_floating_point() else v for k, v in state.items()}
-        if net.tp is None or self.tensor_parallel_size == 1:
-            return state
-        prefix = _prefix_of(module, net)
-        vit_keys = {k for k in state if k.startswith(prefix)}
-        shards = self._gather_shards({k: state[k] for k in vit_keys})
-        full = unshard_state_dict(self._full_shapes(net, prefix), net.groups_per_block, shards)
-        return {**{k: v for k, v in state.items() if k not in vit_keys}, **full}
-
-    @override
-    def load_model_state_dict(self, checkpoint: dict[str, Any], strict: bool = True) -> None:
-        module = self.lightning_module
-        net = find_d2ft(module)
-        state = checkpoint["state_dict"]
-        match_lora_(net, state)
-        if net.tp is not None and self.tensor_parallel_size > 1:
-            state = self._shard_full(state, net)
-        module.load_state_dict(state, strict=strict)
-
-    def _shard_full(self, state: dict[str, Tensor], net: D2FTViT) -> dict[str, Tensor]:
-        groups = groups_of_rank(self.placement, self.tensor_parallel_rank)
-        return shard_state_dict(state, net.groups_per_block, groups)
-
-    @override
-    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
-        """Optimizer state with full-size tensors keyed by parameter name: independent of the world size."""
-        module = self.lightning_module
-        net = find_d2ft(module)
-        names = {id(p): n for n, p in module.named_parameters()}
-        sd = optimizer.state_dict()
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        by_name = {names[id(p)]: sd["state"].get(i, {}) for i, p in enumerate(params)}
-        if net.tp is not None and self.tensor_parallel_size > 1:
-            by_name = self._unshard_optimizer_state(by_name, net, _prefix_of(module, net))
-        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[id(p)] for p in pg["params"]]}
-                  for g, pg in zip(sd["param_groups"], optimizer.param_groups)]
-        return {"d2ft_by_name": True, "state": by_name, "param_groups": groups}
-
-    def _unshard_optimizer_state(self, by_name: dict, net: D2FTViT, prefix: str) -> dict:
-        shapes = self._full_shapes(net, prefix)
-        keys = sorted({k for st in by_name.values() for k, v in st.items() if torch.is_tensor(v) and v.dim() > 0})
-        out = {name: dict(st) for name, st in by_name.items()}
-        for key in keys:  # e.g. exp_avg, exp_avg_sq: shaped like their parameter
-            local = {n: st[key] for n, st in by_name.items() if key in st and n in shapes}
-            shards = self._gather_shards(local)
-            full = unshard_state_dict({n: shapes[n] for n in local}, net.groups_per_block, shards)
-            for n, v in full.items():
-                out[n][key] = v
-        return out
-
-    @override
-    def load_optimizer_state_dict(self, checkpoint: dict[str, Any]) -> None:
-        module = self.lightning_module
-        net = find_d2ft(module)
-        names = {id(p): n for n, p in module.named_parameters()}
-        for optimizer, saved in zip(self.optimizers, checkpoint["optimizer_states"]):
-            if not saved.get("d2ft_by_name"):
-                optimizer.load_state_dict(saved)
-                continue
-            params = [p for group in optimizer.param_groups for p in group["params"]]
-            state = {}
-            groups = groups_of_rank(self.placement, self.tensor_parallel_rank) if net.tp is not None else None
-            for i, p in enumerate(params):
-                st = dict(saved["state"].get(names[id(p)], {}))
-                if groups is not None and self.tensor_parallel_size > 1:
-                    st = {k: (shard_state_dict({names[id(p)]: v}, net.groups_per_block, groups)[names[id(p)]]
-                              if torch.is_tensor(v) and v.dim() > 0 else v) for k, v in st.items()}
-                if st:
-                    state[i] = st
-            index, param_groups = 0, []
-            for g, pg in zip(saved["param_groups"], optimizer.param_groups):
-                param_groups.append({**g, "params": list(range(index, index + len(pg["params"])))})
-                index += len(pg["params"])
-            optimizer.load_state_dict({"state": state, "param_groups": param_groups})
 
     # -- registry -------------------------------------------------------------------------------
     @classmethod
@@ -494,21 +356,8 @@ class D2FTStrategy(DDPStrategy):
         strategy_registry.register("d2ft_spawn", cls, description="D2FT with spawned processes", start_method="spawn")
 
 
-def _micro_batch_of(trainer: Any, batch_idx: int) -> int:
-    """The micro-batch id a training batch index maps to (-1 without a D2FTCallback)."""
-    from lightning_d2ft.callback import D2FTCallback  # the callback module imports this one
-
-    for cb in trainer.callbacks:
-        if isinstance(cb, D2FTCallback):
-            return cb.micro_batch_of(batch_idx)
-    return -1
-
-
-def _prefix_of(module: torch.nn.Module, net: D2FTViT) -> str:
-    for name, m in module.named_modules():
-        if m is net:
-            return f"{name}.vit." if name else "vit."
-    raise RuntimeError("D2FTViT not found in the module")
+def _seed_of(trainer: Any) -> int:
+    return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
 
 def _register() -> None:

@@ -1,0 +1,231 @@
+"""Faults on real runs: a killed or SIGTERMed rank, NaN data, a rank out of step, a rank's own error.
+Every one ends (no hang), says what happened, and loses nothing the last checkpoint had."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_d2ft import D2FTCallback, D2FTStrategy
+from lightning_d2ft.data import DigitsDataModule, MicroBatchSampler
+from lightning_d2ft.module import ViTClassifier
+
+pytestmark = pytest.mark.timeout(600)
+SMALL = dict(img_size=16, patch_size=8, embed_dim=48, depth=2)
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _module(seed: int = 0) -> ViTClassifier:
+    seed_everything(seed)
+    return ViTClassifier(num_classes=10, subnets=14, lr=1e-3, model_kwargs=SMALL)
+
+
+def _data() -> DigitsDataModule:
+    return DigitsDataModule(img_size=16, batch_size=16, seed=0)
+
+
+def _trainer(root: Path, callbacks=(), devices: int = 2, strategy_kw=None, **kw) -> Trainer:
+    strategy_kw = strategy_kw or {}
+    strategy = D2FTStrategy(start_method="spawn", **strategy_kw) if devices > 1 \
+        else D2FTStrategy(parallel_devices=[torch.device("cpu")], **strategy_kw)
+    kw = {"max_epochs": 1, "num_sanity_val_steps": 0, "limit_val_batches": 0, **kw}
+    return Trainer(accelerator="cpu", devices=devices, strategy=strategy, callbacks=list(callbacks),
+                   default_root_dir=root, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                   deterministic=True, **kw)
+
+
+def _d2ft(budget: float, root: Path) -> D2FTCallback:
+    return D2FTCallback(budget=budget, cache_dir=root / "cache", progress=False)
+
+
+def _vit_state(module: ViTClassifier) -> dict[str, torch.Tensor]:
+    return {k: v.detach() for k, v in module.net.vit.state_dict().items()}
+
+
+def _assert_same(a: dict, b: dict, atol: float) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-4, msg=k)
+
+
+class KillRank(Callback):
+    """Fault injection at the start of a training step on one rank: ``kill`` dies at once (no cleanup, like
+    SIGKILL or a lost machine); ``sigterm`` gets SIGTERM (what schedulers send before preempting);
+    ``sleep`` stops answering for a while (a rank out of step); ``raise`` fails with its own error."""
+
+    def __init__(self, rank: int, step: int, how: str) -> None:
+        self.rank, self.step, self.how = rank, step, how
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_rank != self.rank or trainer.global_step != self.step:
+            return
+        if self.how == "kill":
+            os._exit(17)
+        if self.how == "sigterm":
+            os.kill(os.getpid(), signal.SIGTERM)
+        if self.how == "sleep":
+            time.sleep(30)
+        if self.how == "raise":
+            raise ValueError("the real error, on rank 0")
+
+
+def _every_step_checkpoint(root: Path) -> ModelCheckpoint:
+    return ModelCheckpoint(dirpath=root / "ckpt", save_last=True, every_n_train_steps=2, save_top_k=0)
+
+
+@pytest.mark.parametrize("how", ["kill", "sigterm"])
+def test_rank_killed_mid_epoch_resumes_from_last_checkpoint_to_the_same_weights(tmp_path, how):
+    budget, steps = 0.6, 7
+    straight = _module()
+    _trainer(tmp_path / "a", [_d2ft(budget, tmp_path)], limit_train_batches=steps).fit(straight, _data())
+
+    run = tmp_path / "b"
+    expected = {"kill": "exit code 17", "sigterm": "stopped by SIGTERM at global step 6; resume from"}[how]
+    with pytest.raises(Exception, match=expected):
+        _trainer(run, [_d2ft(budget, tmp_path), _every_step_checkpoint(run), KillRank(1, 5, how)],
+                 limit_train_batches=steps).fit(_module(), _data())
+    last = run / "ckpt" / "last.ckpt"
+    # killed at step 5: the checkpoint of step 4 is intact; SIGTERM at step 5: every rank finishes step 5
+    # together (the checkpoint of step 6 is written) and stops, instead of hanging in a collective
+    assert torch.load(last, weights_only=False)["global_step"] == {"kill": 4, "sigterm": 6}[how]
+    assert not list((run / "ckpt").glob("*.tmp*")), "a partial checkpoint was left behind"
+
+    resumed = _module(seed=123)  # everything must come from the checkpoint
+    _trainer(run, [_d2ft(budget, tmp_path), _every_step_checkpoint(run)],
+             limit_train_batches=steps).fit(resumed, _data(), ckpt_path=last)
+    _assert_same(_vit_state(resumed), _vit_state(straight), atol=1e-5)
+
+
+def test_a_rank_out_of_step_times_out_naming_the_collective_and_the_rank(tmp_path):
+    """Rank 1 stops answering at step 1; rank 0 waits in a tensor-parallel collective, and instead of
+    hanging it fails after the strategy's timeout, naming the op and itself."""
+    with pytest.raises(Exception, match=r"collective '[^']+' failed on rank 0"):
+        _trainer(tmp_path, [_d2ft(1.0, tmp_path), KillRank(1, 1, "sleep")], limit_train_batches=4,
+                 strategy_kw=dict(timeout=timedelta(seconds=5))).fit(_module(), _data())
+
+
+def test_a_rank_s_own_error_is_what_the_user_sees_not_the_peer_s_connection_error(tmp_path):
+    with pytest.raises(Exception, match="the real error, on rank 0") as err:
+        _trainer(tmp_path, [_d2ft(1.0, tmp_path), KillRank(0, 1, "raise")], limit_train_batches=4,
+                 strategy_kw=dict(timeout=timedelta(seconds=30))).fit(_module(), _data())
+    assert "Connection closed by peer" not in str(err.value)
+
+
+SIGTERM_SCRIPT = """
+import os, signal, sys
+import torch
+from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning_d2ft import D2FTCallback, D2FTStrategy
+from lightning_d2ft.data import DigitsDataModule
+from lightning_d2ft.module import ViTClassifier
+
+class Term(Callback):
+    def on_train_batch_start(self, trainer, *args):
+        if trainer.global_step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+root = sys.argv[1]
+seed_everything(0)
+module = ViTClassifier(num_classes=10, subnets=14, model_kwargs=dict(img_size=16, patch_size=8, embed_dim=48, depth=2))
+trainer = Trainer(accelerator="cpu", devices=1, strategy=D2FTStrategy(parallel_devices=[torch.device("cpu")]),
+                  callbacks=[D2FTCallback(budget=1.0, progress=False), Term(),
+                             ModelCheckpoint(dirpath=root, save_last=True, every_n_train_steps=1, save_top_k=0)],
+                  max_epochs=1, limit_train_batches=5, limit_val_batches=0, logger=False,
+                  enable_progress_bar=False, default_root_dir=root)
+trainer.fit(module, DigitsDataModule(img_size=16, batch_size=16, seed=0))
+print("finished")
+"""
+
+
+def test_sigterm_on_one_process_exits_non_zero_naming_the_last_checkpoint(tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(SIGTERM_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "ckpt")], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert done.returncode != 0, done.stdout + done.stderr
+    assert "finished" not in done.stdout
+    last_line = done.stderr.strip().splitlines()[-1]
+    assert last_line == f"D2FT: stopped by SIGTERM at global step 3; resume from {tmp_path / 'ckpt' / 'last.ckpt'}"
+
+
+class PoisonedDigits(DigitsDataModule):
+    """Digits with NaN pixels in the micro-batch that epoch 0 visits at training batch ``at_batch``."""
+
+    def __init__(self, at_batch: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.at_batch = at_batch
+
+    def setup(self, stage=None):
+        super().setup(stage)
+        sampler = MicroBatchSampler(self.train_set, self.hparams.batch_size, seed=self.hparams.seed)
+        self.poisoned = sampler.micro_batch_ids(0)[self.at_batch]
+        self.train_set.tensors[0][sampler.micro_batches[self.poisoned]] = float("nan")
+
+
+def test_nonfinite_input_stops_every_rank_naming_step_and_micro_batch_and_keeps_the_checkpoint(tmp_path):
+    dm = PoisonedDigits(at_batch=3, img_size=16, batch_size=16, seed=0)
+    dm.setup()
+    with pytest.raises(Exception, match=rf"non-finite input at global step 3 \(epoch 0, batch 3, "
+                                        rf"micro-batch {dm.poisoned}\)"):
+        _trainer(tmp_path, [_d2ft(1.0, tmp_path), _every_step_checkpoint(tmp_path)],
+                 limit_train_batches=6).fit(_module(), dm)
+    state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert state["global_step"] == 2
+    assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
+
+
+def test_nonfinite_input_can_be_skipped_on_one_process_with_the_same_guarantees(tmp_path):
+    dm = PoisonedDigits(at_batch=1, img_size=16, batch_size=16, seed=0)
+    dm.setup()
+    module = _module()
+    trainer = _trainer(tmp_path, [_d2ft(1.0, tmp_path)], devices=1, strategy_kw=dict(on_nonfinite="skip"),
+                       limit_train_batches=3)
+    trainer.fit(module, dm)
+    assert trainer.strategy.skipped_steps == [{"global_step": 1, "epoch": 0, "batch_idx": 1,
+                                               "micro_batch": dm.poisoned}]
+    assert trainer.global_step == 3  # training went on past it
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_a_checkpoint_with_nan_weights_is_refused(tmp_path):
+    from lightning_d2ft.strategy import AtomicCheckpointIO
+
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"state_dict": {"w": torch.ones(2)}}, tmp_path / "last.ckpt")
+    with pytest.raises(FloatingPointError, match="refusing to write checkpoint"):
+        io.save_checkpoint({"state_dict": {"w": torch.tensor([1.0, float("nan")])}}, tmp_path / "last.ckpt")
+    assert torch.equal(torch.load(tmp_path / "last.ckpt")["state_dict"]["w"], torch.ones(2))
+
+
+class TermWhileStuck(Callback):
+    """Rank 1 hangs at step 1 (stops answering); rank 0, stuck in the next collective, gets SIGTERM."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step != 1:
+            return
+        if trainer.global_rank == 1:
+            time.sleep(60)
+        else:
+            import threading
+
+            threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+
+
+def test_sigterm_stops_a_rank_stuck_in_a_collective(tmp_path):
+    """No Python handler runs while a rank waits inside gloo; the watchdog ends it after the grace period
+    (well before the 120 s collective timeout)."""
+    with pytest.raises(Exception, match="exit code 143"):
+        _trainer(tmp_path, [_d2ft(1.0, tmp_path), TermWhileStuck()], limit_train_batches=4,
+                 strategy_kw=dict(timeout=timedelta(seconds=120), sigterm_grace_s=2.0)).fit(_module(), _data())

@@ -1,0 +1,38 @@
+"""guards: the per-step agreement on one rank, and the SIGTERM message."""
+
+from __future__ import annotations
+
+import types
+
+import torch
+
+from lightning_d2ft.guards import StepGuard, sigterm_message
+
+
+def test_agree_flags_input_before_loss_and_carries_sigterm():
+    guard = StepGuard()
+    good = (torch.ones(2), torch.tensor([1]))
+    assert guard.agree(good, torch.tensor(1.0), 1, 0) == ("", False)
+    assert guard.agree(good, torch.tensor(float("nan")), 1, 0) == ("loss", False)
+    bad = (torch.tensor([1.0, float("inf")]), torch.tensor([1]))
+    assert guard.agree(bad, torch.tensor(float("nan")), 1, 0) == ("input", False)
+    guard.sigterm_seen = True
+    assert guard.agree(good, torch.tensor(1.0), 1, 0) == ("", True)
+
+
+def test_sigterm_message_names_the_newest_checkpoint(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    old, new = tmp_path / "a.ckpt", tmp_path / "last.ckpt"
+    old.write_bytes(b"x")
+    new.write_bytes(b"y")
+    import os
+
+    os.utime(old, (1, 1))
+    cb = ModelCheckpoint(dirpath=tmp_path)
+    cb.best_model_path, cb.last_model_path = str(old), str(new)
+    trainer = types.SimpleNamespace(callbacks=[cb], global_step=7)
+    message = sigterm_message(trainer)
+    assert message == f"D2FT: stopped by SIGTERM at global step 7; resume from {new}"
+    assert "\n" not in message
+    assert "no checkpoint" in sigterm_message(types.SimpleNamespace(callbacks=[], global_step=1))
