@@ -190,11 +190,8 @@ def _result(cfg: DictConfig, trainer: Trainer, callback: D2FTCallback, out: Path
     newest = newest_checkpoint([out / "checkpoints" / "last.ckpt", out / "checkpoints" / "last-step.ckpt"])
     return {
         "val_acc": metrics.get("val/acc"),
-        "compute_fraction": schedule.compute_fraction,
-        "comm_fraction": schedule.comm_fraction,
-        "wire_fraction": schedule.wire_fraction,
-        "workload_variance": schedule.workload_variance,
-        "bytes_sent_rank0_last_epoch": metrics.get("d2ft/bytes_sent_epoch"),
+        **schedule.metrics(),  # compute, comm and wire fractions, per-step and per-epoch balance, solve + check time
+        "bytes_sent_all_ranks_last_epoch": metrics.get("d2ft/bytes_sent"),
         "scoring_seconds": schedule.info.get("scoring_seconds"),
         "fit_seconds": seconds,
         "budget": s.budget, "subnets": s.subnets, "method": s.method, "devices": cfg.trainer.devices,

@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -117,7 +116,6 @@ class D2FTCallback(Callback):
         self._net: D2FTViT | None = None
         self._weights: str | None = None  # digest of the weights as setup saw them (the score cache key)
         self._planned = False
-        self._fallback = False  # the strategy has no install_schedule: ops set per batch here (see below)
         self._ids: list[int] = []
         self._batch_seconds, self._batches, self._t0 = 0.0, 0, 0.0
         self._restored: Schedule | None = None  # the schedule of a checkpoint being resumed
@@ -147,8 +145,6 @@ class D2FTCallback(Callback):
         self._plan(trainer, placed=True)  # a no-op when on_fit_start planned already; training starts: placed
         if trainer.fit_loop.restarted_mid_epoch:  # Lightning skips on_train_epoch_start then
             self._ids = find_micro_batch_sampler(trainer.train_dataloader).micro_batch_ids(trainer.current_epoch)
-            if self._fallback:
-                self._fallback_resume(trainer)
 
     def _plan(self, trainer: Trainer, placed: bool = False) -> None:
         """Score, solve (or restore / load) and install the schedule, once the strategy has placed and sharded
@@ -156,7 +152,7 @@ class D2FTCallback(Callback):
         net = find_d2ft(trainer.lightning_module)
         strategy = _d2ft_strategy(trainer)
         placed = placed or (next(net.parameters()).device == trainer.strategy.root_device and (
-            strategy is None or strategy.tensor_parallel_size == 1 or net.tp is not None))
+            strategy.tensor_parallel_size == 1 or net.tp is not None))
         if self._planned or not placed:
             return
         self._net = net
@@ -171,10 +167,8 @@ class D2FTCallback(Callback):
         if self.schedule is None:
             self.schedule = self._solve(trainer, net, sampler, devices, placement, data)
         rank_zero_info(self.schedule.summary())
-        install = getattr(trainer.strategy, "install_schedule", None)
-        self._fallback = install is None
-        if install is not None:
-            install(self.schedule)
+        strategy.install_schedule(self.schedule)  # the strategy executes it: ops per batch, bytes, logging
+        _log_schedule_metrics(trainer, self.schedule)
         self._planned = True
 
     def _restored_schedule(self, sampler: MicroBatchSampler, devices: int, placement: torch.Tensor,
@@ -192,12 +186,8 @@ class D2FTCallback(Callback):
         return restored
 
     def _owner(self, trainer: Trainer, net: D2FTViT) -> torch.Tensor:
-        """The tensor-parallel rank of every head group ``[depth, G]`` (all 0 without D2FTStrategy)."""
-        strategy = _d2ft_strategy(trainer)
-        if strategy is not None:
-            placement = strategy.placement_for(net)
-            return torch.as_tensor(getattr(placement, "owner", placement)).long()
-        return torch.zeros(net.depth, net.groups_per_block, dtype=torch.long)
+        """The tensor-parallel rank of every head group ``[depth, G]``."""
+        return _d2ft_strategy(trainer).placement_for(net).long()
 
     def _devices(self, trainer: Trainer, net: D2FTViT) -> tuple[int, torch.Tensor]:
         """(tensor-parallel ranks, device of every schedule column)."""
@@ -236,7 +226,7 @@ class D2FTCallback(Callback):
     def _speeds(self, trainer: Trainer) -> Sequence[float] | None:
         """Given speeds, else those the strategy's placement declares (``speed_aware``), else equal."""
         strategy = _d2ft_strategy(trainer)
-        return self.speeds if self.speeds is not None else (strategy.speeds if strategy is not None else None)
+        return self.speeds if self.speeds is not None else strategy.speeds
 
     def _needs_scores(self) -> bool:
         return self.method != "full" and (self.budget < 1.0 or self.comm_budget is not None)
@@ -308,36 +298,12 @@ class D2FTCallback(Callback):
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         self._t0 = time.perf_counter()
-        if self._fallback:  # TODO(lead): remove once D2FTStrategy.install_schedule is merged
-            self._net.scheduled_ops = self.schedule.ops[self._ids[batch_idx]]
-            strategy = _d2ft_strategy(trainer)
-            if strategy is not None:
-                strategy.comm_stats.reset()
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         self._batch_seconds += time.perf_counter() - self._t0
         self._batches += 1
-        if self._fallback:  # TODO(lead): remove with the fallback (the strategy logs these itself)
-            strategy = _d2ft_strategy(trainer)
-            rank = strategy.tensor_parallel_rank if strategy is not None else 0
-            mine = self.schedule.placement == rank
-            ops = self._net.scheduled_ops
-            pl_module.log("d2ft/compute_fraction", float(self.cost.compute(ops[mine]).sum() / (mine.sum() * self.cost.full)),
-                          on_step=True, on_epoch=True)
-            if strategy is not None:
-                pl_module.log("d2ft/bytes_sent", float(strategy.comm_stats.total_bytes), on_step=True, on_epoch=True,
-                              reduce_fx="sum")
-            self._net.scheduled_ops = None
-
-    def _fallback_resume(self, trainer: Trainer) -> None:
-        """Resuming mid-epoch without the strategy's own handling: skip the micro-batches this epoch already
-        trained on, so the rest of the epoch sees the same micro-batches (and ops) as an uninterrupted run."""
-        sampler = find_micro_batch_sampler(trainer.train_dataloader)
-        sampler.skip = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
-        rank_zero_info(f"D2FT: resuming epoch {trainer.current_epoch} after micro-batch {sampler.skip}")
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -380,24 +346,29 @@ class D2FTCallback(Callback):
                                   method=st["method"], info=st["info"])
 
 
-def _d2ft_strategy(trainer: Trainer) -> D2FTStrategy | None:
-    """The trainer's D2FTStrategy, None on one process with another strategy; refuses the rest."""
+def _log_schedule_metrics(trainer: Trainer, schedule: Schedule) -> None:
+    """The schedule's figures (per-step and per-epoch balance, solve and check time) to every logger, once."""
+    if trainer.is_global_zero:
+        for logger in trainer.loggers:
+            logger.log_metrics({f"d2ft/schedule/{k}": float(v) for k, v in schedule.metrics().items()}, step=0)
+
+
+def _d2ft_strategy(trainer: Trainer) -> D2FTStrategy:
+    """The trainer's D2FTStrategy; any other strategy is refused, naming the fix (the strategy executes the
+    schedule, and one process gets the same checkpoint and NaN guarantees as several)."""
     strategy = trainer.strategy
     if isinstance(strategy, D2FTStrategy):
         return strategy
-    if trainer.world_size > 1:
-        raise ValueError(
-            f"D2FTCallback needs D2FTStrategy when training on more than one process, got "
-            f"{type(strategy).__name__} on {trainer.world_size} processes (it would shard nothing and every replica "
-            "would train the same micro-batches): use Trainer(strategy=D2FTStrategy(...)) or strategy='d2ft'")
-    return None
+    hint = ("it would shard nothing and every replica would train the same micro-batches"
+            if trainer.world_size > 1 else "D2FTStrategy executes the schedule, also on one device")
+    raise ValueError(
+        f"D2FTCallback needs D2FTStrategy, got {type(strategy).__name__} on {trainer.world_size} process(es) "
+        f"({hint}): use Trainer(strategy=D2FTStrategy(...)) or strategy='d2ft'")
 
 
 def _replica_of(trainer: Trainer) -> tuple[int, int, int]:
     """(data-parallel replica, replicas, tensor-parallel rank) of this process."""
     strategy = _d2ft_strategy(trainer)
-    if strategy is None:
-        return 0, 1, 0
     return strategy.data_parallel_rank, strategy.data_parallel_size, strategy.tensor_parallel_rank
 
 
