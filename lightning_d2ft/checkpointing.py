@@ -19,7 +19,8 @@ from lightning_d2ft.collectives import named_collective
 from lightning_d2ft.files import atomic_write
 from lightning_d2ft.lora import match_lora_
 from lightning_d2ft.optim_state import full_optimizer_state, load_full_optimizer_state
-from lightning_d2ft.partition import D2FTViT, find_d2ft, shard_state_dict, unshard_state_dict
+from lightning_d2ft.partition import D2FTViT, find_d2ft
+from lightning_d2ft.sharding import shard_state_dict, unshard_state_dict
 from lightning_d2ft.placement import groups_of_rank
 
 __all__ = ["AtomicCheckpointIO", "FullCheckpoints"]

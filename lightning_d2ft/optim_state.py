@@ -14,7 +14,8 @@ import torch
 from torch.nn import Module
 from torch.optim import Optimizer
 
-from lightning_d2ft.partition import D2FTViT, shard_index, shard_state_dict, unshard_state_dict
+from lightning_d2ft.partition import D2FTViT
+from lightning_d2ft.sharding import shard_index, shard_state_dict, unshard_state_dict
 
 __all__ = ["full_optimizer_state", "load_full_optimizer_state"]
 Gather = Callable[[Any], list[Any]]  # all_gather_object over the tensor-parallel group
