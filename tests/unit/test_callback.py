@@ -93,12 +93,16 @@ def test_the_default_solver_is_ortools():
     assert D2FTCallback().solver == "ortools"
 
 
-def test_a_multi_process_strategy_that_is_not_d2ft_is_refused_naming_the_fix():
-    from lightning.pytorch.strategies import DDPStrategy
+@pytest.mark.parametrize("strategy, world", [("DDPStrategy", 2), ("SingleDeviceStrategy", 1)])
+def test_a_strategy_that_is_not_d2ft_is_refused_naming_the_fix(strategy, world):
+    """The strategy executes the schedule: any other one would train every pair FULL (one process) or the same
+    micro-batches on every replica (DDP), silently."""
+    from lightning.pytorch import strategies
 
-    trainer = types.SimpleNamespace(strategy=DDPStrategy(), world_size=2, is_global_zero=True)
+    made = strategies.DDPStrategy() if world > 1 else strategies.SingleDeviceStrategy(torch.device("cpu"))
+    trainer = types.SimpleNamespace(strategy=made, world_size=world, is_global_zero=True)
     module = ViTClassifier(num_classes=10, subnets=14, model_kwargs=SMALL)
-    with pytest.raises(ValueError, match=r"needs D2FTStrategy .* DDPStrategy on 2 processes.*strategy=D2FTStrategy"):
+    with pytest.raises(ValueError, match=rf"needs D2FTStrategy, got {strategy} on {world} process.*strategy='d2ft'"):
         D2FTCallback().setup(trainer, module, "fit")
 
 
