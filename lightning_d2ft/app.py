@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_d2ft.callback import D2FTCallback
 from lightning_d2ft.data import DigitsDataModule
+from lightning_d2ft.datasets import FashionMNISTDataModule
 from lightning_d2ft.module import ViTClassifier, build_vit
 from lightning_d2ft.partition import D2FTViT
 from lightning_d2ft.placement import speed_aware
@@ -28,11 +29,13 @@ __all__ = ["build_datamodule", "check_model", "run"]
 log = logging.getLogger(__name__)
 
 
-def build_datamodule(cfg: DictConfig) -> DigitsDataModule:
+def build_datamodule(cfg: DictConfig) -> DigitsDataModule | FashionMNISTDataModule:
     data = OmegaConf.to_container(cfg.data, resolve=True)
     name = data.pop("name")
+    if name == "fashion_mnist":
+        return FashionMNISTDataModule(**data)
     if name != "digits":
-        raise ValueError(f"unknown data set {name!r}; this version ships 'digits'")
+        raise ValueError(f"unknown data set {name!r}; choose 'digits' or 'fashion_mnist'")
     return DigitsDataModule(**data)
 
 
