@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 
-def round_robin(depth: int, groups_per_block: int, world: int) -> Tensor:
+def round_robin(depth: int, groups_per_block: int, world: int) -> Tensor:  # the one round-robin rule
     """``owner[l, g] = (l*G + g) % world``: every rank holds at least one group of every block."""
     if world < 1:
         raise ValueError(f"tensor-parallel size must be >= 1, got {world}")
@@ -37,6 +37,73 @@ def groups_of_rank(owner: Tensor, rank: int) -> list[list[int]]:
 def subnet_devices(owner: Tensor) -> Tensor:
     """Device of every ops-vector column: -1 for the replicated stem and head, the owner for block subnets."""
     return torch.cat([torch.tensor([-1]), owner.reshape(-1), torch.tensor([-1])])
+
+
+@dataclass(frozen=True, eq=False)
+class Placement:
+    """Where every head group lives, resolved once and shared by strategy, model and schedule.
+
+    ``owner[l, g]`` is the tensor-parallel rank holding head group g of block l; ``speeds`` are the ranks'
+    relative speeds (default: all 1). It validates itself: ranks are ``0 .. num_devices-1`` and every rank
+    holds at least one group of every block (a rank without part of a block could not join its all-reduce).
+    """
+
+    owner: Tensor
+    speeds: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        owner = torch.as_tensor(self.owner)
+        if owner.dim() != 2 or owner.numel() == 0 or owner.dtype.is_floating_point:
+            raise ValueError(f"Placement.owner must be an integer tensor [depth, groups_per_block], got "
+                             f"shape {tuple(owner.shape)} and dtype {owner.dtype}")
+        owner = owner.to(torch.long).clone()
+        tp = int(owner.max()) + 1
+        if int(owner.min()) < 0:
+            raise ValueError(f"Placement.owner holds rank {int(owner.min())}; ranks are 0 .. {tp - 1}")
+        for rank in range(tp):
+            missing = [l for l, row in enumerate(owner) if not bool((row == rank).any())]
+            if missing:
+                raise ValueError(f"Placement: rank {rank} holds no head group of block(s) {missing}; every rank "
+                                 f"needs one group of every block (use at most {owner.shape[1]} ranks)")
+        speeds = tuple(float(s) for s in self.speeds) if self.speeds else (1.0,) * tp
+        if len(speeds) != tp or not all(math.isfinite(s) and s > 0 for s in speeds):
+            raise ValueError(f"Placement.speeds must be {tp} positive numbers (one per rank), got {list(speeds)}")
+        object.__setattr__(self, "owner", owner)
+        object.__setattr__(self, "speeds", speeds)
+
+    @classmethod
+    def round_robin(cls, depth: int, groups_per_block: int, tp: int,
+                    speeds: Sequence[float] | None = None) -> "Placement":
+        return cls(round_robin(depth, groups_per_block, tp), tuple(speeds or ()))
+
+    @classmethod
+    def from_any(cls, placement: "Placement | Tensor", speeds: Sequence[float] | None = None) -> "Placement":
+        """A Placement as is, or one built from an owner table ``[depth, G]``."""
+        if isinstance(placement, Placement):
+            return placement
+        return cls(torch.as_tensor(placement), tuple(speeds or ()))
+
+    @property
+    def num_devices(self) -> int:
+        return len(self.speeds)
+
+    @property
+    def depth(self) -> int:
+        return self.owner.shape[0]
+
+    @property
+    def groups_per_block(self) -> int:
+        return self.owner.shape[1]
+
+    def groups_of(self, rank: int) -> list[list[int]]:
+        """For every block, the head groups ``rank`` holds (ascending)."""
+        if not 0 <= rank < self.num_devices:
+            raise ValueError(f"rank must be in [0, {self.num_devices}), got {rank}")
+        return groups_of_rank(self.owner, rank)
+
+    def column_devices(self) -> Tensor:
+        """Device of every ops-vector column ``[num_subnets]``: -1 for the stem and head (always FULL)."""
+        return subnet_devices(self.owner)
 
 
 # -- heterogeneous ranks ---------------------------------------------------------------------------
