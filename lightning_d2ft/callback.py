@@ -1,19 +1,25 @@
-"""D2FTCallback: score, schedule, and hand every training micro-batch its column of the schedule.
+"""D2FTCallback plans: it scores the micro-batches, solves the schedule and hands it to the strategy.
 
-Before fit (``setup``, while the model is still whole on every rank) rank 0 computes or loads the
-contribution scores over all micro-batches and solves the schedule; the schedule is broadcast to every
-rank. During fit, each training batch is a fixed micro-batch (see :mod:`lightning_d2ft.data`) and gets its
-ops. The schedule is part of the callback's checkpoint state, so a resumed run executes the same schedule.
+``setup`` (model still whole) re-cuts the subnets and adds LoRA adapters, so the optimizer is built for
+them. Scoring waits until the strategy has placed and sharded the model (``on_fit_start``, or
+``on_train_start`` if a Lightning version calls that first): it runs on the training device, streams the
+micro-batches that will actually be trained through the training loader's dataset, splits them between
+data-parallel replicas (a tensor-parallel group scores together) and gathers the tables once. Rank 0
+solves and broadcasts; then ``trainer.strategy.install_schedule(schedule)`` executes it. The schedule is
+part of the callback's checkpoint state and records the data fingerprint and settings it was solved for,
+so a resumed run executes the same schedule and a schedule made for other data or settings is refused.
 Everything configurable is checked when the callback is built, before any heavy work.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
+import math
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -26,7 +32,11 @@ from lightning_d2ft.ops import CostModel
 from lightning_d2ft.partition import D2FTViT, find_d2ft
 from lightning_d2ft.placement import subnet_devices
 from lightning_d2ft.scheduling import METHODS, SOLVERS, Schedule, check_choice, check_comm_budget, check_fraction
-from lightning_d2ft.scores import check_metric, compute_scores
+from lightning_d2ft.scores import (
+    Scores, cache_key, check_cache_dir, check_finite_losses, check_metric, data_fingerprint, grad_stats,
+    load_cached, save_cached, score_tables, weights_digest,
+)
+from lightning_d2ft.scoring_pass import score_shared
 from lightning_d2ft.strategy import D2FTStrategy
 
 __all__ = ["D2FTCallback"]
@@ -40,12 +50,14 @@ class D2FTCallback(Callback):
         budget: compute budget, a fraction of all-FULL in (0, 1].
         subnets: re-cut the model's D2FTViT to this many subnets (or groups per block) before fit.
         backward_score / forward_score: score metrics (see :mod:`lightning_d2ft.scores`).
-        solver: "dp" or "ortools". method: "d2ft" or a baseline ("random", "dpruning", "moe", "full").
+        solver: "ortools" (default) or "dp". method: "d2ft" or a baseline ("random", "dpruning", "moe", "full").
         comm_budget: optional communication budget in (0, 1]. forward_mix: see :meth:`Schedule.solve`.
         speeds: relative speed of each tensor-parallel rank (default: those of the strategy's
             ``speed_aware`` placement, else equal).
         cache_dir: where scores are cached (default ``<default_root_dir>/d2ft_cache``).
         score_every: score every k-th micro-batch only (cheaper scoring pass).
+        data_key: names the training data for the score cache and the schedule's data check (default: a
+            fingerprint of the micro-batch index lists and a seeded sample of the data set).
         schedule_path: use this saved schedule instead of solving (checked against the run).
         lora_rank / lora_alpha: D2FT-LoRA: after scoring, add a LoRA adapter per subnet on its ``qkv``
             slice and freeze the rest but the classifier head (see :mod:`lightning_d2ft.lora`).
@@ -57,7 +69,7 @@ class D2FTCallback(Callback):
         subnets: int | None = None,
         backward_score: str = "weight_magnitude",
         forward_score: str = "fisher",
-        solver: str = "dp",
+        solver: str = "ortools",
         method: str = "d2ft",
         comm_budget: float | None = None,
         forward_mix: float = 0.5,
@@ -70,6 +82,7 @@ class D2FTCallback(Callback):
         progress: bool = True,
         lora_rank: int | None = None,
         lora_alpha: float | None = None,
+        data_key: str | None = None,
     ) -> None:
         check_fraction("budget", budget)
         if comm_budget is not None:
@@ -83,6 +96,7 @@ class D2FTCallback(Callback):
         if score_every < 1:
             raise ValueError(f"score_every must be >= 1, got {score_every}")
         check_lora(lora_rank, lora_alpha, rank_optional=True)
+        _check_speeds(speeds)
         if schedule_path is not None and not Path(schedule_path).is_file():
             raise FileNotFoundError(f"schedule_path {schedule_path} is not a file: give a schedule saved by an earlier "
                                     "run (<run dir>/d2ft/schedule.pt), or drop schedule_path to solve one")
@@ -90,148 +104,184 @@ class D2FTCallback(Callback):
         self.budget, self.subnets, self.comm_budget, self.forward_mix = budget, subnets, comm_budget, forward_mix
         self.backward_score, self.forward_score, self.solver, self.method = backward_score, forward_score, solver, method
         self.cost, self.speeds, self.cache_dir, self.score_every = cost or CostModel(), speeds, cache_dir, score_every
-        self.schedule_path, self.seed, self.progress = schedule_path, seed, progress
+        self.schedule_path, self.seed, self.progress, self.data_key = schedule_path, seed, progress, data_key
         self.schedule: Schedule | None = None
         self.scoring_seconds = 0.0
-        self._ids: list[int] = []
+        self.scored_micro_batches = 0
         self._net: D2FTViT | None = None
-        self._fit_start = 0.0
-        self._bytes_total = 0
+        self._weights: str | None = None  # digest of the weights as setup saw them (the score cache key)
+        self._planned = False
+        self._fallback = False  # the strategy has no install_schedule: ops set per batch here (see below)
+        self._ids: list[int] = []
+        self._batch_seconds, self._batches, self._t0 = 0.0, 0, 0.0
         self._restored: Schedule | None = None  # the schedule of a checkpoint being resumed
 
-    # -- before fit -----------------------------------------------------------------------------
+    # -- before fit: the model is still whole --------------------------------------------------------
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        _d2ft_strategy(trainer)  # refuses a multi-process strategy that is not D2FTStrategy
         net = find_d2ft(pl_module)
         if self.subnets is not None and self.subnets != net.num_subnets:
             net.regroup_(self.subnets)
-        self._net = net
-        sampler = self._sampler(trainer)
-        # On resume the checkpoint's schedule is restored after this hook and wins when it fits this run;
-        # the one solved here (scores come from the cache) serves a resume on another world size.
-        schedule = None
-        if trainer.is_global_zero:
-            schedule = self._load_or_solve(trainer, net, sampler)
-        self.schedule = trainer.strategy.broadcast(schedule, src=0)
-        self.scoring_seconds = trainer.strategy.broadcast(self.scoring_seconds, src=0)
-        rank_zero_info(self.schedule.summary())
-        if self.lora_rank is not None and not has_lora(net):  # after scoring: scores rate the base subnets
+        self._net, self._planned = net, False
+        if trainer.is_global_zero and self.schedule_path is None and self._needs_scores():
+            self._weights = weights_digest(net)  # before LoRA and sharding: the base model's weights
+        if self.lora_rank is not None and not has_lora(net):  # before the optimizer is built
             add_lora_(net, self.lora_rank, self.lora_alpha, seed=self.seed)
 
-    def _sampler(self, trainer: Trainer) -> MicroBatchSampler:
-        trainer.fit_loop.setup_data()  # D2FTStrategy.process_dataloader points it at this rank's replica
-        return find_micro_batch_sampler(trainer.train_dataloader)
+    # -- planning: once the strategy has placed and sharded the model --------------------------------
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._plan(trainer)
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._plan(trainer)  # a no-op when on_fit_start planned already
+        if self._fallback:
+            self._fallback_resume(trainer)
+
+    def _plan(self, trainer: Trainer) -> None:
+        net = find_d2ft(trainer.lightning_module)
+        strategy = _d2ft_strategy(trainer)
+        placed = next(net.parameters()).device == trainer.strategy.root_device and (
+            strategy is None or strategy.tensor_parallel_size == 1 or net.tp is not None)
+        if self._planned or not placed:
+            return
+        self._net = net
+        trainer.fit_loop.setup_data()  # D2FTStrategy.process_dataloader points the sampler at this replica
+        sampler = find_micro_batch_sampler(trainer.train_dataloader)
+        devices, placement = self._devices(trainer, net)
+        data = self.data_key or data_fingerprint(trainer.train_dataloader.dataset, sampler.micro_batches, self.seed)
+        self.schedule = self._restored_schedule(sampler, devices, placement, data)
+        if self.schedule is None and self.schedule_path is not None:
+            self.schedule = Schedule.load(self.schedule_path)
+            self._check_matches(self.schedule, sampler, devices, placement, data, "schedule_path")
+        if self.schedule is None:
+            self.schedule = self._solve(trainer, net, sampler, devices, placement, data)
+        rank_zero_info(self.schedule.summary())
+        install = getattr(trainer.strategy, "install_schedule", None)
+        self._fallback = install is None
+        if install is not None:
+            install(self.schedule)
+        self._planned = True
+
+    def _restored_schedule(self, sampler: MicroBatchSampler, devices: int, placement: torch.Tensor,
+                           data: str) -> Schedule | None:
+        """The resumed checkpoint's schedule; re-solved on another world size, refused for other data/settings."""
+        restored, self._restored = self._restored, None
+        if restored is None:
+            return None
+        self._check_matches(restored, sampler, None, None, data, "the checkpoint being resumed")
+        try:
+            self._check_matches(restored, sampler, devices, placement, data, "the checkpoint being resumed")
+        except ValueError as err:
+            rank_zero_warn(f"resuming with a freshly solved schedule: {err}")
+            return None
+        return restored
 
     def _devices(self, trainer: Trainer, net: D2FTViT) -> tuple[int, torch.Tensor]:
-        strategy = trainer.strategy
-        if isinstance(strategy, D2FTStrategy):
+        strategy = _d2ft_strategy(trainer)
+        if strategy is not None:
             return strategy.tensor_parallel_size, subnet_devices(strategy.placement_for(net))
         return 1, subnet_devices(torch.zeros(net.depth, net.groups_per_block, dtype=torch.long))
 
-    def _load_or_solve(self, trainer: Trainer, net: D2FTViT, sampler: MicroBatchSampler) -> Schedule:
-        devices, placement = self._devices(trainer, net)
-        if self.schedule_path is not None:
-            schedule = Schedule.load(self.schedule_path)
-            self._check_matches(schedule, sampler, devices, placement)
-            return schedule
+    def _settings(self, data: str) -> dict[str, Any]:
+        return {"data": data, "budget": self.budget, "comm_budget": self.comm_budget, "method": self.method,
+                "backward_score": self.backward_score, "forward_score": self.forward_score}
+
+    def _solve(self, trainer: Trainer, net: D2FTViT, sampler: MicroBatchSampler, devices: int,
+               placement: torch.Tensor, data: str) -> Schedule:
         if self.comm_budget is not None:  # before the scoring pass, not after it
             check_comm_budget(self.comm_budget, sampler.num_micro_batches, placement, devices)
-        if self._needs_scores():
-            scores = self._scores(trainer, net, sampler)
-            backward, forward, key = scores.backward, scores.forward, scores.key
-        else:  # every pair FULL whatever the scores say: skip the scoring pass
-            backward = forward = torch.ones(sampler.num_micro_batches, net.num_subnets)
-            key = None
-        schedule = Schedule.solve(
-            backward, forward, budget=self.budget, devices=devices, solver=self.solver,
-            method=self.method, comm_budget=self.comm_budget, forward_mix=self.forward_mix, placement=placement,
-            speeds=self._speeds(trainer), column_blocks=net.subnet_blocks(), cost=self.cost, seed=self.seed,
-        )
-        schedule.info.update(scores_key=key, scoring_seconds=self.scoring_seconds,
-                             num_subnets=net.num_subnets, micro_batch_size=sampler.micro_batch_size)
-        out = Path(trainer.default_root_dir) / "d2ft"
-        schedule.save(out / "schedule.pt")
-        schedule.plot(out / "schedule.png")
-        return schedule
+        scores = self._scores(trainer, net, sampler, data) if self._needs_scores() else None
+
+        def solve() -> Schedule:
+            n = sampler.num_micro_batches
+            ones = torch.ones(n, net.num_subnets)  # every pair FULL whatever the scores say: no scoring pass
+            schedule = Schedule.solve(
+                scores.backward if scores else ones, scores.forward if scores else ones, budget=self.budget,
+                devices=devices, solver=self.solver, method=self.method, comm_budget=self.comm_budget,
+                forward_mix=self.forward_mix, placement=placement, speeds=self._speeds(trainer),
+                column_blocks=net.subnet_blocks(), cost=self.cost, seed=self.seed)
+            schedule.info.update(scores_key=scores.key if scores else None, scoring_seconds=self.scoring_seconds,
+                                 scored_micro_batches=self.scored_micro_batches, num_subnets=net.num_subnets,
+                                 micro_batch_size=sampler.micro_batch_size, settings=self._settings(data))
+            out = Path(trainer.default_root_dir) / "d2ft"
+            schedule.save(out / "schedule.pt")
+            schedule.plot(out / "schedule.png")
+            return schedule
+
+        return _on_rank_zero(trainer, solve)
 
     def _speeds(self, trainer: Trainer) -> Sequence[float] | None:
         """Given speeds, else those the strategy's placement declares (``speed_aware``), else equal."""
-        if self.speeds is not None:
-            return self.speeds
-        return trainer.strategy.speeds if isinstance(trainer.strategy, D2FTStrategy) else None
+        strategy = _d2ft_strategy(trainer)
+        return self.speeds if self.speeds is not None else (strategy.speeds if strategy is not None else None)
 
     def _needs_scores(self) -> bool:
         return self.method != "full" and (self.budget < 1.0 or self.comm_budget is not None)
 
-    def _scores(self, trainer: Trainer, net: D2FTViT, sampler: MicroBatchSampler):
-        loader = trainer.train_dataloader
-        batches = [loader.collate_fn([loader.dataset[i] for i in mb]) for mb in sampler.micro_batches]
-        cache = self.cache_dir or Path(trainer.default_root_dir) / "d2ft_cache"
-        scores = compute_scores(net, batches, self.backward_score, self.forward_score, cache_dir=cache,
-                                sample_every=self.score_every, seed=self.seed, progress=self.progress)
-        self.scoring_seconds = scores.seconds
-        bad = (~torch.isfinite(scores.backward).all(1)) | (~torch.isfinite(scores.forward).all(1))
-        if bad.any():
-            ids = bad.nonzero().flatten().tolist()
-            raise FloatingPointError(
-                f"the scoring pass got NaN/inf scores for micro-batch(es) {ids[:10]}{' ...' if len(ids) > 10 else ''} "
-                f"(non-finite inputs or loss there): fix those samples before fine-tuning")
-        rank_zero_info(f"D2FT scores ({self.backward_score} / {self.forward_score}) "
-                       f"{'loaded from cache' if scores.from_cache else f'computed in {scores.seconds:.1f} s'}")
+    def _scores(self, trainer: Trainer, net: D2FTViT, sampler: MicroBatchSampler, data: str) -> Scores:
+        """Load the scores from the cache (rank 0) or score the micro-batches that will run, on every rank."""
+        cache = Path(self.cache_dir or Path(trainer.default_root_dir) / "d2ft_cache")
+        check_cache_dir(cache)  # every rank, before any work: a read-only dir fails here, not after the pass
+        start = time.perf_counter()
+        total = sampler.num_micro_batches
+        ids = micro_batches_to_train(trainer, sampler)[:: self.score_every]
+        metrics = (self.backward_score, self.forward_score)
+        key = cache_key(self._weights or "", data, *metrics, ids, total, self.seed) if self._weights else None
+        cached = trainer.strategy.broadcast(load_cached(cache, key) if key and trainer.is_global_zero else None, src=0)
+        if cached is not None:
+            self.scoring_seconds, self.scored_micro_batches = 0.0, 0
+            rank_zero_info(f"D2FT scores ({self.backward_score} / {self.forward_score}) loaded from the cache")
+            return cached
+        stats = grad_stats(metrics)
+        replica, replicas, tp_rank = _replica_of(trainer)
+        sums, losses, weights = score_shared(
+            net, trainer.train_dataloader, sampler.micro_batches, ids, stats, torch.nn.functional.cross_entropy,
+            replica=replica, replicas=replicas, count_replicated=tp_rank == 0, progress=self.progress)
+        if stats:
+            check_finite_losses(losses, ids)  # the gathered losses: every rank raises together
+        backward, forward = score_tables(sums, stats, weights, ids, total, *metrics, self.seed)
+        self.scoring_seconds = trainer.strategy.broadcast(time.perf_counter() - start, src=0)
+        self.scored_micro_batches = len(ids) if stats else 0
+        scores = Scores(backward, forward, *metrics, seconds=self.scoring_seconds, key=key or "",
+                        scored=self.scored_micro_batches)
+        if trainer.is_global_zero and key:
+            save_cached(cache, scores)
+        rank_zero_info(f"D2FT scores ({self.backward_score} / {self.forward_score}) computed in "
+                       f"{self.scoring_seconds:.1f} s over {self.scored_micro_batches} of {total} micro-batches")
         return scores
 
-    def _check_matches(self, schedule: Schedule, sampler: MicroBatchSampler, devices: int,
-                       placement: torch.Tensor) -> None:
+    def _check_matches(self, schedule: Schedule, sampler: MicroBatchSampler, devices: int | None,
+                       placement: torch.Tensor | None, data: str, source: str) -> None:
+        """Refuse a schedule made for another model, data, settings or (when given) world size."""
         problems = []
         if schedule.num_micro_batches != sampler.num_micro_batches:
             problems.append(f"{schedule.num_micro_batches} micro-batches, the data has {sampler.num_micro_batches}")
-        if schedule.ops.shape[1] != placement.numel():
-            problems.append(f"{schedule.ops.shape[1]} subnets, the model has {placement.numel()}")
-        elif schedule.num_devices != devices or not torch.equal(schedule.placement, placement):
+        if schedule.ops.shape[1] != self._net.num_subnets:
+            problems.append(f"{schedule.ops.shape[1]} subnets, the model has {self._net.num_subnets}")
+        elif placement is not None and (schedule.num_devices != devices or not torch.equal(schedule.placement,
+                                                                                          placement)):
             problems.append(f"{schedule.num_devices} devices / another placement, this run has {devices}")
+        made = schedule.info.get("settings") or {}
+        for name, ours in self._settings(data).items():
+            if name in made and made[name] != ours:
+                what = "other data (another data set, data seed or micro-batch split)" if name == "data" \
+                    else f"{name}={made[name]!r}, this run has {name}={ours!r}"
+                problems.append(what)
         if problems:
-            raise ValueError("the schedule was made for another model, data or world size: " + "; ".join(problems)
-                             + ". Solve it again (drop schedule_path) or run with the matching setup.")
+            raise ValueError(f"the schedule of {source} was made for another model, data, settings or world size: "
+                             + "; ".join(problems) + ". Solve it again (drop schedule_path, or start fresh: "
+                             "another run directory / resume=null) or run with the matching setup.")
 
-    # -- during fit -----------------------------------------------------------------------------
-    @override
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._net = find_d2ft(pl_module)
-        devices, placement = self._devices(trainer, self._net)
-        sampler = self._sampler(trainer)
-        if self._restored is not None:
-            try:
-                self._check_matches(self._restored, sampler, devices, placement)
-                self.schedule = self._restored
-            except ValueError as err:
-                rank_zero_warn(f"resuming with a freshly solved schedule: {err}")
-        if self.schedule is None:
-            raise RuntimeError("D2FTCallback has no schedule: was setup() skipped?")
-        self._check_matches(self.schedule, sampler, devices, placement)
-        self._fit_start = time.perf_counter()
-
-    @override
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Resuming mid-epoch: skip the micro-batches this epoch already trained on, so that the rest of the
-        epoch sees the same micro-batches (and ops) as an uninterrupted run. Lightning skips
-        ``on_train_epoch_start`` in that case, so the epoch's micro-batch order is set here too."""
-        loop = trainer.fit_loop
-        if not loop.restarted_mid_epoch:
-            return
-        sampler = find_micro_batch_sampler(trainer.train_dataloader)
-        # ``processed``, not ``completed``: a checkpoint saved in on_train_batch_end has the batch processed
-        # but not yet marked completed (Lightning marks it when its loop resets, after this hook)
-        sampler.skip = loop.epoch_loop.batch_progress.current.processed
-        self._ids = sampler.micro_batch_ids(trainer.current_epoch)
-        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
-        rank_zero_info(f"D2FT: resuming epoch {trainer.current_epoch} after micro-batch {sampler.skip}")
-
+    # -- during fit: timing for the summary; ops per batch only while the strategy cannot install them ----
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        sampler = find_micro_batch_sampler(trainer.train_dataloader)
-        self._ids = sampler.micro_batch_ids(trainer.current_epoch)
+        if self._fallback:
+            self._ids = find_micro_batch_sampler(trainer.train_dataloader).micro_batch_ids(trainer.current_epoch)
 
     def micro_batch_of(self, batch_idx: int) -> int:
         """The micro-batch that training batch ``batch_idx`` of the current epoch holds (-1 if unknown)."""
@@ -239,33 +289,61 @@ class D2FTCallback(Callback):
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        self._net.scheduled_ops = self.schedule.ops[self._ids[batch_idx]]
-        if isinstance(trainer.strategy, D2FTStrategy):
-            trainer.strategy.comm_stats.reset()
+        self._t0 = time.perf_counter()
+        if self._fallback:  # TODO(lead): remove once D2FTStrategy.install_schedule is merged
+            self._net.scheduled_ops = self.schedule.ops[self._ids[batch_idx]]
+            strategy = _d2ft_strategy(trainer)
+            if strategy is not None:
+                strategy.comm_stats.reset()
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        ops = self._net.scheduled_ops
-        rank = trainer.strategy.tensor_parallel_rank if isinstance(trainer.strategy, D2FTStrategy) else 0
-        mine = self.schedule.placement == rank
-        fraction = float(self.cost.compute(ops[mine]).sum() / (mine.sum() * self.cost.full))
-        pl_module.log("d2ft/compute_fraction", fraction, on_step=True, on_epoch=True)
-        if isinstance(trainer.strategy, D2FTStrategy):
-            sent = trainer.strategy.comm_stats.total_bytes
-            self._bytes_total += sent
-            pl_module.log("d2ft/bytes_sent", float(sent), on_step=True, on_epoch=True, reduce_fx="sum")
-        self._net.scheduled_ops = None
+        self._batch_seconds += time.perf_counter() - self._t0
+        self._batches += 1
+        if self._fallback:  # TODO(lead): remove with the fallback (the strategy logs these itself)
+            strategy = _d2ft_strategy(trainer)
+            rank = strategy.tensor_parallel_rank if strategy is not None else 0
+            mine = self.schedule.placement == rank
+            ops = self._net.scheduled_ops
+            pl_module.log("d2ft/compute_fraction", float(self.cost.compute(ops[mine]).sum() / (mine.sum() * self.cost.full)),
+                          on_step=True, on_epoch=True)
+            if strategy is not None:
+                pl_module.log("d2ft/bytes_sent", float(strategy.comm_stats.total_bytes), on_step=True, on_epoch=True,
+                              reduce_fx="sum")
+            self._net.scheduled_ops = None
+
+    def _fallback_resume(self, trainer: Trainer) -> None:
+        """Resuming mid-epoch without the strategy's own handling: skip the micro-batches this epoch already
+        trained on (Lightning skips ``on_train_epoch_start`` then, so the epoch's order is set here too)."""
+        loop = trainer.fit_loop
+        if not loop.restarted_mid_epoch:
+            return
+        sampler = find_micro_batch_sampler(trainer.train_dataloader)
+        sampler.skip = loop.epoch_loop.batch_progress.current.processed
+        self._ids = sampler.micro_batch_ids(trainer.current_epoch)
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
+        rank_zero_info(f"D2FT: resuming epoch {trainer.current_epoch} after micro-batch {sampler.skip}")
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        seconds = time.perf_counter() - self._fit_start
+        rank_zero_info(self.cost_summary(trainer))
+
+    def cost_summary(self, trainer: Trainer) -> str:
+        """What the schedule saves and what scoring cost, against one full training epoch (estimated from the
+        mean time of the batches trained) rather than a possibly shortened fit; no wire figure on one device."""
         s = self.schedule
-        rank_zero_info(
-            f"D2FT: compute {s.compute_fraction:.3f} and predicted wire traffic {s.wire_fraction:.3f} of all-FULL; "
-            f"scoring took {self.scoring_seconds:.1f} s, {self.scoring_seconds / max(seconds, 1e-9):.1%} of the "
-            f"{seconds:.1f} s of training"
-        )
+        line = f"D2FT: compute {s.compute_fraction:.3f} of all-FULL"
+        if s.num_devices > 1:
+            line += f", predicted wire traffic {s.wire_fraction:.3f} of all-FULL"
+        if self.scored_micro_batches == 0:
+            return line + "; no scoring pass (scores from the cache, or none needed)"
+        sampler = find_micro_batch_sampler(trainer.train_dataloader)
+        per_epoch = sampler.num_micro_batches // sampler.num_replicas
+        epoch = self._batch_seconds / max(self._batches, 1) * per_epoch
+        return (line + f"; scoring {self.scored_micro_batches} micro-batches took {self.scoring_seconds:.1f} s, "
+                f"{self.scoring_seconds / max(epoch, 1e-9):.2f}x one training epoch (~{epoch:.1f} s: {per_epoch} "
+                f"batches at the {self._batches} trained batches' mean)")
 
     # -- checkpoint state -----------------------------------------------------------------------
     @override
@@ -284,5 +362,74 @@ class D2FTCallback(Callback):
         st = dict(state_dict)
         self.scoring_seconds = st.pop("scoring_seconds", 0.0)
         self._restored = Schedule(ops=st["ops"].long(), placement=st["placement"], speeds=st["speeds"],
-                                 cost=CostModel(**st["cost"]), column_blocks=st["column_blocks"],
-                                 method=st["method"], info=st["info"])
+                                  cost=CostModel(**st["cost"]), column_blocks=st["column_blocks"],
+                                  method=st["method"], info=st["info"])
+
+
+def _d2ft_strategy(trainer: Trainer) -> D2FTStrategy | None:
+    """The trainer's D2FTStrategy, None on one process with another strategy; refuses the rest."""
+    strategy = trainer.strategy
+    if isinstance(strategy, D2FTStrategy):
+        return strategy
+    if trainer.world_size > 1:
+        raise ValueError(
+            f"D2FTCallback needs D2FTStrategy when training on more than one process, got "
+            f"{type(strategy).__name__} on {trainer.world_size} processes (it would shard nothing and every replica "
+            "would train the same micro-batches): use Trainer(strategy=D2FTStrategy(...)) or strategy='d2ft'")
+    return None
+
+
+def _replica_of(trainer: Trainer) -> tuple[int, int, int]:
+    """(data-parallel replica, replicas, tensor-parallel rank) of this process."""
+    strategy = _d2ft_strategy(trainer)
+    if strategy is None:
+        return 0, 1, 0
+    return strategy.data_parallel_rank, strategy.data_parallel_size, strategy.tensor_parallel_rank
+
+
+def _on_rank_zero(trainer: Trainer, fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on rank 0 and broadcast its result, or its error, which every rank then raises (so no rank
+    waits for a broadcast that never comes and the user sees the real error)."""
+    result, error = None, None
+    if trainer.is_global_zero:
+        try:
+            result = fn()
+        except Exception as err:  # noqa: BLE001 - re-raised on every rank just below
+            error = err
+    result, error = trainer.strategy.broadcast((result, error), src=0)
+    if error is not None:
+        raise error
+    return result
+
+
+def _check_speeds(speeds: Sequence[float] | None) -> None:
+    if speeds is None:
+        return
+    values = list(speeds)
+    if not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0
+                         for v in values):
+        raise ValueError(f"speeds must be positive finite numbers, one per tensor-parallel rank, got {values!r}")
+
+
+def micro_batches_to_train(trainer: Trainer, sampler: MicroBatchSampler) -> list[int]:
+    """The micro-batches (over every data-parallel replica) that this fit will train, in id order: all of them
+    unless ``limit_train_batches``, ``max_steps`` or ``max_epochs`` stop it short of covering them."""
+    count, replicas = sampler.num_micro_batches, sampler.num_replicas
+    per_epoch = trainer.num_training_batches
+    per_epoch = count // replicas if math.isinf(per_epoch) else int(per_epoch)
+    batches_left = trainer.max_steps * trainer.accumulate_grad_batches if trainer.max_steps >= 0 else math.inf
+    epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs >= 0 else 1000
+    views = []
+    for r in range(replicas):
+        view = copy.copy(sampler)
+        view.set_replicas(replicas, r)
+        views.append(view)
+    needed: set[int] = set()
+    for epoch in range(trainer.current_epoch, max(epochs, trainer.current_epoch + 1)):
+        take = int(min(per_epoch, batches_left))
+        for view in views:
+            needed.update(view.micro_batch_ids(epoch)[:take])
+        batches_left -= take
+        if batches_left <= 0 or len(needed) == count or not sampler.shuffle:
+            break
+    return sorted(needed)

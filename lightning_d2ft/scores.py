@@ -4,9 +4,10 @@ One pass over the training micro-batches, forward + backward with every subnet F
 update**, gives per (micro-batch n, subnet k) a backward score (decides FULL) and a forward score (decides
 FORWARD_ONLY among the rest), each from any of the metrics:
 
-* ``weight_magnitude``: sum |w| over the subnet's own weights. It does not depend on the micro-batch, so
-  (*our reading*) it is multiplied by the micro-batch's loss over the mean loss: the weights say which
-  subnet matters, the loss says how much this micro-batch still has to teach.
+* ``weight_magnitude``: sum |w| over the subnet's own weights, the same row for every micro-batch (no data
+  needed). It used to be scaled by each micro-batch's loss over the mean loss; with per-(device,
+  micro-batch) capacity a per-row factor cannot change the FULL choice, and with per-epoch capacity it gave
+  the high-loss micro-batches every FULL pair and starved the rest (issue 16), so it was removed.
 * ``gradient_magnitude``: sum |g| of the micro-batch gradient over the subnet's weights.
 * ``fisher``: sum g^2 (empirical Fisher of the micro-batch gradient, not of per-sample gradients).
 * ``taylor``: sum |w * g| (first-order Taylor estimate of the loss change if the subnet were removed).
@@ -16,8 +17,10 @@ A subnet's weights are its rows of ``qkv`` (q, k and v of its heads), its column
 rows of ``fc1`` and its columns of ``fc2`` (with their biases); the stem and head subnets own everything
 outside the blocks. Shared block pieces (norms, ``proj``/``fc2`` biases, LayerScale) count for nobody.
 
-Scores are cached on disk, keyed by the model's weights, the data, the metrics and the granularity; a
-cache file that is corrupt or was made for other inputs is detected and recomputed, never used.
+Scores are cached on disk, keyed by the model's weights, a cheap fingerprint of the data (the micro-batch
+index lists plus a seeded sample of the samples, or a user-given ``data_key``), the metrics and the
+granularity; a cache file that is corrupt or was made for other inputs is detected and recomputed, never
+used. The pass itself (streamed, vectorised, shared between ranks) is :mod:`lightning_d2ft.scoring_pass`.
 """
 
 from __future__ import annotations
@@ -28,19 +31,24 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence, Sized
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_d2ft.files import StaleFileError, read_checked, write_checked
 from lightning_d2ft.partition import D2FTViT
+from lightning_d2ft.scoring_pass import SubnetIndex, score_pass
 
-__all__ = ["METRICS", "Scores", "compute_scores"]
+__all__ = ["METRICS", "Scores", "compute_scores", "data_fingerprint", "subnet_sums", "weights_digest"]
 
 METRICS = ("weight_magnitude", "gradient_magnitude", "fisher", "taylor", "random")
-_CACHE_VERSION = 1
+#: which per-element gradient statistic each gradient metric sums
+_GRAD_STAT = {"gradient_magnitude": "abs", "fisher": "sq", "taylor": "taylor"}
+_CACHE_VERSION = 2  # 2: keyed by a data fingerprint and the scored micro-batches; weight_magnitude unscaled
+_FINGERPRINT_SAMPLES = 16
 log = logging.getLogger(__name__)
 
 
@@ -55,6 +63,7 @@ class Scores:
     seconds: float  # wall time of the scoring pass (0 when loaded from the cache)
     key: str
     from_cache: bool = False
+    scored: int = 0  # micro-batches that went through the model (0 when loaded or when no pass was needed)
 
 
 def check_metric(role: str, metric: str) -> None:
@@ -62,52 +71,88 @@ def check_metric(role: str, metric: str) -> None:
         raise ValueError(f"unknown {role} score metric {metric!r}; choose one of {list(METRICS)}")
 
 
-def compute_scores(
-    net: D2FTViT,
-    batches: Iterable[tuple[Tensor, Tensor]],
-    backward_metric: str = "weight_magnitude",
-    forward_metric: str = "fisher",
-    *,
-    loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
-    cache_dir: str | Path | None = None,
-    data_key: str | None = None,
-    sample_every: int = 1,
-    seed: int = 0,
-    progress: bool = True,
-) -> Scores:
-    """Score every micro-batch of ``batches`` (an iterable of ``(inputs, targets)``, e.g. a DataLoader).
-
-    ``sample_every=k`` scores every k-th micro-batch only and gives the others the mean of the scored ones,
-    which cuts the scoring pass by k. ``data_key`` replaces the data fingerprint (which otherwise costs one
-    pass over the inputs, no model work) for data sets too large to hash.
-    """
-    check_metric("backward", backward_metric)
-    check_metric("forward", forward_metric)
-    if sample_every < 1:
-        raise ValueError(f"sample_every must be >= 1, got {sample_every}")
-    batches = list(batches) if data_key is None else batches
-    key = _cache_key(net, batches, data_key, backward_metric, forward_metric, sample_every, seed, loss_fn)
-    path = Path(cache_dir) / f"scores-{key[:20]}.pt" if cache_dir is not None else None
-    if path is not None and path.exists():
-        cached = _load_cache(path, key)
-        if cached is not None:
-            return cached
-
-    start = time.perf_counter()
-    stats, losses = _score_pass(net, batches, loss_fn, {backward_metric, forward_metric}, sample_every, progress)
-    gen = torch.Generator().manual_seed(seed)
-    tables = {m: _metric_table(m, stats, losses, gen) for m in {backward_metric, forward_metric}}
-    scores = Scores(
-        backward=tables[backward_metric], forward=tables[forward_metric], backward_metric=backward_metric,
-        forward_metric=forward_metric, seconds=time.perf_counter() - start, key=key,
-    )
-    if path is not None:
-        write_checked(path, {"key": key, "backward": scores.backward, "forward": scores.forward,
-                             "metrics": [backward_metric, forward_metric], "seconds": scores.seconds}, _CACHE_VERSION)
-    return scores
+def grad_stats(metrics: Iterable[str]) -> list[str]:
+    """The gradient statistics ``metrics`` need, in a fixed order (empty: no forward/backward needed)."""
+    wanted = {_GRAD_STAT[m] for m in metrics if m in _GRAD_STAT}
+    return [s for s in ("abs", "sq", "taylor") if s in wanted]
 
 
-def _load_cache(path: Path, key: str) -> Scores | None:
+# -- cheap identifiers ------------------------------------------------------------------------------
+def weights_digest(net: D2FTViT) -> str:
+    """SHA-256 of the model's weights (LoRA adapters excluded: scores rate the base subnets)."""
+    h = hashlib.sha256(f"G={net.groups_per_block}".encode())
+    for name, t in net.vit.state_dict().items():
+        if "lora_" in name:
+            continue
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+                 if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _feed(h: Any, obj: Any) -> None:
+    """Hash any sample: tensors and arrays by their bytes, containers recursively, the rest by repr."""
+    if torch.is_tensor(obj):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif isinstance(obj, np.ndarray):
+        h.update(f"{obj.dtype}{obj.shape}".encode() + np.ascontiguousarray(obj).tobytes())
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            _feed(h, item)
+    elif isinstance(obj, dict):
+        for k in sorted(obj, key=repr):
+            h.update(repr(k).encode())
+            _feed(h, obj[k])
+    elif hasattr(obj, "tobytes"):  # PIL images and the like
+        h.update(obj.tobytes())
+    else:
+        h.update(repr(obj).encode())
+
+
+def data_fingerprint(dataset: Any, micro_batches: Sequence[Sequence[int]], seed: int = 0,
+                     samples: int = _FINGERPRINT_SAMPLES) -> str:
+    """Identify the training data cheaply: its length, the micro-batch index lists, and ``samples``
+    samples drawn with ``seed`` (never a pass over the whole data set)."""
+    h = hashlib.sha256(f"n={len(dataset)}|mb={len(micro_batches)}".encode())
+    h.update(np.asarray(micro_batches, dtype=np.int64).tobytes())
+    picks = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:samples].tolist()
+    for i in sorted(picks):
+        _feed(h, dataset[i])
+    return h.hexdigest()
+
+
+def _batches_fingerprint(batches: Sequence, seed: int) -> str:
+    """The same idea for a sequence of ready batches: the count and a seeded sample of them."""
+    dataset, sampler = getattr(batches, "dataset", None), getattr(batches, "batch_sampler", None)
+    if dataset is not None and sampler is not None:  # a DataLoader: its index lists name the batches
+        return data_fingerprint(dataset, [list(b) for b in sampler], seed)
+    h = hashlib.sha256(f"batches={len(batches)}".encode())
+    picks = torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed))[:_FINGERPRINT_SAMPLES]
+    for i in sorted(picks.tolist()):
+        _feed(h, batches[i])
+    return h.hexdigest()
+
+
+def cache_key(weights: str, data: str, backward_metric: str, forward_metric: str, scored: Sequence[int],
+              total: int, seed: int, loss_fn: Callable | None = None) -> str:
+    h = hashlib.sha256(f"v{_CACHE_VERSION}|{backward_metric}|{forward_metric}|seed={seed}|total={total}|"
+                       f"loss={getattr(loss_fn, '__name__', repr(loss_fn))}|w={weights}|d={data}".encode())
+    h.update(np.asarray(list(scored), dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+# -- the cache ---------------------------------------------------------------------------------------
+def cache_path(cache_dir: str | Path, key: str) -> Path:
+    return Path(cache_dir) / f"scores-{key[:20]}.pt"
+
+
+def load_cached(cache_dir: str | Path | None, key: str) -> Scores | None:
+    """The cached scores for ``key``, or None (absent, or corrupt / stale: warned and ignored)."""
+    if cache_dir is None or not cache_path(cache_dir, key).exists():
+        return None
+    path = cache_path(cache_dir, key)
     try:
         payload = read_checked(path, _CACHE_VERSION, "score cache")
         if payload["key"] != key:
@@ -123,119 +168,122 @@ def _load_cache(path: Path, key: str) -> Scores | None:
     return Scores(back, fwd, b, f, seconds=0.0, key=key, from_cache=True)
 
 
-def _cache_key(net, batches, data_key, backward_metric, forward_metric, sample_every, seed, loss_fn) -> str:
-    h = hashlib.sha256()
-    h.update(f"v{_CACHE_VERSION}|{backward_metric}|{forward_metric}|G={net.groups_per_block}|"
-             f"every={sample_every}|seed={seed}|loss={getattr(loss_fn, '__name__', repr(loss_fn))}".encode())
-    for name, t in net.vit.state_dict().items():
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    if data_key is not None:
-        h.update(f"data={data_key}".encode())
-    else:
-        for x, y in batches:
-            h.update(torch.as_tensor(x).cpu().contiguous().numpy().tobytes())
-            h.update(torch.as_tensor(y).cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
+def save_cached(cache_dir: str | Path | None, scores: Scores) -> None:
+    if cache_dir is not None:
+        write_checked(cache_path(cache_dir, scores.key),
+                      {"key": scores.key, "backward": scores.backward, "forward": scores.forward,
+                       "metrics": [scores.backward_metric, scores.forward_metric], "seconds": scores.seconds},
+                      _CACHE_VERSION)
 
 
-def _score_pass(net, batches, loss_fn, metrics, sample_every, progress):
-    """Forward + backward per micro-batch; per-subnet sums of |g|, g^2 and |w*g|. Model state is restored."""
-    from tqdm.auto import tqdm
-
-    need_grads = bool(metrics - {"weight_magnitude", "random"})
-    was_training = net.training
-    saved_grads = {p: p.grad for p in net.parameters()}
-    device = next(net.parameters()).device
-    stats: dict[str, list[Tensor]] = {"abs": [], "sq": [], "taylor": []}
-    losses, scored = [], []
-    net.eval()  # dropout off: the scores describe the model, not one dropout mask
+def check_cache_dir(cache_dir: str | Path) -> None:
+    """Refuse a cache directory that cannot be written, before any scoring work."""
+    path = Path(cache_dir)
     try:
-        for n, (x, y) in enumerate(tqdm(batches, desc="D2FT scores", disable=not progress, leave=False)):
-            if n % sample_every:
-                continue
-            for p in net.parameters():
-                p.grad = None
-            with torch.set_grad_enabled(need_grads):
-                loss = loss_fn(net(x.to(device)), y.to(device))
-            if not bool(torch.isfinite(loss)):
-                raise FloatingPointError(f"micro-batch {n} gives a non-finite loss ({float(loss)}) in the scoring "
-                                         "pass (NaN/inf inputs?): fix those samples before fine-tuning")
-            if need_grads:
-                loss.backward()
-                stats["abs"].append(subnet_sums(net, lambda p: None if p.grad is None else p.grad.abs()))
-                stats["sq"].append(subnet_sums(net, lambda p: None if p.grad is None else p.grad.square()))
-                stats["taylor"].append(subnet_sums(net, lambda p: None if p.grad is None else (p.grad * p).abs()))
-            losses.append(float(loss.detach()))
-            scored.append(n)
-    finally:
-        net.train(was_training)
-        for p, g in saved_grads.items():
-            p.grad = g
-    if not scored:
-        raise ValueError("no micro-batches to score: the dataloader is empty")
-    total = scored[-1] + 1 if sample_every == 1 else _count(batches)
-    stats["weight"] = [subnet_sums(net, lambda p: p.abs())]
-    return {k: _fill(v, scored, total) for k, v in stats.items() if v}, _fill_1d(losses, scored, total)
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{id(path)}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise PermissionError(f"cache_dir {str(path)!r} cannot be written ({err.strerror or err}): give a writable "
+                              "cache_dir (Hydra: schedule.cache_dir=...)") from err
 
 
-def _count(batches) -> int:
-    return sum(1 for _ in batches)
+# -- tables ------------------------------------------------------------------------------------------
+def score_tables(sums: Tensor, stats: Sequence[str], weights: Tensor, scored: Sequence[int], total: int,
+                 backward_metric: str, forward_metric: str, seed: int) -> tuple[Tensor, Tensor]:
+    """Backward and forward tables ``[total, subnets]`` (float64, CPU) from the pass's sums.
 
-
-def _fill(rows: list[Tensor], scored: list[int], total: int) -> Tensor:
-    """Stack the scored micro-batches' rows; the unscored ones get the mean row."""
-    table = torch.stack(rows)
-    if table.shape[0] == 1 and len(scored) != 1:  # sample-independent (weights): one row for all
-        return table.expand(total, -1).clone()
-    out = table.mean(0, keepdim=True).expand(total, -1).clone()
-    out[scored] = table
-    return out
-
-
-def _fill_1d(values: list[float], scored: list[int], total: int) -> Tensor:
-    return _fill([torch.tensor([v], dtype=torch.float64) for v in values], scored, total).flatten()
-
-
-def _metric_table(metric: str, stats: dict[str, Tensor], losses: Tensor, gen: torch.Generator) -> Tensor:
-    n_mb = losses.numel()
-    if metric == "random":
-        return torch.rand(n_mb, stats["weight"].shape[1], generator=gen, dtype=torch.float64)
-    if metric == "weight_magnitude":
-        mean = losses.mean()
-        scale = losses / mean if mean > 0 else torch.ones_like(losses)
-        return stats["weight"][:n_mb] * scale[:, None]
-    return {"gradient_magnitude": stats.get("abs"), "fisher": stats.get("sq"), "taylor": stats.get("taylor")}[metric]
-
-
-@torch.no_grad()
-def subnet_sums(net: D2FTViT, stat: Callable[[nn.Parameter], Tensor | None]) -> Tensor:
-    """Sum of ``stat(param)`` over each subnet's own weights: a float64 vector of ``num_subnets``.
-
-    ``stat`` returns an elementwise tensor shaped like the parameter, or None to skip it (e.g. no gradient).
+    ``sums[i, j]`` holds statistic ``stats[j]`` of micro-batch ``scored[i]``; micro-batches that were not
+    scored get the mean row of those that were.
     """
-    G = net.groups_per_block
+    sums, weights = sums.double().cpu(), weights.double().cpu()
+    gen = torch.Generator().manual_seed(seed)
+    tables = {}
+    for metric in dict.fromkeys((backward_metric, forward_metric)):
+        if metric == "random":
+            tables[metric] = torch.rand(total, weights.numel(), generator=gen, dtype=torch.float64)
+        elif metric == "weight_magnitude":
+            tables[metric] = weights.expand(total, -1).clone()
+        else:
+            rows = sums[:, stats.index(_GRAD_STAT[metric])]
+            out = rows.mean(0, keepdim=True).expand(total, -1).clone()
+            out[list(scored)] = rows
+            tables[metric] = out
+    return tables[backward_metric], tables[forward_metric]
+
+
+def check_finite_losses(losses: Tensor, scored: Sequence[int]) -> None:
+    """One host sync at the end of the pass: name the micro-batches with a non-finite loss."""
+    bad = (~torch.isfinite(losses.cpu())).nonzero().flatten().tolist()
+    if bad:
+        ids = [int(scored[i]) for i in bad]
+        raise FloatingPointError(
+            f"micro-batch {ids[0]} gives a non-finite loss ({float(losses[bad[0]])}) in the scoring pass "
+            f"(NaN/inf inputs?){f'; so do {ids[1:10]}' if len(ids) > 1 else ''}: fix those samples before fine-tuning")
+
+
+# -- one process, batches given ------------------------------------------------------------------------
+def compute_scores(
+    net: D2FTViT,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    backward_metric: str = "weight_magnitude",
+    forward_metric: str = "fisher",
+    *,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
+    cache_dir: str | Path | None = None,
+    data_key: str | None = None,
+    sample_every: int = 1,
+    seed: int = 0,
+    progress: bool = True,
+) -> Scores:
+    """Score every micro-batch of ``batches`` (a sequence of ``(inputs, targets)`` or a DataLoader, which is
+    streamed) on one process. :class:`~lightning_d2ft.D2FTCallback` does the same on the training device,
+    shared between ranks.
+
+    ``sample_every=k`` scores every k-th micro-batch only and gives the others the mean of the scored ones,
+    which cuts the scoring pass by k. ``data_key`` names the data for the cache key instead of the
+    fingerprint (the count plus a seeded sample of the batches, or of a DataLoader's dataset).
+    """
+    check_metric("backward", backward_metric)
+    check_metric("forward", forward_metric)
+    if sample_every < 1:
+        raise ValueError(f"sample_every must be >= 1, got {sample_every}")
+    if not isinstance(batches, Sized):
+        batches = list(batches)
+    total = len(batches)
+    scored = list(range(0, total, sample_every))
+    stats = grad_stats((backward_metric, forward_metric))
+    key = None
+    if cache_dir is not None:
+        data = data_key if data_key is not None else _batches_fingerprint(batches, seed)
+        key = cache_key(weights_digest(net), data, backward_metric, forward_metric, scored, total, seed, loss_fn)
+        cached = load_cached(cache_dir, key)
+        if cached is not None:
+            return cached
+    start = time.perf_counter()
+    index = SubnetIndex(net)
+    sums = torch.zeros(len(scored), 0, net.num_subnets, dtype=torch.float64)
+    if stats:  # weight_magnitude and random need no data
+        chosen = (b for n, b in enumerate(batches) if n % sample_every == 0)
+        sums, losses = score_pass(net, chosen, loss_fn, stats, index, progress=progress, total=len(scored))
+        check_finite_losses(losses, scored)
+    backward, forward = score_tables(sums, stats, index.weight_sums(), scored, total, backward_metric,
+                                     forward_metric, seed)
+    scores = Scores(backward, forward, backward_metric, forward_metric, seconds=time.perf_counter() - start,
+                    key=key or "", scored=len(scored) if stats else 0)
+    save_cached(cache_dir, scores)
+    return scores
+
+
+def subnet_sums(net: D2FTViT, stat: Callable[[nn.Parameter], Tensor | None]) -> Tensor:
+    """Sum of ``stat(param)`` over each subnet's own weights: a float64 vector of ``num_subnets`` (a slow,
+    general helper for tests and one-off statistics; the scoring pass uses :class:`SubnetIndex`)."""
+    index = SubnetIndex(net)
     out = torch.zeros(net.num_subnets, dtype=torch.float64)
-    vit = net.vit
-    in_blocks = {id(p) for p in vit.blocks.parameters()}
-    stem_ids = {id(p) for m in (vit.patch_embed, vit.norm_pre) for p in m.parameters()}
-    stem_ids |= {id(p) for p in (getattr(vit, "cls_token", None), getattr(vit, "reg_token", None),
-                                 getattr(vit, "pos_embed", None)) if isinstance(p, nn.Parameter)}
-    for p in vit.parameters():
-        value = None if id(p) in in_blocks else stat(p)
-        if value is not None:
-            out[0 if id(p) in stem_ids else -1] += float(value.sum())
-    # (parameter, how its elements fold into [G, ...]: the group axis is 1 after the view)
-    for l, blk in enumerate(vit.blocks):
-        attn, mlp = blk.attn, blk.mlp
-        D = attn.qkv.in_features
-        layout = [(attn.qkv.weight, (3, G, -1, D)), (attn.qkv.bias, (3, G, -1)), (attn.proj.weight, (D, G, -1)),
-                  (mlp.fc1.weight, (1, G, -1, D)), (mlp.fc1.bias, (1, G, -1)), (mlp.fc2.weight, (D, G, -1))]
-        per_group = torch.zeros(G, dtype=torch.float64)
-        for param, shape in layout:
-            value = None if param is None else stat(param)
+    with torch.no_grad():
+        for _, p, fold, dims, cols in index.pieces:
+            value = stat(p)
             if value is not None:
-                grouped = value.reshape(shape).transpose(0, 1).reshape(G, -1)
-                per_group += grouped.sum(1).double()
-        out[net.block_slice(l)] = per_group
+                out.index_add_(0, cols.cpu(), fold(value).sum(dims).double().cpu())
     return out
