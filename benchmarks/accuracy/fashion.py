@@ -55,9 +55,9 @@ TIERS: dict[int, list[dict]] = {
     # the targets: full, default D2FT and every baseline at budget 0.6 / 74 subnets, D2FT at comm budget 0.5
     1: _runs({"method": "full", "budget": 1.0}, {}, *({"method": m} for m in BASELINES),
              {"budget": 1.0, "comm_budget": 0.5}),
-    # budget and subnets curves, score_every cost, LoRA, baselines under the comm budget
-    2: _runs({"budget": 0.4}, {"budget": 0.8}, {"subnets": 26}, {"subnets": 38}, {"score_every": 4},
-             {"score_every": 10}, {"budget": 1.0, "lora_rank": 4}, {"lora_rank": 4},
+    # score_every cost, subnets and budget curves, LoRA, baselines under the comm budget
+    2: _runs({"score_every": 4}, {"score_every": 10}, {"subnets": 26}, {"budget": 0.4},
+             {"budget": 1.0, "lora_rank": 4}, {"lora_rank": 4}, {"subnets": 38}, {"budget": 0.8},
              *({"method": m, "budget": 1.0, "comm_budget": 0.5} for m in BASELINES)),
     # baselines along the budget, score pairs
     3: _runs(*({"method": m, "budget": b} for m in BASELINES for b in (0.4, 0.8)),
