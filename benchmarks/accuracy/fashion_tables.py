@@ -81,6 +81,10 @@ def tables(runs: list[dict]) -> tuple[str, list[dict]]:
         ("Table 6: score_every cost (D2FT, budget 0.6)", [(f"score_every={k}", {"score_every": k}) for k in (1, 4, 10)]),
     ]
     md, rows = [], []
+    text, got = table(runs, "Table 1b: each baseline against D2FT at budget 0.6 (baseline - D2FT)",
+                      [(m, {"method": m}) for m in BASELINES], ref={}, ref_name="D2FT")
+    md.append(text)
+    rows += got
     for title, spec in specs:
         text, got = table(runs, title, spec)
         md.append(text)
