@@ -92,8 +92,11 @@ def tables(runs: list[dict]) -> tuple[str, list[dict]]:
     text, got = table(runs, "Table 5: D2FT-LoRA (budget 0.6) vs LoRA (budget 1.0), rank 4",
                       [("D2FT-LoRA @ 0.6", {"lora_rank": 4})], ref={"budget": 1.0, "lora_rank": 4}, ref_name="LoRA")
     text2, got2 = table(runs, "Table 5b: LoRA vs full fine-tuning", [("LoRA @ 1.0", {"budget": 1.0, "lora_rank": 4})])
-    md.insert(4, text + "\n" + text2)
-    return "\n".join(md), rows + got + got2
+    md.insert(5, text + "\n" + text2)
+    text3, got3 = table(runs, "Table 6b: score_every cost against scoring every micro-batch (D2FT, budget 0.6)",
+                        [(f"score_every={k}", {"score_every": k}) for k in (4, 10)], ref={}, ref_name="score_every=1")
+    md.append(text3)
+    return "\n".join(md), rows + got + got2 + got3
 
 
 def full_sd(runs: list[dict]) -> str:
