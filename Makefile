@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench bench-accuracy clean
 
 install: $(STAMP)
 
@@ -22,6 +22,14 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/ops_cost.py
+
+# Fashion-MNIST accuracy sweep (resumable; appends to benchmarks/results/accuracy/fashion/runs.jsonl), then tables
+bench-accuracy: $(STAMP)
+	@test -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz || \
+	  { if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+	    else echo "Fashion-MNIST missing: run 'sudo apt-get install -y dataset-fashion-mnist'"; exit 1; fi; }
+	nice -n 10 $(PY) benchmarks/accuracy/fashion.py
+	$(PY) benchmarks/accuracy/fashion_tables.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -16,14 +16,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_d2ft.app_config import check_config, check_trainer_extra
 from lightning_d2ft.callback import D2FTCallback
-from lightning_d2ft.settings import ScheduleSettings
 from lightning_d2ft.data import DigitsDataModule
+from lightning_d2ft.datasets import FashionMNISTDataModule
 from lightning_d2ft.files import RunCheckpoint, atomic_write, checked_checkpoint, newest_checkpoint
 from lightning_d2ft.module import ShardedModelSummary, ViTClassifier, build_vit
 from lightning_d2ft.partition import D2FTViT
 from lightning_d2ft.placement import speed_aware
 from lightning_d2ft.pretrain import pretrained_checkpoint
 from lightning_d2ft.scheduling import Schedule
+from lightning_d2ft.settings import ScheduleSettings
 from lightning_d2ft.strategy import D2FTStrategy
 
 __all__ = ["DATAMODULES", "build_datamodule", "check_model", "check_run_dir", "print_summary", "run"]
@@ -31,7 +32,8 @@ log = logging.getLogger(__name__)
 
 
 # data set name -> LightningDataModule class taking the other ``data.*`` fields as keyword arguments
-DATAMODULES: dict[str, Callable[..., LightningDataModule]] = {"digits": DigitsDataModule}
+DATAMODULES: dict[str, Callable[..., LightningDataModule]] = {"digits": DigitsDataModule,
+                                                               "fashion_mnist": FashionMNISTDataModule}
 # the settings a run directory's checkpoints and schedule belong to: a rerun there must not change them
 RUN_IDENTITY = ("schedule", "model.name", "model.kwargs", "data", "seed")
 
