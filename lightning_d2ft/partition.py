@@ -120,14 +120,19 @@ def valid_subnet_counts(vit: nn.Module) -> list[int]:
     return [len(vit.blocks) * g + _NUM_EXTRA_SUBNETS for g in valid_groups_per_block(vit)]
 
 
+def _as_set(values: list[int]) -> str:
+    """``{14, 38}``: a set of allowed values, not a range."""
+    return "{" + ", ".join(str(v) for v in values) + "}"
+
+
 def resolve_groups_per_block(vit: nn.Module, subnets: int | None, groups_per_block: int | None) -> int:
     """Turn ``subnets`` (a total count, or G) / ``groups_per_block`` into G, or explain the valid choices."""
     valid_g = valid_groups_per_block(vit)
     valid_n = valid_subnet_counts(vit)
     depth, heads = len(vit.blocks), vit.blocks[0].attn.num_heads
     choices = (
-        f"for this model ({depth} blocks x {heads} heads) use subnets in {valid_n} (total count) "
-        f"or groups_per_block in {valid_g}"
+        f"for this model ({depth} blocks x {heads} heads) use subnets = one of {_as_set(valid_n)} (the total count: "
+        f"{depth} blocks x groups per block + stem + head) or groups_per_block = one of {_as_set(valid_g)}"
     )
     if subnets is not None and groups_per_block is not None:
         raise ValueError(f"give either subnets or groups_per_block, not both; {choices}")

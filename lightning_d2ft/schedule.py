@@ -153,7 +153,8 @@ class Schedule:
         mix = ", ".join(f"{name} {n / total:.0%}" for name, n in counts.items())
         m = self.metrics()
         return (
-            f"{self.method} schedule: {self.num_micro_batches} micro-batches x {int(self.scheduled.sum())} subnets "
+            f"{self.method} schedule: {self.num_micro_batches} micro-batches x {self.ops.shape[1]} subnets "
+            f"({int(self.scheduled.sum())} scheduled; {int((~self.scheduled).sum())} always FULL: stem and head) "
             f"on {self.num_devices} devices | compute {m['compute_fraction']:.3f}, comm {m['comm_fraction']:.3f}, "
             f"wire {m['wire_fraction']:.3f} of all-FULL | {mix} | per step: max/mean load "
             f"{m['step_max_over_mean']:.3f} (worst {m['step_max_over_mean_worst']:.3f}), lockstep time "

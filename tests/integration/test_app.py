@@ -71,7 +71,7 @@ def test_bad_subnets_fail_before_any_data_or_pretraining(tmp_path):
                            f"model.pretrain.cache_dir={tmp_path}/pretrained"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300, env=ENV)
     assert proc.returncode != 0
-    assert "subnets=27 is not valid" in proc.stderr + proc.stdout and "[14, 26, 38, 74]" in proc.stderr + proc.stdout
+    assert "subnets=27 is not valid" in proc.stderr + proc.stdout and "{14, 26, 38, 74}" in proc.stderr + proc.stdout
     assert not (tmp_path / "pretrained").exists()
 
 

@@ -53,7 +53,7 @@ def test_a_missing_schedule_file_is_refused_when_the_callback_is_built(tmp_path)
 
 
 def test_a_subnet_count_the_model_cannot_have_lists_the_valid_ones(tmp_path):
-    with pytest.raises(ValueError, match=r"subnets=13 is not valid.*\[4, 6, 8, 14\]"):
+    with pytest.raises(ValueError, match=r"subnets=13 is not valid.*one of \{4, 6, 8, 14\}"):
         _fit(tmp_path, D2FTCallback(budget=0.6, subnets=13, progress=False))
 
 
