@@ -51,7 +51,8 @@ def test_multirun_sweeps_the_budget(tmp_path):
     _run(["-m", *TINY, "schedule.budget=0.5,1.0", "trainer.speeds=[2.0,1.0]", f"hydra.sweep.dir={tmp_path}/sweep",
           f"schedule.cache_dir={tmp_path}/cache", f"model.pretrain.cache_dir={tmp_path}/pretrained"], tmp_path)
     results = sorted(json.loads(p.read_text())["compute_fraction"] for p in (tmp_path / "sweep").rglob("results.json"))
-    assert results == pytest.approx([0.5, 1.0], abs=0.01)
+    # within the budget; per (device, micro-batch) capacities round to whole items on ranks of unequal speed
+    assert 0.45 <= results[0] <= 0.5 and results[1] == pytest.approx(1.0)
     # the Hydra callback summarised the sweep in its directory
     table = (tmp_path / "sweep" / "summary.md").read_text()
     assert "schedule.budget=0.5" in table and "schedule.budget=1.0" in table

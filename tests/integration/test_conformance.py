@@ -132,9 +132,14 @@ def _free_port() -> int:
 def runs(tmp_path_factory) -> dict[str, list[dict]]:
     results = {}
     root = tmp_path_factory.mktemp("one")
-    results["one"] = [_run_flows(root, 1, {})]
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    environ = dict(os.environ)  # the one-process fit exports MASTER_PORT etc.; later tests must not inherit them
+    try:
+        results["one"] = [_run_flows(root, 1, {})]
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(environ)
     for name, kw in SETTINGS.items():
         root = tmp_path_factory.mktemp(name)
         mp.start_processes(_worker, args=(2, _free_port(), str(root), kw), nprocs=2, start_method="spawn")

@@ -136,9 +136,6 @@ def test_a_malicious_checkpoint_in_the_run_directory_runs_no_code(tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.xfail(strict=False, reason="on main's D2FTStrategy (0e7c41c) the 2-process mid-epoch resume ends 2.7e-4 "
-                   "away (qkv.weight, lr 1e-3) from the uninterrupted run while 1 process matches exactly: strategy "
-                   "branch; with the strategy branch's files (probe, 2026-11-26 15:44) it passes: drop this mark after the merge")
 def test_two_processes_stopped_in_epoch_1_then_rerun_reach_the_uninterrupted_weights(tmp_path):
     """13.1 on 2 tensor-parallel processes (the command line, spawn): the first run stops at step 5
     (``max_steps``, in epoch 1 of 3) leaving step 4's checkpoint as a kill would; the rerun continues."""
