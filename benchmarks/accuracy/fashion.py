@@ -136,7 +136,7 @@ def finetune(spec: dict, seed: int, checkpoint: Path, dm: FashionMNISTDataModule
     seed_everything(seed, verbose=False)  # the same head initialisation for every method of this seed
     module = OneCycleClassifier(model=MODEL, num_classes=dm.num_classes, subnets=spec["subnets"],
                            checkpoint=str(checkpoint), lr=FINETUNE["lr"], model_kwargs=KWARGS)
-    trainer = Trainer(accelerator="cpu", devices=1, max_epochs=FINETUNE["epochs"], limit_val_batches=0,
+    trainer = Trainer(accelerator="cpu", devices=1, strategy="d2ft", max_epochs=FINETUNE["epochs"], limit_val_batches=0,
                       logger=False, enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False, callbacks=[callback], default_root_dir=root, deterministic=True)
     start = time.perf_counter()
