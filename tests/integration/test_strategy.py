@@ -6,108 +6,32 @@ from __future__ import annotations
 
 import json
 import os
-import types
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
-from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch import Callback, seed_everything
 from torch.utils.flop_counter import FlopCounterMode
 
-from lightning_d2ft import CostModel, D2FTCallback, D2FTStrategy, Schedule
-from lightning_d2ft.data import DigitsDataModule, MicroBatchSampler
-from lightning_d2ft.lora import add_lora_
+from lightning_d2ft import CostModel, D2FTCallback, Schedule
+from lightning_d2ft.data import MicroBatchSampler
 from lightning_d2ft.module import ViTClassifier
+from fits import assert_same, d2ft_callback, digits_data, make_module, make_trainer, plain_timm_reference, vit_state
 
 pytestmark = pytest.mark.timeout(600)
-SMALL = dict(img_size=16, patch_size=8, embed_dim=48, depth=2)  # 6 heads of width 8, 5 tokens
-
-
-def _module(seed: int = 0, optimizer: str = "adamw") -> ViTClassifier:
-    seed_everything(seed)
-    return ViTClassifier(num_classes=10, subnets=14, lr=1e-3, optimizer=optimizer, model_kwargs=SMALL)
-
-
-def _data(batch: int = 16, img: int = 16) -> DigitsDataModule:
-    return DigitsDataModule(img_size=img, batch_size=batch, seed=0)
-
-
-def _trainer(tmp_path: Path, devices: int = 2, callbacks=(), strategy_kw=None, **kw) -> Trainer:
-    strategy_kw = strategy_kw or {}
-    strategy = D2FTStrategy(start_method="spawn", **strategy_kw) if devices > 1 \
-        else D2FTStrategy(parallel_devices=[torch.device("cpu")], **strategy_kw)
-    kw = {"max_epochs": 1, "num_sanity_val_steps": 0, "limit_val_batches": 0, **kw}
-    return Trainer(accelerator="cpu", devices=devices, strategy=strategy, callbacks=list(callbacks),
-                   default_root_dir=tmp_path, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                   deterministic=True, **kw)
-
-
-def _d2ft(budget: float, tmp_path: Path) -> D2FTCallback:
-    return D2FTCallback(budget=budget, cache_dir=tmp_path / "cache", progress=False)
-
-
-def _plain_lora_qkv(self, x: torch.Tensor) -> torch.Tensor:
-    """A plain per-head-group LoRA ``qkv`` (written here independently of partition.py): every group's
-    rows of the weight get ``scale * B_g @ A_g``."""
-    r, groups = self.lora_B.shape[1], self.lora_A.shape[0] // self.lora_B.shape[1]
-    rows = self.out_features // (3 * groups)
-    delta = torch.zeros_like(self.weight)
-    for t in range(3):
-        for g in range(groups):
-            start = t * groups * rows + g * rows
-            delta[start : start + rows] = self.lora_B[start : start + rows] @ self.lora_A[g * r : (g + 1) * r]
-    return F.linear(x, self.weight + self.lora_scale * delta, self.bias)
-
-
-def _plain_timm_reference(steps: int, optimizer: str, accumulate: int = 1, replica: tuple[int, int] = (1, 0),
-                          lora_rank: int | None = None) -> dict[str, torch.Tensor]:
-    """Single-process plain timm fine-tuning over the same micro-batches in the same order (an optimizer
-    step every ``accumulate`` micro-batches, on the mean of their losses, as Lightning does); ``replica``
-    (replicas, rank): only that data-parallel replica's share of the micro-batches; ``lora_rank``: plain
-    LoRA (per head group, base frozen) on every ``qkv``."""
-    module = _module(optimizer=optimizer)
-    vit = module.net.vit
-    if lora_rank is not None:
-        add_lora_(module.net, lora_rank)
-        for blk in vit.blocks:
-            blk.attn.qkv.forward = types.MethodType(_plain_lora_qkv, blk.attn.qkv)
-    dm = _data()
-    dm.setup()
-    sampler = MicroBatchSampler(dm.train_set, 16, seed=0)
-    sampler.set_replicas(*replica)
-    opt = module.configure_optimizers()
-    opt.zero_grad()
-    for i, mb in enumerate(sampler.micro_batch_ids(0)[:steps]):
-        x, y = dm.train_set[sampler.micro_batches[mb]]
-        (F.cross_entropy(vit(x), y) / accumulate).backward()
-        if (i + 1) % accumulate == 0:
-            opt.step()
-            opt.zero_grad()
-    return {k: v.detach() for k, v in vit.state_dict().items()}
-
-
-def _vit_state(module: ViTClassifier) -> dict[str, torch.Tensor]:
-    return {k: v.detach() for k, v in module.net.vit.state_dict().items()}
-
-
-def _assert_same(a: dict, b: dict, atol: float = 2e-5) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-4, msg=k)
 
 
 def test_speed_aware_placement_gives_the_faster_rank_twice_the_work_and_trains_exactly(tmp_path):
     from lightning_d2ft.placement import speed_aware
 
-    module = _module(optimizer="sgd")
-    trainer = _trainer(tmp_path, callbacks=[_d2ft(1.0, tmp_path)], limit_train_batches=4,
+    module = make_module(optimizer="sgd")
+    trainer = make_trainer(tmp_path, callbacks=[d2ft_callback(1.0, tmp_path)], limit_train_batches=4,
                        strategy_kw=dict(placement=speed_aware([2.0, 1.0])))
-    trainer.fit(module, _data())
-    _assert_same(_vit_state(module), _plain_timm_reference(steps=4, optimizer="sgd"))  # uneven shards, same math
+    trainer.fit(module, digits_data())
+    assert_same(vit_state(module), plain_timm_reference(steps=4, optimizer="sgd"))  # uneven shards, same math
     budget = D2FTCallback(budget=0.6, progress=False, cache_dir=tmp_path / "cache")
-    _trainer(tmp_path / "b", callbacks=[budget], limit_train_batches=2,
-             strategy_kw=dict(placement=speed_aware([2.0, 1.0]))).fit(_module(), _data())
+    make_trainer(tmp_path / "b", callbacks=[budget], limit_train_batches=2,
+             strategy_kw=dict(placement=speed_aware([2.0, 1.0]))).fit(make_module(), digits_data())
     schedule = Schedule.load(tmp_path / "b" / "d2ft" / "schedule.pt")
     loads = schedule.device_loads
     # capacities follow the speeds; per step they are rounded to whole items (8 vs 4 groups here)
@@ -148,8 +72,8 @@ def _measure(tmp_path: Path, budget: float) -> tuple[list[dict], Schedule]:
     seed_everything(0)
     module = ViTClassifier(num_classes=10, subnets=26, model_kwargs=dict(img_size=32, patch_size=8, embed_dim=96,
                                                                          depth=4))
-    trainer = _trainer(tmp_path, callbacks=[_d2ft(budget, tmp_path), MeasureStep(out)], limit_train_batches=8)
-    trainer.fit(module, _data(img=32))
+    trainer = make_trainer(tmp_path, callbacks=[d2ft_callback(budget, tmp_path), MeasureStep(out)], limit_train_batches=8)
+    trainer.fit(module, digits_data(img=32))
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)], Schedule.load(out / "schedule.pt")
 
 
@@ -175,12 +99,12 @@ def test_budget_0_6_cuts_flops_and_bytes_per_rank_as_the_schedule_predicts(tmp_p
 
 
 def test_save_and_resume_reaches_the_same_weights_on_the_same_or_another_world_size(tmp_path):
-    straight = _module()
-    _trainer(tmp_path / "a", callbacks=[_d2ft(1.0, tmp_path)], max_epochs=2, limit_train_batches=3).fit(straight, _data())
+    straight = make_module()
+    make_trainer(tmp_path / "a", callbacks=[d2ft_callback(1.0, tmp_path)], max_epochs=2, limit_train_batches=3).fit(straight, digits_data())
 
-    first = _module()
-    t1 = _trainer(tmp_path / "b", callbacks=[_d2ft(1.0, tmp_path)], max_epochs=1, limit_train_batches=3)
-    t1.fit(first, _data())
+    first = make_module()
+    t1 = make_trainer(tmp_path / "b", callbacks=[d2ft_callback(1.0, tmp_path)], max_epochs=1, limit_train_batches=3)
+    t1.fit(first, digits_data())
     ckpt = tmp_path / "b" / "epoch1.ckpt"
     saved = sorted((tmp_path / "b").rglob("*.ckpt"))
     assert saved, "Lightning's default ModelCheckpoint wrote no checkpoint"
@@ -189,19 +113,19 @@ def test_save_and_resume_reaches_the_same_weights_on_the_same_or_another_world_s
     assert state["net.vit.blocks.0.attn.qkv.weight"].shape == (3 * 48, 48)  # the whole, unsharded model
 
     for devices in (2, 1):
-        resumed = _module(seed=123)  # different init: everything must come from the checkpoint
-        t2 = _trainer(tmp_path / f"c{devices}", callbacks=[_d2ft(1.0, tmp_path)], max_epochs=2, limit_train_batches=3)
-        t2.fit(resumed, _data(), ckpt_path=ckpt)
-        _assert_same(_vit_state(resumed), _vit_state(straight), atol=1e-4)
+        resumed = make_module(seed=123)  # different init: everything must come from the checkpoint
+        t2 = make_trainer(tmp_path / f"c{devices}", callbacks=[d2ft_callback(1.0, tmp_path)], max_epochs=2, limit_train_batches=3)
+        t2.fit(resumed, digits_data(), ckpt_path=ckpt)
+        assert_same(vit_state(resumed), vit_state(straight), atol=1e-4)
 
 
 def test_checkpoint_loads_into_plain_timm(tmp_path):
-    module = _module()
-    trainer = _trainer(tmp_path, callbacks=[_d2ft(0.6, tmp_path)], limit_train_batches=2)
-    trainer.fit(module, _data())
+    module = make_module()
+    trainer = make_trainer(tmp_path, callbacks=[d2ft_callback(0.6, tmp_path)], limit_train_batches=2)
+    trainer.fit(module, digits_data())
     (ckpt,) = list(tmp_path.rglob("*.ckpt"))
     state = torch.load(ckpt, weights_only=False)["state_dict"]
-    vit = _module(seed=5).net.vit
+    vit = make_module(seed=5).net.vit
     vit.load_state_dict({k.removeprefix("net.vit."): v for k, v in state.items() if k.startswith("net.vit.")})
     x = torch.randn(2, 3, 16, 16)
     torch.testing.assert_close(vit.eval()(x), module.net.vit.eval()(x))
@@ -214,19 +138,19 @@ def test_a_plain_dataloader_gets_micro_batches_and_what_cannot_be_converted_is_r
 
     from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
-    dm = _data()
+    dm = digits_data()
     dm.setup()
-    trainer = _trainer(tmp_path, devices=1, callbacks=[_d2ft(1.0, tmp_path)], limit_train_batches=2)
+    trainer = make_trainer(tmp_path, devices=1, callbacks=[d2ft_callback(1.0, tmp_path)], limit_train_batches=2)
     with caplog.at_level(logging.INFO):
-        trainer.fit(_module(), train_dataloaders=DataLoader(dm.train_set, batch_size=16, shuffle=True))
+        trainer.fit(make_module(), train_dataloaders=DataLoader(dm.train_set, batch_size=16, shuffle=True))
     assert trainer.global_step == 2
     assert isinstance(trainer.train_dataloader.sampler, MicroBatchSampler)
     assert "replaced by a MicroBatchSampler" in caplog.text
     custom = DataLoader(dm.train_set, batch_sampler=BatchSampler(RandomSampler(dm.train_set), 16, False))
     with pytest.raises(TypeError, match="micro_batch_loader"):
-        _trainer(tmp_path, devices=1, callbacks=[_d2ft(1.0, tmp_path)], limit_train_batches=2).fit(
-            _module(), train_dataloaders=custom)
-    opted_out = _trainer(tmp_path, devices=1, callbacks=[_d2ft(1.0, tmp_path)], limit_train_batches=2,
+        make_trainer(tmp_path, devices=1, callbacks=[d2ft_callback(1.0, tmp_path)], limit_train_batches=2).fit(
+            make_module(), train_dataloaders=custom)
+    opted_out = make_trainer(tmp_path, devices=1, callbacks=[d2ft_callback(1.0, tmp_path)], limit_train_batches=2,
                          strategy_kw=dict(use_micro_batch_sampler=False))
     with pytest.raises(TypeError, match="micro_batch_loader"):
-        opted_out.fit(_module(), train_dataloaders=DataLoader(dm.train_set, batch_size=16, shuffle=True))
+        opted_out.fit(make_module(), train_dataloaders=DataLoader(dm.train_set, batch_size=16, shuffle=True))
