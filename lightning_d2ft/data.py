@@ -111,7 +111,38 @@ def _check_digits_settings(img_size: int, batch_size: int, classes: Sequence[int
         raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction!r}")
 
 
-class DigitsDataModule(LightningDataModule):
+class ClassSubsetDataModule(LightningDataModule):
+    """What the bundled image data modules share: a ``classes`` subset (remapped to ``0..C-1``, else all
+    ``total_classes``), a training set of fixed micro-batches and one held-out set for validation, test and
+    predict. Subclasses set ``train_set`` / ``val_set`` in ``setup``."""
+
+    total_classes = 10
+    eval_batch_size = 256
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.train_set: TensorDataset | None = None
+        self.val_set: TensorDataset | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.hparams.classes) if self.hparams.classes is not None else self.total_classes
+
+    def train_dataloader(self) -> DataLoader:
+        return micro_batch_loader(self.train_set, self.hparams.batch_size, seed=self.hparams.seed,
+                                  num_workers=self.hparams.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.eval_batch_size, num_workers=self.hparams.num_workers)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+
+class DigitsDataModule(ClassSubsetDataModule):
     """scikit-learn's bundled 8x8 digits (1,797 real images, 10 classes), upsampled to RGB ``img_size``.
 
     Ships inside scikit-learn, so it needs no network. ``classes`` keeps a subset of the digits (for a
@@ -124,12 +155,6 @@ class DigitsDataModule(LightningDataModule):
         super().__init__()
         _check_digits_settings(img_size, batch_size, classes, train_per_class, val_fraction)
         self.save_hyperparameters()
-        self.train_set: TensorDataset | None = None
-        self.val_set: TensorDataset | None = None
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.hparams.classes) if self.hparams.classes is not None else 10
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -160,16 +185,3 @@ class DigitsDataModule(LightningDataModule):
         x = F.interpolate(images[:, None], size=self.hparams.img_size, mode="bilinear", align_corners=False)
         x = (x - 0.5) / 0.5
         return x.expand(-1, 3, -1, -1).contiguous()
-
-    def train_dataloader(self) -> DataLoader:
-        return micro_batch_loader(self.train_set, self.hparams.batch_size, seed=self.hparams.seed,
-                                  num_workers=self.hparams.num_workers)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=256, num_workers=self.hparams.num_workers)
-
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
-
-    def predict_dataloader(self) -> DataLoader:
-        return self.val_dataloader()

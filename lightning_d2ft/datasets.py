@@ -18,10 +18,9 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
-from lightning_d2ft.data import micro_batch_loader
+from lightning_d2ft.data import ClassSubsetDataModule
 
 __all__ = ["DEBIAN_DIR", "FashionMNISTDataModule", "load_fashion_mnist"]
 
@@ -64,13 +63,15 @@ def load_fashion_mnist(train: bool, source_dir: str | Path = DEBIAN_DIR,
     return ds.data, ds.targets
 
 
-class FashionMNISTDataModule(LightningDataModule):
+class FashionMNISTDataModule(ClassSubsetDataModule):
     """Fashion-MNIST classes ``classes`` (remapped to ``0..C-1``): ``train_per_class`` seeded training images
     per class (``None``: all 6,000) and every official test image of those classes for validation and test.
 
     ``channels`` 1 (grey) or 3 (the grey image repeated, for models built with ``in_chans=3``);
     ``img_size`` other than 28 resizes bilinearly.
     """
+
+    eval_batch_size = 500
 
     def __init__(self, img_size: int = 28, batch_size: int = 50, classes: Sequence[int] | None = None,
                  train_per_class: int | None = None, seed: int = 0, channels: int = 1, num_workers: int = 0,
@@ -84,12 +85,6 @@ class FashionMNISTDataModule(LightningDataModule):
         if train_per_class is not None and not 1 <= train_per_class <= 6000:
             raise ValueError(f"train_per_class must be in [1, 6000] or None, got {train_per_class}")
         self.save_hyperparameters()
-        self.train_set: TensorDataset | None = None
-        self.val_set: TensorDataset | None = None
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.hparams.classes) if self.hparams.classes is not None else 10
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -118,16 +113,3 @@ class FashionMNISTDataModule(LightningDataModule):
         if self.hparams.img_size != x.shape[-1]:
             x = F.interpolate(x, size=self.hparams.img_size, mode="bilinear", align_corners=False)
         return x.expand(-1, self.hparams.channels, -1, -1).contiguous()
-
-    def train_dataloader(self) -> DataLoader:
-        return micro_batch_loader(self.train_set, self.hparams.batch_size, seed=self.hparams.seed,
-                                  num_workers=self.hparams.num_workers)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=500, num_workers=self.hparams.num_workers)
-
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
-
-    def predict_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
