@@ -5,7 +5,10 @@
 
 Cases: ``plain timm``, ``all FULL``, ``all FORWARD_ONLY``, ``half SHORTCUT`` and ``budget 0.6`` (every
 micro-batch of a ``Schedule.solve(..., budget=0.6, devices=1, solver="dp")`` on random scores, 74 subnets;
-its time is the mean over those columns). A step is forward, backward and an AdamW step. The cases are
+its time is the mean over those columns). On CUDA these D2FT rows replay CUDA graphs (one per op pattern,
+``D2FTViT.use_cuda_graphs``), and ``... (eager)`` rows run the same mixes without graphs; ``plain timm`` is
+always timm's eager step (``all FULL`` with graphs is timm's own modules replayed as graphs, so it says
+how much of a ratio comes from the graphs alone). A step is forward, backward and an AdamW step. The cases are
 timed interleaved (one step of each case per round, median over ``--steps`` rounds), so a shared machine
 slows them alike. Aten ops are counted per forward+backward (TorchDispatchMode, views and detaches not
 counted) after a warm-up step. Writes ``benchmarks/results/ops_cost.json`` (CPU) or ``ops_cost_cuda.json``
@@ -31,6 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import print_table, write_json  # noqa: E402
+from lightning_d2ft.cuda_graphs import PatternGraphs  # noqa: E402
 from lightning_d2ft.ops import Op, count_aten_ops  # noqa: E402
 from lightning_d2ft.partition import D2FTViT  # noqa: E402
 from lightning_d2ft.scheduling import Schedule  # noqa: E402
@@ -68,6 +72,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--subnets", type=int, default=74)
     parser.add_argument("--micro-batches", type=int, default=8, help="columns of the budget-0.6 schedule")
     parser.add_argument("--out", default=None, help="JSON file name under benchmarks/results/")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print torch.profiler's top ops of one step of plain timm and of budget 0.6")
     return parser.parse_args()
 
 
@@ -88,51 +94,72 @@ def main() -> None:
     target = torch.randint(0, 100, (batch,), device=device)
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.amp == "bf16" else contextlib.nullcontext()
 
-    def fwd_bwd(ops) -> None:
+    graphs = PatternGraphs() if device.type == "cuda" else None
+
+    def fwd_bwd(ops, graphed: bool = False) -> None:
+        net.graphs = graphs if graphed else None
         opt.zero_grad(set_to_none=True)
         with amp:
             y = vit(x) if ops is None else net(x, ops)
             loss = torch.nn.functional.cross_entropy(y.float(), target)
         loss.backward()
 
-    def step(ops) -> float:
+    def step(ops, graphed: bool = False) -> tuple[float, float]:
+        """(seconds until the host has queued the step, seconds until the device has finished it)."""
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        fwd_bwd(ops)
+        fwd_bwd(ops, graphed)
         opt.step()
+        queued = time.perf_counter() - start
         if device.type == "cuda":
             torch.cuda.synchronize()
-        return time.perf_counter() - start
+        return queued, time.perf_counter() - start
 
-    cases = op_mixes(net, args.micro_batches)
+    mixes = op_mixes(net, args.micro_batches)
+    cases = {name: (columns, False) for name, columns in mixes.items()}
+    if graphs is not None:  # CUDA: the D2FT rows replay CUDA graphs (the default); eager rows beside them
+        cases = {"plain timm": (mixes["plain timm"], False)}
+        cases.update({name: (columns, True) for name, columns in mixes.items() if name != "plain timm"})
+        cases.update({f"{name} (eager)": (columns, False) for name, columns in mixes.items() if name != "plain timm"})
     rows = measure(cases, step, fwd_bwd, device, args.steps)
+    if graphs is not None:
+        print(f"CUDA graphs: {graphs.captures} patterns captured, {graphs.warmups} eager warm-ups, "
+              f"failure: {graphs.failure}", flush=True)
+    if args.profile:
+        profile(cases, step, device)
     finish(args, rows, device, batch, note, net)
 
 
 def measure(cases, step, fwd_bwd, device, steps) -> list[dict]:
     """Interleaved timing (median per column, mean over a case's columns), op counts, FLOPs, peak memory."""
-    times = {name: [[] for _ in columns] for name, columns in cases.items()}
-    for name, columns in cases.items():  # warm-up: allocator, cached index plans, lazy init
-        for ops in columns:
-            step(ops)
+    times = {name: [[] for _ in columns] for name, (columns, _) in cases.items()}
+    queued = {name: [[] for _ in columns] for name, (columns, _) in cases.items()}
+    for _ in range(2):  # warm-up: allocator, cached index plans, lazy init, graph captures
+        for name, (columns, graphed) in cases.items():
+            for ops in columns:
+                step(ops, graphed)
     for _ in range(steps):
-        for name, columns in cases.items():
+        for name, (columns, graphed) in cases.items():
             for i, ops in enumerate(columns):
-                times[name][i].append(step(ops))
+                host, total = step(ops, graphed)
+                queued[name][i].append(host)
+                times[name][i].append(total)
     rows = []
-    for name, columns in cases.items():
+    for name, (columns, graphed) in cases.items():
         peak = None
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-            step(columns[0])
+            step(columns[0], graphed)
             peak = torch.cuda.max_memory_allocated() / 2**20
+        # aten ops and FLOPs of the eager execution (a graph replay dispatches almost nothing)
         ops_count = statistics.mean(count_aten_ops(lambda ops=ops: fwd_bwd(ops)) for ops in columns)
         with FlopCounterMode(display=False) as counter:
             fwd_bwd(columns[0])
         rows.append({"case": name, "seconds": statistics.mean(statistics.median(t) for t in times[name]),
+                     "host_seconds": statistics.mean(statistics.median(t) for t in queued[name]),
                      "gflops": counter.get_total_flops() / 1e9, "aten_ops": ops_count, "peak_mib": peak,
-                     "columns": len(columns)})
+                     "columns": len(columns), "cuda_graphs": graphed})
         print(f"  {name}: {rows[-1]['seconds']:.4f} s, {ops_count:.0f} aten ops", flush=True)
     base = rows[0]
     for row in rows:
@@ -142,11 +169,30 @@ def measure(cases, step, fwd_bwd, device, steps) -> list[dict]:
     return rows
 
 
+def profile(cases, step, device, top: int = 12) -> None:
+    """torch.profiler over one step of plain timm and of the first budget-0.6 column: the top ops by device
+    (or CPU) self time and the step's summed kernel time, to tell launch-bound from compute-bound steps."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    for name in ("plain timm", "budget 0.6"):
+        columns, graphed = cases[name]
+        step(columns[0], graphed)
+        with torch_profile(activities=activities) as prof:
+            step(columns[0], graphed)
+        events = prof.key_averages()
+        kernel_us = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in events)
+        print(f"\nprofile of one step, {name}: summed device self time {kernel_us / 1e3:.2f} ms", flush=True)
+        print(events.table(sort_by=sort, row_limit=top, max_name_column_width=48), flush=True)
+
+
 def finish(args, rows, device, batch, note, net) -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"\nViT-S/16 training step on {name}, batch {batch}, {args.img_size}px, amp {args.amp}, "
           f"{net.num_subnets} subnets, median of {args.steps} interleaved rounds, torch {torch.__version__}")
-    print_table(rows, ["case", "seconds", "time_ratio", "aten_ops", "ops_ratio", "flop_ratio"])
+    print_table(rows, ["case", "seconds", "host_seconds", "time_ratio", "aten_ops", "ops_ratio", "flop_ratio",
+                       "peak_mib"])
     by_case = {row["case"]: row for row in rows}
     targets = {f"time {case} <= {limit}": by_case[case]["time_ratio"] <= limit
                for case, limit in TARGETS[device.type].items()}

@@ -20,16 +20,17 @@ general (slower, per-op) grouped path, which also serves tensor parallelism and 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_d2ft.layout import GROUPED, group_indices
+from lightning_d2ft.layout import GROUPED
 from lightning_d2ft.ops import Op
 
-__all__ = ["AttentionGroups", "BlockPlan", "MlpGroups", "block_plan", "fast_path_ok", "fused_block"]
+__all__ = ["AttentionGroups", "BlockPlan", "MlpGroups", "block_plan", "cached_plan", "fast_path_ok", "fused_block"]
 
 _KEYS = ("attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight")
 
@@ -52,13 +53,15 @@ def fast_path_ok(blk: nn.Module) -> bool:
 @dataclass(frozen=True)
 class BlockPlan:
     """Cached indices for one op pattern of a block: ``gather`` picks the active slices (FULL groups first)
-    from the flat concatenation of the grouped tensors, ``scatter`` puts the FULL slices' gradients back.
+    from the flat concatenation of the grouped tensors, ``scatter`` puts the FULL slices' gradients back;
+    both count ``chunk``-element runs, so a cached plan stays small.
     ``identity``: the active slices are the tensors themselves (every group runs, one op), no gather."""
 
     n_full: int
     n_active: int
     groups: int
     present: tuple[bool, ...]  # which of the six grouped tensors exist (biases are optional)
+    chunk: int  # the indices count runs of this many elements (the gcd of the groups' contiguous runs)
     gather: Tensor
     scatter: Tensor
     shapes: tuple[torch.Size, ...]  # full shapes of the present tensors, in order
@@ -66,11 +69,21 @@ class BlockPlan:
     identity: bool
 
 
-def _flat_indices(shape: torch.Size, key: str, G: int, runs: list[list[int]]) -> Tensor:
-    """Flat element indices of the groups of ``runs`` (concatenated in order) in a tensor of ``shape``."""
+def _run_length(shape: torch.Size, key: str, G: int) -> int:
+    """Elements of one group that sit together in a tensor of ``shape``: its slice of the grouped dim times
+    every dim after it (the tensor is ``[pre, lead, G, run]`` in memory)."""
     layout = GROUPED[key]
-    idx = torch.cat([group_indices(shape[layout.dim], layout, G, run) for run in runs if run])
-    return torch.arange(shape.numel()).view(shape).index_select(layout.dim, idx).reshape(-1)
+    return shape[layout.dim] // (layout.lead * G) * math.prod(shape[layout.dim + 1:])
+
+
+def _chunk_indices(shape: torch.Size, key: str, G: int, runs: list[list[int]], chunk: int) -> Tensor:
+    """Indices, in ``chunk``-element units, of the groups of ``runs`` (in that order along the grouped dim)
+    in a tensor of ``shape``: 1/chunk the size of element indices (a plan of ViT-S holds ~28K, not ~1.8M)."""
+    layout = GROUPED[key]
+    pre = math.prod(shape[: layout.dim])
+    ids = torch.arange(math.prod(shape) // chunk).view(pre, layout.lead, G, -1)
+    parts = [ids[:, :, run].reshape(pre, -1, ids.shape[-1]) for run in runs if run]
+    return torch.cat(parts, 1).reshape(-1)
 
 
 def block_plan(tensors: list[Tensor | None], ops: tuple[int, ...]) -> BlockPlan:
@@ -78,23 +91,22 @@ def block_plan(tensors: list[Tensor | None], ops: tuple[int, ...]) -> BlockPlan:
     G = len(ops)
     full = [i for i, o in enumerate(ops) if o == Op.FULL]
     fwd = [i for i, o in enumerate(ops) if o == Op.FORWARD_ONLY]
+    present = [(key, t) for key, t in zip(_KEYS, tensors) if t is not None]
+    chunk = math.gcd(*(_run_length(t.shape, key, G) for key, t in present))
     gather, scatter, active_shapes, offset = [], [], [], 0
-    for key, t in zip(_KEYS, tensors):
-        if t is None:
-            continue
-        gather.append(_flat_indices(t.shape, key, G, [full, fwd]) + offset)
+    for key, t in present:
+        gather.append(_chunk_indices(t.shape, key, G, [full, fwd], chunk) + offset)
         if full:
-            scatter.append(_flat_indices(t.shape, key, G, [full]) + offset)
+            scatter.append(_chunk_indices(t.shape, key, G, [full], chunk) + offset)
         dim = GROUPED[key].dim
         active_shapes.append(tuple(n * (len(full) + len(fwd)) // G if d == dim else n for d, n in enumerate(t.shape)))
-        offset += t.numel()
-    present = [t for t in tensors if t is not None]
-    device = present[0].device
+        offset += t.numel() // chunk
+    device = present[0][1].device
     identity = len(full) in (0, G) and len(full) + len(fwd) == G
-    return BlockPlan(len(full), len(full) + len(fwd), G, tuple(t is not None for t in tensors),
+    return BlockPlan(len(full), len(full) + len(fwd), G, tuple(t is not None for t in tensors), chunk,
                      torch.cat(gather).to(device),
                      torch.cat(scatter).to(device) if scatter else torch.zeros(0, dtype=torch.long, device=device),
-                     tuple(t.shape for t in present), tuple(active_shapes), identity)
+                     tuple(t.shape for _, t in present), tuple(active_shapes), identity)
 
 
 def _autocast_dtype(t: Tensor) -> torch.dtype | None:
@@ -109,7 +121,8 @@ def _gather(plan: BlockPlan, tensors: list[Tensor]) -> list[Tensor]:
     dtype = _autocast_dtype(tensors[0])
     if plan.identity:
         return [t.detach() if dtype is None else t.detach().to(dtype) for t in tensors]
-    flat = torch.cat([t.detach().reshape(-1) for t in tensors]).index_select(0, plan.gather)
+    flat = torch.cat([t.detach().reshape(-1) for t in tensors]).view(-1, plan.chunk).index_select(0, plan.gather)
+    flat = flat.view(-1)
     if dtype is not None:
         flat = flat.to(dtype)
     return list(flat.split([torch.Size(s).numel() for s in plan.active_shapes]))
@@ -125,7 +138,7 @@ def _rows(h: Tensor) -> Tensor:
 def _scatter(plan: BlockPlan, pieces: list[Tensor]) -> list[Tensor]:
     """Full-size gradients (views of one zero buffer) holding ``pieces`` at the FULL groups' places."""
     buf = pieces[0].new_zeros(sum(s.numel() for s in plan.shapes))
-    buf.index_copy_(0, plan.scatter, torch.cat([p.reshape(-1) for p in pieces]))
+    buf.view(-1, plan.chunk).index_copy_(0, plan.scatter, torch.cat([p.reshape(-1) for p in pieces]).view(-1, plan.chunk))
     return [g.view(s) for g, s in zip(buf.split([s.numel() for s in plan.shapes]), plan.shapes)]
 
 
@@ -245,15 +258,27 @@ class MlpGroups(torch.autograd.Function):
         return g_h, g_b2, None, None
 
 
-def fused_block(blk: nn.Module, x: Tensor, ops: tuple[int, ...], cache: dict) -> Tensor:
-    """One block with the groups of ``ops`` (not all FULL, not all SHORTCUT) through the fused kernels."""
+def _grouped_tensors(blk: nn.Module) -> list[Tensor | None]:
     attn, mlp = blk.attn, blk.mlp
-    tensors = [attn.qkv.weight, attn.qkv.bias, attn.proj.weight, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight]
-    key = (ops, tuple(None if t is None else t.shape for t in tensors), x.device)
+    return [attn.qkv.weight, attn.qkv.bias, attn.proj.weight, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight]
+
+
+def cached_plan(blk: nn.Module, ops: tuple[int, ...], cache: dict, device: torch.device) -> BlockPlan:
+    """The block's :class:`BlockPlan` for ``ops`` from ``cache`` (built on first use: a host-to-device copy,
+    which is why CUDA-graph capture asks for every plan before it starts)."""
+    tensors = _grouped_tensors(blk)
+    key = (ops, tuple(None if t is None else t.shape for t in tensors), device)
     plan = cache.get(key)
     if plan is None:
         plan = cache[key] = block_plan(tensors, ops)
-    params = [t for t in tensors if t is not None]
+    return plan
+
+
+def fused_block(blk: nn.Module, x: Tensor, ops: tuple[int, ...], cache: dict) -> Tensor:
+    """One block with the groups of ``ops`` (not all FULL, not all SHORTCUT) through the fused kernels."""
+    attn, mlp = blk.attn, blk.mlp
+    plan = cached_plan(blk, ops, cache, x.device)
+    params = [t for t in _grouped_tensors(blk) if t is not None]
     with torch.no_grad():
         run = _BlockRun(plan, _gather(plan, params))
     grad = plan.n_full > 0 and torch.is_grad_enabled()

@@ -29,8 +29,9 @@ from typing import Protocol, Sequence
 import torch
 from torch import Tensor, nn
 
+from lightning_d2ft.cuda_graphs import PatternGraphs
 from lightning_d2ft.grouped import attention_groups, mlp_groups
-from lightning_d2ft.kernels import fast_path_ok, fused_block
+from lightning_d2ft.kernels import cached_plan, fast_path_ok, fused_block
 from lightning_d2ft.ops import Op
 from lightning_d2ft.placement import groups_of_rank
 from lightning_d2ft.sharding import shard_state_dict, shard_vit, unshard_state_dict
@@ -172,6 +173,14 @@ class D2FTViT(nn.Module):
         self.full_shapes: dict[str, torch.Size] | None = None  # the unsharded vit's shapes, once sharded
         self.scheduled_ops: Tensor | None = None  # set per micro-batch by the strategy; used in training
         self._plans: dict = {}  # fused-kernel index plans per (branch, op pattern, device)
+        self.graphs: PatternGraphs | None = None  # CUDA-graph replay of training steps (use_cuda_graphs)
+
+    def use_cuda_graphs(self, enabled: bool = True, max_patterns: int = 1024) -> None:
+        """Replay each ops pattern's training forward+backward as CUDA graphs (see :mod:`.cuda_graphs`).
+
+        Used only where it is exact and capturable: training mode with grad, CUDA input that needs no grad,
+        unsharded, every block on the fused path, one parameter dtype. Anything else runs eagerly."""
+        self.graphs = PatternGraphs(max_patterns) if enabled else None
 
     def regroup_(self, subnets: int | None = None, *, groups_per_block: int | None = None) -> None:
         """Change the granularity (before sharding): the total subnet count, or the groups per block."""
@@ -235,6 +244,13 @@ class D2FTViT(nn.Module):
         if ops is None and self.training and self.scheduled_ops is not None:
             ops = self.scheduled_ops
         ops_list = self.check_ops(ops)
+        if self.graphs is not None and self._graphable(x):
+            out = self._graphed(x, ops_list)
+            if out is not None:
+                return out
+        return self._run(x, ops_list)
+
+    def _run(self, x: Tensor, ops_list: list[int]) -> Tensor:
         vit = self.vit
         x = vit.patch_embed(x)
         x = vit._pos_embed(x)
@@ -246,8 +262,35 @@ class D2FTViT(nn.Module):
         x = vit.norm(x)
         return vit.forward_head(x)
 
+    # -- CUDA graphs ----------------------------------------------------------------------------
+    def _graphable(self, x: Tensor) -> bool:
+        return (
+            self.training and torch.is_grad_enabled() and self._unsharded() and x.is_cuda and not x.requires_grad
+            and not torch.cuda.is_current_stream_capturing() and all(fast_path_ok(b) for b in self.vit.blocks)
+        )
+
+    def _graphed(self, x: Tensor, ops_list: list[int]) -> Tensor | None:
+        """The replayed graphs of this pattern (captured on first use), or None to run eagerly."""
+        params = [p for p in self.vit.parameters() if p.requires_grad]
+        if not params or any(p.device != x.device for p in params):
+            return None
+        G = self.groups_per_block
+        shape_keys = set()
+        for l, blk in enumerate(self.vit.blocks):
+            block_ops = tuple(ops_list[1 + l * G: 1 + (l + 1) * G])
+            if min(block_ops) == Op.FULL or max(block_ops) == Op.SHORTCUT:
+                shape_keys.add(("timm" if min(block_ops) == Op.FULL else "skip",))
+            else:
+                plan = cached_plan(blk, block_ops, self._plans, x.device)  # no host copies inside a capture
+                shape_keys.add(("fused", plan.n_full, plan.n_active))
+        return self.graphs.run(lambda inp: self._run(inp, ops_list), tuple(ops_list), shape_keys, x, params)
+
+    def _unsharded(self) -> bool:
+        """No collectives needed: never sharded, or a tensor-parallel group of one (one device)."""
+        return self.tp is None or self.tp.world == 1
+
     def _block(self, l: int, blk: nn.Module, x: Tensor, block_ops: list[int]) -> Tensor:
-        if self.tp is None:
+        if self._unsharded():
             if min(block_ops) == Op.FULL:
                 return blk(x)  # timm's own block: exactly timm, fewest launches
             if max(block_ops) == Op.SHORTCUT:

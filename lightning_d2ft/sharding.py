@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 from typing import Sequence
 
-import torch
 from torch import Tensor, nn
 
 from lightning_d2ft.layout import group_indices, grouped_dim

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Everything issue 14 measures on a lent GPU, in one command (the device machine has torch, timm and lightning,
+# no ortools/hydra: the library runs from the tree with solver="dp"). Copies logs and JSON into $OUT.
+#     bash benchmarks/gpu_session.sh            # on the GPU machine (OUT set by the device tool)
+#     OUT=/tmp/gpu bash benchmarks/gpu_session.sh --smoke   # a tiny CPU rehearsal of the same commands
+set -uo pipefail
+export PYTHONPATH=. PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/gpu_session}
+PY=${PY:-python3}
+mkdir -p "$OUT"
+if [ "${1:-}" = "--smoke" ]; then
+  OPS="--img-size 32 --batch 2 --steps 1"; FIT="--accelerator cpu --img-size 32 --batch 8 --samples 32 --epochs 1 --precision 32-true"
+else
+  OPS="--steps 20"; FIT=""
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv | tee "$OUT/gpu.txt"
+fi
+$PY -c "import torch, timm, lightning; print('torch', torch.__version__, 'timm', timm.__version__, 'lightning', lightning.__version__)"
+# exactness first: CUDA-graph replay against the eager model (skipped without a GPU)
+timeout 180 $PY -m pytest -q -p no:cacheprovider tests/unit/test_cuda_graphs.py 2>&1 | tail -15 | tee "$OUT/test_cuda_graphs.log"
+timeout 300 $PY benchmarks/ops_cost.py --device cuda --amp bf16 $OPS --profile 2>&1 | tee "$OUT/ops_cost_cuda.log"
+cp benchmarks/results/ops_cost_cuda.json "$OUT/" 2>/dev/null
+timeout 300 $PY benchmarks/gpu_fit.py $FIT 2>&1 | grep -v "^\s*$" | tee "$OUT/gpu_fit.log"
+cp benchmarks/results/gpu_fit.json "$OUT/" 2>/dev/null
+echo "gpu session done"
