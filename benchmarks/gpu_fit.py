@@ -64,7 +64,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--samples", type=int, default=64 * 40)
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--workers", type=int, default=None, help="loader workers (default 4 on a GPU, 0 on CPU)")
     parser.add_argument("--subnets", type=int, default=74)
     parser.add_argument("--budgets", type=float, nargs="+", default=[1.0, 0.6])
     parser.add_argument("--out", default="gpu_fit.json")
@@ -81,8 +82,11 @@ def fit_once(args, budget: float, graphs: bool, data: TensorDataset, val: Tensor
                       callbacks=[D2FTCallback(budget=budget, solver="dp", progress=False), timer],
                       max_epochs=args.epochs, logger=False, enable_progress_bar=False,
                       enable_model_summary=False, default_root_dir=root, num_sanity_val_steps=0)
-    trainer.fit(module, train_dataloaders=micro_batch_loader(data, args.batch, seed=0),
-                val_dataloaders=DataLoader(val, batch_size=args.batch))
+    workers = args.workers if args.workers is not None else (4 if args.accelerator == "gpu" else 0)
+    loader_kwargs = {"num_workers": workers, "pin_memory": args.accelerator == "gpu",
+                     "persistent_workers": workers > 0}
+    trainer.fit(module, train_dataloaders=micro_batch_loader(data, args.batch, seed=0, **loader_kwargs),
+                val_dataloaders=DataLoader(val, batch_size=args.batch, **loader_kwargs))
     ckpt = root / f"budget{budget}-{graphs}.ckpt"
     trainer.save_checkpoint(ckpt)
     net = module.net

@@ -136,9 +136,11 @@ class PatternGraphs:
         autocast = torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False)
         stream = self._stream
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream), autocast:
+        # forward under the caller's autocast, backward outside it, as Lightning's precision plugins run them
+        with torch.cuda.stream(stream):
             if not shape_keys <= self._seen_shapes:
-                out = forward(self._x)  # eager warm-up: lazy plans and workspaces outside the capture
+                with autocast:
+                    out = forward(self._x)  # eager warm-up: lazy plans and workspaces outside the capture
                 torch.autograd.grad(out, params, torch.ones_like(out), allow_unused=True)
                 del out
                 self._seen_shapes |= shape_keys
@@ -146,7 +148,8 @@ class PatternGraphs:
             fwd, bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
             fwd.capture_begin(self._pool, capture_error_mode="thread_local")
             try:
-                out = forward(self._x)
+                with autocast:
+                    out = forward(self._x)
             finally:
                 fwd.capture_end()
             if self._pool is None:

@@ -89,14 +89,15 @@ class StepGuard:
 
     def agree(self, batch: Any, loss: Any, world_size: int, rank: int) -> tuple[str, bool]:
         """('input' | 'loss' | '', any rank got SIGTERM): the same on every rank."""
-        bad_input = [False]
-
-        def check(t: Tensor) -> None:
-            bad_input[0] = bad_input[0] or (t.is_floating_point() and not bool(torch.isfinite(t).all()))
-
-        apply_to_collection(batch, Tensor, check)
-        bad_loss = torch.is_tensor(loss) and not bool(torch.isfinite(loss).all())
-        code = torch.tensor([2 if bad_input[0] else (1 if bad_loss else 0), int(self.sigterm_seen)])
+        finite: list[Tensor] = []  # device flags, read back with one host sync (each bool() would be one)
+        apply_to_collection(batch, Tensor, lambda t: finite.append(torch.isfinite(t).all().reshape(1))
+                            if t.is_floating_point() else None)
+        n_input = len(finite)
+        if torch.is_tensor(loss):
+            finite.append(torch.isfinite(loss).all().reshape(1))
+        flags = torch.cat([f.to(finite[0].device) for f in finite]).tolist() if finite else []
+        bad_input, bad_loss = not all(flags[:n_input]), not all(flags[n_input:])
+        code = torch.tensor([2 if bad_input else (1 if bad_loss else 0), int(self.sigterm_seen)])
         if world_size > 1 and dist.is_initialized():
             named_collective("step agreement all_reduce (NaN/SIGTERM flags)", rank, dist.all_reduce, code,
                              op=dist.ReduceOp.MAX)

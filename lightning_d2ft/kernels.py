@@ -138,7 +138,9 @@ def _rows(h: Tensor) -> Tensor:
 def _scatter(plan: BlockPlan, pieces: list[Tensor]) -> list[Tensor]:
     """Full-size gradients (views of one zero buffer) holding ``pieces`` at the FULL groups' places."""
     buf = pieces[0].new_zeros(sum(s.numel() for s in plan.shapes))
-    buf.view(-1, plan.chunk).index_copy_(0, plan.scatter, torch.cat([p.reshape(-1) for p in pieces]).view(-1, plan.chunk))
+    # one dtype (a backward run under autocast gets float32 bias sums beside bfloat16 matmuls)
+    flat = torch.cat([p.reshape(-1).to(buf.dtype) for p in pieces])
+    buf.view(-1, plan.chunk).index_copy_(0, plan.scatter, flat.view(-1, plan.chunk))
     return [g.view(s) for g, s in zip(buf.split([s.numel() for s in plan.shapes]), plan.shapes)]
 
 
