@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from lightning_d2ft.grouped import attention_groups, mlp_groups
 from lightning_d2ft.kernels import fast_path_ok, fused_block
 from lightning_d2ft.ops import Op
-from lightning_d2ft.placement import groups_of_rank
+from lightning_d2ft.placement import Placement
 from lightning_d2ft.sharding import shard_state_dict, shard_vit, unshard_state_dict
 
 __all__ = [
@@ -165,8 +165,7 @@ class D2FTViT(nn.Module):
         self.vit = vit
         self.depth = len(vit.blocks)
         self.num_heads = vit.blocks[0].attn.num_heads
-        # group_owner[l, g] = tensor-parallel rank holding group g of block l; all 0 when unsharded.
-        self.register_buffer("group_owner", torch.zeros(0, dtype=torch.long), persistent=False)
+        self.placement: Placement | None = None  # which rank holds which head group, once sharded
         self.tp: TensorParallel | None = None
         self.regroup_(subnets, groups_per_block=groups_per_block)
         self.full_shapes: dict[str, torch.Size] | None = None  # the unsharded vit's shapes, once sharded
@@ -179,18 +178,21 @@ class D2FTViT(nn.Module):
             raise RuntimeError("cannot change the granularity of a sharded D2FTViT")
         self.groups_per_block = resolve_groups_per_block(self.vit, subnets, groups_per_block)
         self.num_subnets = self.depth * self.groups_per_block + _NUM_EXTRA_SUBNETS
-        self.group_owner = torch.zeros(self.depth, self.groups_per_block, dtype=torch.long)
 
-    def shard_(self, owner: Tensor, tp: TensorParallel) -> None:
-        """Keep only rank ``tp.rank``'s head groups (in place); ``owner[l, g]`` is the rank of each group."""
+    def shard_(self, placement: Placement | Tensor, tp: TensorParallel) -> None:
+        """Keep only rank ``tp.rank``'s head groups (in place). ``placement`` (a :class:`Placement`, or its owner
+        table ``[depth, G]``) is kept as it is: the model, strategy and callback share that one object."""
         if self.tp is not None:
             raise RuntimeError("this D2FTViT is already sharded")
-        if tuple(owner.shape) != (self.depth, self.groups_per_block):
-            raise ValueError(f"placement must be [{self.depth}, {self.groups_per_block}], got {tuple(owner.shape)}")
+        placement = Placement.from_any(placement)
+        if tuple(placement.owner.shape) != (self.depth, self.groups_per_block):
+            raise ValueError(f"placement must be [{self.depth}, {self.groups_per_block}], got "
+                             f"{tuple(placement.owner.shape)}")
+        if placement.num_devices != tp.world:
+            raise ValueError(f"the placement has {placement.num_devices} ranks, the tensor-parallel size is {tp.world}")
         self.full_shapes = {k: v.shape for k, v in self.vit.state_dict().items()}
-        self.vit = shard_vit(self.vit, self.groups_per_block, groups_of_rank(owner, tp.rank))
-        self.group_owner = owner.clone().to(self.group_owner.device)
-        self.tp = tp
+        self.vit = shard_vit(self.vit, self.groups_per_block, placement.groups_of(tp.rank))
+        self.placement, self.tp = placement, tp
 
     # -- indexing -------------------------------------------------------------------------------
     def subnet_index(self, block: int, group: int) -> int:
@@ -265,7 +267,7 @@ class D2FTViT(nn.Module):
         with torch.set_grad_enabled(any_full and torch.is_grad_enabled()):
             norm = blk.norm1 if attention else blk.norm2
             h = norm(x)
-            owners = self.group_owner[l].tolist() if self.tp is not None else None
+            owners = self.placement.owner[l].tolist() if self.tp is not None else None
             if self.tp is not None and any_full:
                 h = self.tp.copy_to_ranks(h, self._ranks_with(owners, block_ops, (Op.FULL,)))
             partial = self._local_partial(blk, h, block_ops, owners, attention)

@@ -41,8 +41,9 @@ from lightning_d2ft.checkpointing import AtomicCheckpointIO, FullCheckpoints
 from lightning_d2ft.execution import ScheduleExecution
 from lightning_d2ft.guards import StepGuard
 from lightning_d2ft.launchers import _WholeModelSpawnLauncher, sigterm_exit
-from lightning_d2ft.partition import D2FTViT, find_d2ft
-from lightning_d2ft.placement import groups_of_rank, round_robin
+from lightning_d2ft.mesh import check_tensor_parallel_size, mesh_groups, tensor_parallel_size_for
+from lightning_d2ft.partition import find_d2ft
+from lightning_d2ft.placement import Placement, PlacementArg, check_placement_arg, resolve_placement
 from lightning_d2ft.replicas import Replicas, make_replicas
 from lightning_d2ft.samplers import with_micro_batches
 
@@ -56,8 +57,11 @@ class D2FTStrategy(ScheduleExecution, FullCheckpoints, DDPStrategy):
     Args:
         tensor_parallel_size: ranks that share one model replica ("auto": all ranks). The world size must
             be a multiple of it; the quotient is the number of data-parallel replicas.
-        placement: ``owner[block, group]`` rank of every head group, or a callable
-            ``(depth, groups_per_block, tensor_parallel_size) -> owner``; default round-robin.
+        placement: ``owner[block, group]`` rank of every head group, a callable
+            ``(depth, groups_per_block, tensor_parallel_size) -> owner``, ``speed_aware(...)`` (which also
+            declares the ranks' speeds) or a :class:`Placement`; default round-robin. It is resolved once,
+            when the model is sharded, into the one :class:`Placement` that ``strategy.placement``, the model
+            and the callback share.
         on_nonfinite: what a NaN/inf input or loss does: "raise" (stop, naming the step and micro-batch;
             nothing from that step is applied or saved) or "skip" (drop that micro-batch's update, warn,
             count it in ``skipped_steps``). All ranks agree (one tiny all-reduce per step); the same
@@ -81,7 +85,7 @@ class D2FTStrategy(ScheduleExecution, FullCheckpoints, DDPStrategy):
     def __init__(
         self,
         tensor_parallel_size: int | Literal["auto"] = "auto",
-        placement: Tensor | Callable[[int, int, int], Tensor] | None = None,
+        placement: PlacementArg = None,
         accelerator: Any = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -101,8 +105,8 @@ class D2FTStrategy(ScheduleExecution, FullCheckpoints, DDPStrategy):
             checkpoint_io=checkpoint_io or AtomicCheckpointIO(), precision_plugin=precision_plugin,
             process_group_backend=process_group_backend, timeout=timeout, start_method=start_method,
         )
-        if tensor_parallel_size != "auto" and (not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1):
-            raise ValueError(f"tensor_parallel_size must be a positive int or 'auto', got {tensor_parallel_size!r}")
+        check_tensor_parallel_size(tensor_parallel_size)
+        check_placement_arg(placement)
         if on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
         if data_parallel not in ("sync", "lofi"):
@@ -122,16 +126,11 @@ class D2FTStrategy(ScheduleExecution, FullCheckpoints, DDPStrategy):
         self.tensor_parallel_group: dist.ProcessGroup | None = None
         self.data_parallel_group: dist.ProcessGroup | None = None
         self.replicas: Replicas = Replicas(None, 1, 0)
-        self.placement: Tensor | None = None  # owner[block, group], once the model is sharded
         self._sharded_ids: set[int] = set()
 
     # -- mesh -----------------------------------------------------------------------------------
     def _check_tp_divides(self, world: int) -> int:
-        tp = world if self._tp_size_arg == "auto" else self._tp_size_arg
-        if world % tp:
-            raise ValueError(f"tensor_parallel_size={tp} does not divide the {world} devices (processes); use a "
-                             f"divisor of {world}: {[d for d in range(1, world + 1) if world % d == 0]}")
-        return tp
+        return tensor_parallel_size_for(world, self._tp_size_arg)
 
     @property
     def tensor_parallel_size(self) -> int:
@@ -186,15 +185,8 @@ class D2FTStrategy(ScheduleExecution, FullCheckpoints, DDPStrategy):
         super().setup_distributed()
         atexit.register(_destroy_dist_connection)  # see launchers._WholeModelSpawnLauncher
         tp, dp = self.tensor_parallel_size, self.data_parallel_size
-        # every rank creates every group, in the same order (a torch.distributed rule)
-        for r in range(dp):
-            group = dist.new_group(list(range(r * tp, (r + 1) * tp)), timeout=self._timeout) if dp > 1 else None
-            if r == self.data_parallel_rank:
-                self.tensor_parallel_group = group if tp > 1 else None
-        for t in range(tp):
-            group = dist.new_group(list(range(t, tp * dp, tp)), timeout=self._timeout) if dp > 1 else None
-            if t == self.tensor_parallel_rank:
-                self.data_parallel_group = group
+        self.tensor_parallel_group, self.data_parallel_group = mesh_groups(
+            tp, dp, self.tensor_parallel_rank, self.data_parallel_rank, self._timeout)
         group = self.tensor_parallel_group if dp > 1 else None  # None: the world group
         self.tp = SparseTensorParallel(group, self.tensor_parallel_rank, tp)
         self.replicas = make_replicas(self.data_parallel, self.data_parallel_group, dp, self.data_parallel_rank,
@@ -227,33 +219,18 @@ class D2FTStrategy(ScheduleExecution, FullCheckpoints, DDPStrategy):
         if net.tp is None:
             if self.world_size > 1:
                 _sync_module_states(self.model)
-            net.shard_(self._resolve_placement(net), self.tp)
-        self.placement = net.group_owner.cpu()
+            net.shard_(resolve_placement(self._placement_arg, net.depth, net.groups_per_block,
+                                         self.tensor_parallel_size), self.tp)
         full = {k: math.prod(v) for k, v in (net.full_shapes or {}).items()}
         self._sharded_ids = {id(p) for k, p in net.vit.named_parameters()
                              if self.tensor_parallel_size > 1 and k in full and p.numel() != full[k]}
 
-    def _resolve_placement(self, net: D2FTViT) -> Tensor:
-        tp = self.tensor_parallel_size
-        if self._placement_arg is None:
-            return round_robin(net.depth, net.groups_per_block, tp)
-        owner = self._placement_arg(net.depth, net.groups_per_block, tp) if callable(self._placement_arg) \
-            else torch.as_tensor(self._placement_arg)
-        owner = owner.long().view(net.depth, net.groups_per_block)
-        for rank in range(tp):
-            if any(not g for g in groups_of_rank(owner, rank)):
-                raise ValueError(f"placement gives rank {rank} no head group in some block; every rank needs "
-                                 f"at least one group of every block")
-        return owner
-
     @property
-    def speeds(self) -> list[float] | None:
-        """Relative tensor-parallel rank speeds if the placement declares them (``speed_aware``), else None."""
-        return getattr(self._placement_arg, "speeds", None)
-
-    def placement_for(self, net: D2FTViT) -> Tensor:
-        """The placement this strategy will use for ``net`` (before or after sharding)."""
-        return net.group_owner.cpu() if net.tp is not None else self._resolve_placement(net)
+    def placement(self) -> Placement | None:
+        """Which rank holds which head group (owner table, speeds, column devices): the one :class:`Placement`
+        resolved when the model was sharded, stored on the model; None before."""
+        module = self.lightning_module
+        return find_d2ft(module).placement if module is not None else None
 
     def _clip_grad_by_global_norm(self, optimizer: Optimizer, clip_val: float) -> None:
         """clip_grad_norm_ over the whole sharded model: shards' squares summed across the tensor-parallel
