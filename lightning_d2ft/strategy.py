@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import atexit
 import logging
-import math
 import os
 from datetime import timedelta
 from typing import Any, Callable, Literal
@@ -35,10 +34,11 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_d2ft.collectives import CommStats, SparseTensorParallel, named_collective
+from lightning_d2ft.collectives import CommStats, SparseTensorParallel
 from lightning_d2ft.data import MicroBatchSampler
 from lightning_d2ft.checkpointing import AtomicCheckpointIO, FullCheckpoints
 from lightning_d2ft.execution import ScheduleExecution
+from lightning_d2ft.grad_norm import clip_grad_by_global_norm, sharded_parameter_ids
 from lightning_d2ft.guards import StepGuard
 from lightning_d2ft.launchers import _WholeModelSpawnLauncher, sigterm_exit
 from lightning_d2ft.mesh import check_tensor_parallel_size, mesh_groups, tensor_parallel_size_for
@@ -221,9 +221,7 @@ class D2FTStrategy(ScheduleExecution, FullCheckpoints, DDPStrategy):
                 _sync_module_states(self.model)
             net.shard_(resolve_placement(self._placement_arg, net.depth, net.groups_per_block,
                                          self.tensor_parallel_size), self.tp)
-        full = {k: math.prod(v) for k, v in (net.full_shapes or {}).items()}
-        self._sharded_ids = {id(p) for k, p in net.vit.named_parameters()
-                             if self.tensor_parallel_size > 1 and k in full and p.numel() != full[k]}
+        self._sharded_ids = sharded_parameter_ids(net, self.tensor_parallel_size)
 
     @property
     def placement(self) -> Placement | None:
@@ -233,21 +231,9 @@ class D2FTStrategy(ScheduleExecution, FullCheckpoints, DDPStrategy):
         return find_d2ft(module).placement if module is not None else None
 
     def _clip_grad_by_global_norm(self, optimizer: Optimizer, clip_val: float) -> None:
-        """clip_grad_norm_ over the whole sharded model: shards' squares summed across the tensor-parallel
-        ranks, replicated parameters counted once, so every rank scales by the same factor."""
-        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        sharded = [p.grad for g in optimizer.param_groups for p in g["params"]
-                   if p.grad is not None and id(p) in self._sharded_ids]
-        squares = torch.stack([torch.zeros(()), *(g.detach().float().pow(2).sum().cpu() for g in sharded)]).sum()
-        ids = {id(g) for g in sharded}
-        replicated = torch.stack([torch.zeros(()), *(g.detach().float().pow(2).sum().cpu() for g in grads
-                                                     if id(g) not in ids)]).sum()
-        if self.tensor_parallel_size > 1:
-            named_collective("tensor-parallel all_reduce (gradient norm)", self.global_rank, dist.all_reduce,
-                             squares, group=self.tp.group)
-        coef = (float(clip_val) / ((squares + replicated).sqrt() + 1e-6)).clamp(max=1.0)
-        for g in grads:
-            g.detach().mul_(coef.to(g.device, g.dtype))
+        """clip_grad_norm_ over the whole sharded model (see :mod:`lightning_d2ft.grad_norm`)."""
+        clip_grad_by_global_norm(optimizer, clip_val, self._sharded_ids, self.tp.group if self.tp is not None else None,
+                                 self.global_rank, self.tensor_parallel_size)
 
     @override
     def on_train_start(self) -> None:
