@@ -81,7 +81,7 @@ class FullCheckpoints:
         state = checkpoint["state_dict"]
         match_lora_(net, state)
         if self._is_sharded(net):
-            state = shard_state_dict(state, net.groups_per_block, net.placement.groups_of(self.tensor_parallel_rank))
+            state = shard_state_dict(state, net.groups_per_block, self.placement.groups_of(self.tensor_parallel_rank))
         module.load_state_dict(state, strict=strict)
 
     @override
@@ -96,7 +96,7 @@ class FullCheckpoints:
     def load_optimizer_state_dict(self, checkpoint: dict[str, Any]) -> None:
         module = self.lightning_module
         net = find_d2ft(module)
-        groups = net.placement.groups_of(self.tensor_parallel_rank) if self._is_sharded(net) else None
+        groups = self.placement.groups_of(self.tensor_parallel_rank) if self._is_sharded(net) else None
         for optimizer, saved in zip(self.optimizers, checkpoint["optimizer_states"]):
             load_full_optimizer_state(optimizer, saved, module, net, groups, self.tensor_parallel_rank,
                                       self.tensor_parallel_size)
