@@ -116,12 +116,8 @@ def _checkpoints(out: Path, every_n_steps: int | None) -> list[RunCheckpoint]:
     return [epochs, RunCheckpoint(out / "checkpoints", "last-step", every_n_train_steps=every_n_steps)]
 
 
-def _callback(cfg: DictConfig) -> D2FTCallback:
+def _callback(cfg: DictConfig, settings: ScheduleSettings) -> D2FTCallback:
     s = cfg.schedule
-    settings = ScheduleSettings(  # validates every field, naming it and what it allows
-        budget=s.budget, comm_budget=s.comm_budget, backward_score=s.backward_score, forward_score=s.forward_score,
-        solver=s.solver, method=s.method, forward_mix=s.forward_mix, score_every=s.score_every,
-        capacity=s.capacity, validate=s.validate)
     return D2FTCallback(settings=settings, cache_dir=s.cache_dir, seed=cfg.seed,
                         lora_rank=s.get("lora_rank"), lora_alpha=s.get("lora_alpha"))
 
@@ -165,8 +161,8 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     if cfg.get("skip_existing") and (out / "results.json").exists():
         return json.loads((out / "results.json").read_text())
     # every check before any heavy work (data, pretraining, scoring, fit)
-    check_config(cfg)
-    callback = _callback(cfg)
+    settings = check_config(cfg)  # the schedule's settings, validated by ScheduleSettings
+    callback = _callback(cfg, settings)
     kwargs = OmegaConf.to_container(cfg.model.kwargs, resolve=True)
     check_model(cfg.model.name, kwargs, cfg.schedule.subnets)
     dm = build_datamodule(cfg)

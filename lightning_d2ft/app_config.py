@@ -1,17 +1,22 @@
 """Structured configs of the Hydra app: types are checked by Hydra when the config is composed (so
 ``schedule.forward_mix=abc`` is refused naming the field before anything runs), ranges and choices by
-:func:`check_config` right after, still before data, pretraining or fit."""
+:func:`check_config` right after, still before data, pretraining or fit. The schedule section is
+:class:`~lightning_d2ft.settings.ScheduleSettings` (its defaults, and its checks through
+:func:`schedule_settings`) plus the app's subnets, LoRA and cache fields."""
 
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
-__all__ = ["AppConfig", "check_config", "register_configs"]
+from lightning_d2ft.settings import ScheduleSettings
+
+__all__ = ["AppConfig", "check_config", "register_configs", "schedule_settings"]
+_SETTINGS = {f.name: f.default for f in fields(ScheduleSettings)}  # the one source of the schedule's defaults
 
 
 @dataclass
@@ -36,17 +41,19 @@ class ModelConfig:
 
 @dataclass
 class ScheduleConfig:
-    budget: float = 0.6
-    comm_budget: Optional[float] = None
+    """ScheduleSettings' fields (types for Hydra, defaults read from ScheduleSettings) and the app's own."""
+
+    budget: float = _SETTINGS["budget"]
+    comm_budget: Optional[float] = _SETTINGS["comm_budget"]
     subnets: Optional[int] = None
-    backward_score: str = "weight_magnitude"
-    forward_score: str = "fisher"
-    solver: str = "ortools"
-    method: str = "d2ft"
-    forward_mix: float = 0.5
-    score_every: int = 1
-    capacity: str = "step"
-    validate: bool = True
+    backward_score: str = _SETTINGS["backward_score"]
+    forward_score: str = _SETTINGS["forward_score"]
+    solver: str = _SETTINGS["solver"]
+    method: str = _SETTINGS["method"]
+    forward_mix: float = _SETTINGS["forward_mix"]
+    score_every: int = _SETTINGS["score_every"]
+    capacity: str = _SETTINGS["capacity"]
+    validate: bool = _SETTINGS["validate"]
     lora_rank: Optional[int] = None
     lora_alpha: Optional[float] = None
     cache_dir: Optional[str] = None
@@ -87,26 +94,29 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="app_schema", node=AppConfig)
 
 
-# the Trainer arguments the app sets from its own fields (trainer.extra may override them, knowingly)
+# choices of the app's own fields (the schedule's are ScheduleSettings')
 _CHOICES = {
-    "schedule.method": ("d2ft", "random", "dpruning", "moe", "full"),
-    "schedule.solver": ("dp", "ortools"),
     "trainer.data_parallel": ("sync", "lofi"),
     "trainer.start_method": ("spawn", "popen", "fork", "forkserver"),
     "model.optimizer": ("adamw", "sgd"),
 }
 
 
-def check_config(cfg: DictConfig) -> None:
-    """Ranges and choices the types cannot say; each error names the field and what is allowed."""
+def schedule_settings(cfg: DictConfig) -> ScheduleSettings:
+    """The validated ScheduleSettings of ``cfg.schedule``; errors name the field (``schedule.budget ...``)."""
+    return ScheduleSettings.from_mapping(cfg.schedule, where="schedule.")
+
+
+def check_config(cfg: DictConfig) -> ScheduleSettings:
+    """Ranges and choices the types cannot say; each error names the field and what is allowed. Returns the
+    schedule's settings (validated by ScheduleSettings itself)."""
+    settings = schedule_settings(cfg)
     for key, allowed in _CHOICES.items():
         group, name = key.split(".")
         value = cfg[group][name]
         if value not in allowed:
             raise ValueError(f"{key}={value!r} is not allowed; choose one of {list(allowed)}")
-    s, t, m = cfg.schedule, cfg.trainer, cfg.model
-    _in_range("schedule.forward_mix", s.forward_mix, 0.0, 1.0)
-    _at_least("schedule.score_every", s.score_every, 1)
+    t, m = cfg.trainer, cfg.model
     _at_least("trainer.devices", t.devices, 1)
     _at_least("trainer.max_epochs", t.max_epochs, 1)
     _at_least("trainer.accumulate_grad_batches", t.accumulate_grad_batches, 1)
@@ -125,6 +135,7 @@ def check_config(cfg: DictConfig) -> None:
     if m.lr <= 0:
         raise ValueError(f"model.lr must be > 0, got {m.lr}")
     check_trainer_extra(dict(t.extra))
+    return settings
 
 
 def check_trainer_extra(extra: dict[str, Any]) -> None:
@@ -136,11 +147,6 @@ def check_trainer_extra(extra: dict[str, Any]) -> None:
     if unknown:
         raise ValueError(f"trainer.extra has {unknown}, which lightning.Trainer does not take; "
                          f"its arguments are {sorted(known)}")
-
-
-def _in_range(name: str, value: float, low: float, high: float) -> None:
-    if not low <= value <= high:
-        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
 
 
 def _at_least(name: str, value: int, low: int) -> None:

@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from lightning_d2ft.data import MicroBatchSampler, find_micro_batch_sampler
@@ -30,6 +30,7 @@ from lightning_d2ft.ops import CostModel
 from lightning_d2ft.partition import D2FTViT, find_d2ft
 from lightning_d2ft.placement import Placement
 from lightning_d2ft.schedule import Schedule
+from lightning_d2ft.schedule_state import check_matches, resumable, run_settings, schedule_from_state, schedule_state
 from lightning_d2ft.settings import ScheduleSettings, check_comm_budget
 from lightning_d2ft.scores import (
     Scores, cache_key, check_cache_dir, check_finite_losses, data_fingerprint, grad_stats,
@@ -52,7 +53,7 @@ class D2FTCallback(Callback):
         solver: "ortools" (default) or "dp". method: "d2ft" or a baseline ("random", "dpruning", "moe", "full").
         comm_budget: optional communication budget in (0, 1]. forward_mix: see :meth:`Schedule.solve`.
         speeds: relative speed of each tensor-parallel rank (default: those of the strategy's
-            ``speed_aware`` placement, else equal).
+            :class:`~lightning_d2ft.placement.Placement`, e.g. from ``speed_aware``, else equal).
         cache_dir: where scores are cached (default ``<default_root_dir>/d2ft_cache``).
         score_every: score every k-th micro-batch only (cheaper scoring pass).
         data_key: names the training data for the score cache and the schedule's data check (default: a
@@ -113,7 +114,6 @@ class D2FTCallback(Callback):
         self.schedule: Schedule | None = None
         self.scoring_seconds = 0.0
         self.scored_micro_batches = 0
-        self._net: D2FTViT | None = None
         self._weights: str | None = None  # digest of the weights as setup saw them (the score cache key)
         self._planned = False
         self._ids: list[int] = []
@@ -129,7 +129,7 @@ class D2FTCallback(Callback):
         net = find_d2ft(pl_module)
         if self.subnets is not None and self.subnets != net.num_subnets:
             net.regroup_(self.subnets)
-        self._net, self._planned = net, False
+        self._planned = False
         if trainer.is_global_zero and self.schedule_path is None and self._needs_scores():
             self._weights = weights_digest(net)  # before LoRA and sharding: the base model's weights
         if self.lora_rank is not None and not has_lora(net):  # before the optimizer is built
@@ -151,82 +151,50 @@ class D2FTCallback(Callback):
         the model; whichever of on_fit_start / on_train_start comes first with the model placed does it."""
         net = find_d2ft(trainer.lightning_module)
         strategy = _d2ft_strategy(trainer)
-        placed = placed or (next(net.parameters()).device == trainer.strategy.root_device and (
-            strategy.tensor_parallel_size == 1 or net.tp is not None))
+        placement = strategy.placement  # the one Placement, resolved when the strategy sharded the model
+        placed = placement is not None and (placed or next(net.parameters()).device == strategy.root_device)
         if self._planned or not placed:
             return
-        self._net = net
+        if self.speeds is not None:  # the callback's speeds win over those the placement declares
+            placement = placement.with_speeds(self.speeds)
         trainer.fit_loop.setup_data()  # D2FTStrategy.process_dataloader points the sampler at this replica
         sampler = find_micro_batch_sampler(trainer.train_dataloader)
-        devices, placement = self._devices(trainer, net)
         data = self.data_key or data_fingerprint(trainer.train_dataloader.dataset, sampler.micro_batches, self.seed)
-        self.schedule = self._restored_schedule(sampler, devices, placement, data)
+        settings, n_mb = run_settings(self.settings, data), sampler.num_micro_batches
+        restored, self._restored = self._restored, None
+        self.schedule = resumable(restored, n_mb, net.num_subnets, placement, settings) if restored else None
         if self.schedule is None and self.schedule_path is not None:
             self.schedule = Schedule.load(self.schedule_path)
-            self._check_matches(self.schedule, sampler, devices, placement, data, "schedule_path")
+            check_matches(self.schedule, n_mb, net.num_subnets, placement, settings, "schedule_path")
         if self.schedule is None:
-            self.schedule = self._solve(trainer, net, sampler, devices, placement, data)
+            self.schedule = self._solve(trainer, net, sampler, placement, settings)
         rank_zero_info(self.schedule.summary())
         strategy.install_schedule(self.schedule)  # the strategy executes it: ops per batch, bytes, logging
         _log_schedule_metrics(trainer, self.schedule)
         self._planned = True
 
-    def _restored_schedule(self, sampler: MicroBatchSampler, devices: int, placement: torch.Tensor,
-                           data: str) -> Schedule | None:
-        """The resumed checkpoint's schedule; re-solved on another world size, refused for other data/settings."""
-        restored, self._restored = self._restored, None
-        if restored is None:
-            return None
-        self._check_matches(restored, sampler, None, None, data, "the checkpoint being resumed")
-        try:
-            self._check_matches(restored, sampler, devices, placement, data, "the checkpoint being resumed")
-        except ValueError as err:
-            rank_zero_warn(f"resuming with a freshly solved schedule: {err}")
-            return None
-        return restored
-
-    def _owner(self, trainer: Trainer, net: D2FTViT) -> torch.Tensor:
-        """The tensor-parallel rank of every head group ``[depth, G]``."""
-        return _d2ft_strategy(trainer).placement_for(net).long()
-
-    def _devices(self, trainer: Trainer, net: D2FTViT) -> tuple[int, torch.Tensor]:
-        """(tensor-parallel ranks, device of every schedule column)."""
-        placement = Placement.from_any(self._owner(trainer, net))
-        return placement.num_devices, placement.column_devices()
-
-    def _settings(self, data: str) -> dict[str, Any]:
-        """What a schedule must have been solved for to be used by this run (stored in ``schedule.info``)."""
-        s = self.settings
-        return {"data": data, "budget": s.budget, "comm_budget": s.comm_budget, "method": s.method,
-                "backward_score": s.backward_score, "forward_score": s.forward_score, "capacity": s.capacity}
-
-    def _solve(self, trainer: Trainer, net: D2FTViT, sampler: MicroBatchSampler, devices: int,
-               placement: torch.Tensor, data: str) -> Schedule:
+    def _solve(self, trainer: Trainer, net: D2FTViT, sampler: MicroBatchSampler, placement: Placement,
+               settings: dict[str, Any]) -> Schedule:
         if self.comm_budget is not None:  # before the scoring pass, not after it
-            check_comm_budget(self.comm_budget, sampler.num_micro_batches, placement, devices, self.settings.capacity)
-        scores = self._scores(trainer, net, sampler, data) if self._needs_scores() else None
+            check_comm_budget(self.comm_budget, sampler.num_micro_batches, placement.column_devices(),
+                              placement.num_devices, self.settings.capacity)
+        scores = self._scores(trainer, net, sampler, settings["data"]) if self._needs_scores() else None
 
         def solve() -> Schedule:
             n = sampler.num_micro_batches
             ones = torch.ones(n, net.num_subnets)  # every pair FULL whatever the scores say: no scoring pass
             schedule = Schedule.solve(
                 scores.backward if scores else ones, scores.forward if scores else ones,
-                placement=Placement.from_any(self._owner(trainer, net), self._speeds(trainer)),
-                column_blocks=net.subnet_blocks(), cost=self.cost, seed=self.seed, **self.settings.solve_kwargs())
+                placement=placement, column_blocks=net.subnet_blocks(), cost=self.cost, seed=self.seed, **self.settings.solve_kwargs())
             schedule.info.update(scores_key=scores.key if scores else None, scoring_seconds=self.scoring_seconds,
                                  scored_micro_batches=self.scored_micro_batches, num_subnets=net.num_subnets,
-                                 micro_batch_size=sampler.micro_batch_size, settings=self._settings(data))
+                                 micro_batch_size=sampler.micro_batch_size, settings=settings)
             out = Path(trainer.default_root_dir) / "d2ft"
             schedule.save(out / "schedule.pt")
             schedule.plot(out / "schedule.png")
             return schedule
 
         return _on_rank_zero(trainer, solve)
-
-    def _speeds(self, trainer: Trainer) -> Sequence[float] | None:
-        """Given speeds, else those the strategy's placement declares (``speed_aware``), else equal."""
-        strategy = _d2ft_strategy(trainer)
-        return self.speeds if self.speeds is not None else strategy.speeds
 
     def _needs_scores(self) -> bool:
         return self.method != "full" and (self.budget < 1.0 or self.comm_budget is not None)
@@ -262,28 +230,6 @@ class D2FTCallback(Callback):
         rank_zero_info(f"D2FT scores ({self.backward_score} / {self.forward_score}) computed in "
                        f"{self.scoring_seconds:.1f} s over {self.scored_micro_batches} of {total} micro-batches")
         return scores
-
-    def _check_matches(self, schedule: Schedule, sampler: MicroBatchSampler, devices: int | None,
-                       placement: torch.Tensor | None, data: str, source: str) -> None:
-        """Refuse a schedule made for another model, data, settings or (when given) world size."""
-        problems = []
-        if schedule.num_micro_batches != sampler.num_micro_batches:
-            problems.append(f"{schedule.num_micro_batches} micro-batches, the data has {sampler.num_micro_batches}")
-        if schedule.ops.shape[1] != self._net.num_subnets:
-            problems.append(f"{schedule.ops.shape[1]} subnets, the model has {self._net.num_subnets}")
-        elif placement is not None and (schedule.num_devices != devices or not torch.equal(schedule.placement,
-                                                                                          placement)):
-            problems.append(f"{schedule.num_devices} devices / another placement, this run has {devices}")
-        made = schedule.info.get("settings") or {}
-        for name, ours in self._settings(data).items():
-            if name in made and made[name] != ours:
-                what = "other data (another data set, data seed or micro-batch split)" if name == "data" \
-                    else f"{name}={made[name]!r}, this run has {name}={ours!r}"
-                problems.append(what)
-        if problems:
-            raise ValueError(f"the schedule of {source} was made for another model, data, settings or world size: "
-                             + "; ".join(problems) + ". Solve it again (drop schedule_path, or start fresh: "
-                             "another run directory / resume=null) or run with the matching setup.")
 
     # -- during fit: timing for the summary; ops per batch only while the strategy cannot install them ----
     @override
@@ -328,22 +274,13 @@ class D2FTCallback(Callback):
     # -- checkpoint state -----------------------------------------------------------------------
     @override
     def state_dict(self) -> dict[str, Any]:
-        if self.schedule is None:
-            return {}
-        s = self.schedule
-        return {"ops": s.ops.to(torch.int8), "placement": s.placement, "speeds": s.speeds, "cost": dict(s.cost.__dict__),
-                "column_blocks": s.column_blocks, "method": s.method, "info": s.info,
-                "scoring_seconds": self.scoring_seconds}
+        return schedule_state(self.schedule, self.scoring_seconds)
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if not state_dict:
-            return
-        st = dict(state_dict)
-        self.scoring_seconds = st.pop("scoring_seconds", 0.0)
-        self._restored = Schedule(ops=st["ops"].long(), placement=st["placement"], speeds=st["speeds"],
-                                  cost=CostModel(**st["cost"]), column_blocks=st["column_blocks"],
-                                  method=st["method"], info=st["info"])
+        restored, seconds = schedule_from_state(state_dict)
+        if restored is not None:
+            self._restored, self.scoring_seconds = restored, seconds
 
 
 def _log_schedule_metrics(trainer: Trainer, schedule: Schedule) -> None:

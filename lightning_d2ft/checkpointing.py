@@ -21,7 +21,6 @@ from lightning_d2ft.lora import match_lora_
 from lightning_d2ft.optim_state import full_optimizer_state, load_full_optimizer_state
 from lightning_d2ft.partition import D2FTViT, find_d2ft
 from lightning_d2ft.sharding import shard_state_dict, unshard_state_dict
-from lightning_d2ft.placement import groups_of_rank
 
 __all__ = ["AtomicCheckpointIO", "FullCheckpoints"]
 
@@ -54,7 +53,7 @@ class FullCheckpoints:
         return out
 
     def _rank_groups(self) -> list[list[list[int]]]:
-        return [groups_of_rank(self.placement, r) for r in range(self.tensor_parallel_size)]
+        return [self.placement.groups_of(r) for r in range(self.tensor_parallel_size)]
 
     def _is_sharded(self, net: D2FTViT) -> bool:
         return net.tp is not None and self.tensor_parallel_size > 1
@@ -82,8 +81,7 @@ class FullCheckpoints:
         state = checkpoint["state_dict"]
         match_lora_(net, state)
         if self._is_sharded(net):
-            state = shard_state_dict(state, net.groups_per_block, groups_of_rank(self.placement,
-                                                                                 self.tensor_parallel_rank))
+            state = shard_state_dict(state, net.groups_per_block, self.placement.groups_of(self.tensor_parallel_rank))
         module.load_state_dict(state, strict=strict)
 
     @override
@@ -98,7 +96,7 @@ class FullCheckpoints:
     def load_optimizer_state_dict(self, checkpoint: dict[str, Any]) -> None:
         module = self.lightning_module
         net = find_d2ft(module)
-        groups = groups_of_rank(self.placement, self.tensor_parallel_rank) if self._is_sharded(net) else None
+        groups = self.placement.groups_of(self.tensor_parallel_rank) if self._is_sharded(net) else None
         for optimizer, saved in zip(self.optimizers, checkpoint["optimizer_states"]):
             load_full_optimizer_state(optimizer, saved, module, net, groups, self.tensor_parallel_rank,
                                       self.tensor_parallel_size)

@@ -30,19 +30,19 @@ import torch
 from torch import Tensor, nn
 
 from lightning_d2ft.cuda_graphs import PatternGraphs
+from lightning_d2ft.granularity import (
+    _NUM_EXTRA_SUBNETS, check_supported, resolve_groups_per_block, valid_groups_per_block, valid_subnet_counts,
+)
 from lightning_d2ft.grouped import attention_groups, mlp_groups
 from lightning_d2ft.kernels import cached_plan, fast_path_ok, fused_block
 from lightning_d2ft.ops import Op
-from lightning_d2ft.placement import groups_of_rank
+from lightning_d2ft.placement import Placement
 from lightning_d2ft.sharding import shard_state_dict, shard_vit, unshard_state_dict
 
 __all__ = [
     "D2FTViT", "TensorParallel", "check_supported", "find_d2ft", "shard_state_dict", "shard_vit", "unshard_state_dict",
-    "valid_subnet_counts",
+    "valid_groups_per_block", "valid_subnet_counts",
 ]
-
-_NUM_EXTRA_SUBNETS = 2  # stem and head
-
 
 class TensorParallel(Protocol):
     """The two collectives a tensor-parallel block needs (Megatron's f and g operators).
@@ -61,39 +61,6 @@ class TensorParallel(Protocol):
         """Forward: identity. Backward: sum the input gradients of the ranks with FULL groups."""
 
 
-def check_supported(vit: nn.Module) -> None:
-    """Raise a TypeError naming what is unsupported unless ``vit`` is a timm ViT we can partition exactly."""
-    from timm.layers import Attention, Mlp
-    from timm.models.vision_transformer import Block, VisionTransformer
-
-    if not isinstance(vit, VisionTransformer):
-        raise TypeError(
-            f"D2FTViT wraps a timm VisionTransformer (e.g. timm.create_model('vit_small_patch16_224')); "
-            f"got {type(vit).__module__}.{type(vit).__name__}, which is not a supported transformer."
-        )
-    for i, blk in enumerate(vit.blocks):
-        problems = []
-        if type(blk) is not Block:
-            problems.append(f"block type {type(blk).__name__} (only timm's pre-norm Block is supported)")
-        else:
-            attn, mlp = blk.attn, blk.mlp
-            if type(attn) is not Attention:
-                problems.append(f"attention type {type(attn).__name__} (only timm.layers.Attention)")
-            elif getattr(attn, "gate", None) is not None or not isinstance(attn.norm, nn.Identity):
-                problems.append("gated attention or scale_attn_norm (they mix all heads before proj)")
-            if type(mlp) is not Mlp or not isinstance(mlp.fc1, nn.Linear):
-                problems.append(f"MLP type {type(mlp).__name__} (only timm.layers.Mlp with Linear layers)")
-            elif not isinstance(mlp.norm, nn.Identity):
-                problems.append("scale_mlp_norm (it mixes all hidden units before fc2)")
-            if not isinstance(blk.drop_path1, nn.Identity) or not isinstance(blk.drop_path2, nn.Identity):
-                problems.append("drop_path_rate > 0 (stochastic depth masks whole branches; set drop_path_rate=0)")
-        if problems:
-            raise TypeError(f"{type(vit).__name__} block {i} is not supported: " + "; ".join(problems))
-    heads = {blk.attn.num_heads for blk in vit.blocks}
-    if len(heads) != 1:
-        raise TypeError(f"all blocks must have the same number of heads, got {sorted(heads)}")
-
-
 def find_d2ft(module: nn.Module) -> D2FTViT:
     """The one D2FTViT inside a LightningModule (or any module), with a clear error otherwise."""
     found = [m for m in module.modules() if isinstance(m, D2FTViT)]
@@ -103,53 +70,6 @@ def find_d2ft(module: nn.Module) -> D2FTViT:
             f"self.net = D2FTViT(vit, subnets=74)); found {len(found)}"
         )
     return found[0]
-
-
-def _divisors(n: int) -> list[int]:
-    return [g for g in range(1, n + 1) if n % g == 0]
-
-
-def valid_groups_per_block(vit: nn.Module) -> list[int]:
-    """Groups-per-block values G that split both the heads and the MLP hidden units evenly."""
-    blk = vit.blocks[0]
-    hidden = blk.mlp.fc1.out_features
-    return [g for g in _divisors(blk.attn.num_heads) if hidden % g == 0]
-
-
-def valid_subnet_counts(vit: nn.Module) -> list[int]:
-    """Total subnet counts (blocks x G + stem + head) this model can be cut into."""
-    return [len(vit.blocks) * g + _NUM_EXTRA_SUBNETS for g in valid_groups_per_block(vit)]
-
-
-def _as_set(values: list[int]) -> str:
-    """``{14, 38}``: a set of allowed values, not a range."""
-    return "{" + ", ".join(str(v) for v in values) + "}"
-
-
-def resolve_groups_per_block(vit: nn.Module, subnets: int | None, groups_per_block: int | None) -> int:
-    """Turn ``subnets`` (a total count, or G) / ``groups_per_block`` into G, or explain the valid choices."""
-    valid_g = valid_groups_per_block(vit)
-    valid_n = valid_subnet_counts(vit)
-    depth, heads = len(vit.blocks), vit.blocks[0].attn.num_heads
-    choices = (
-        f"for this model ({depth} blocks x {heads} heads) use subnets = one of {_as_set(valid_n)} (the total count: "
-        f"{depth} blocks x groups per block + stem + head) or groups_per_block = one of {_as_set(valid_g)}"
-    )
-    if subnets is not None and groups_per_block is not None:
-        raise ValueError(f"give either subnets or groups_per_block, not both; {choices}")
-    if groups_per_block is not None:
-        if groups_per_block not in valid_g:
-            raise ValueError(f"groups_per_block={groups_per_block} does not divide the heads evenly; {choices}")
-        return groups_per_block
-    if subnets is None:
-        return valid_g[-1]  # finest granularity: one head per subnet, the paper's best setting
-    if isinstance(subnets, bool) or not isinstance(subnets, int):
-        raise TypeError(f"subnets must be an int, got {subnets!r}; {choices}")
-    if subnets in valid_n:  # a total count wins over a groups-per-block reading
-        return (subnets - _NUM_EXTRA_SUBNETS) // depth
-    if subnets in valid_g:
-        return subnets
-    raise ValueError(f"subnets={subnets} is not valid; {choices}")
 
 
 class D2FTViT(nn.Module):
@@ -166,8 +86,7 @@ class D2FTViT(nn.Module):
         self.vit = vit
         self.depth = len(vit.blocks)
         self.num_heads = vit.blocks[0].attn.num_heads
-        # group_owner[l, g] = tensor-parallel rank holding group g of block l; all 0 when unsharded.
-        self.register_buffer("group_owner", torch.zeros(0, dtype=torch.long), persistent=False)
+        self.placement: Placement | None = None  # which rank holds which head group, once sharded
         self.tp: TensorParallel | None = None
         self.regroup_(subnets, groups_per_block=groups_per_block)
         self.full_shapes: dict[str, torch.Size] | None = None  # the unsharded vit's shapes, once sharded
@@ -188,18 +107,21 @@ class D2FTViT(nn.Module):
             raise RuntimeError("cannot change the granularity of a sharded D2FTViT")
         self.groups_per_block = resolve_groups_per_block(self.vit, subnets, groups_per_block)
         self.num_subnets = self.depth * self.groups_per_block + _NUM_EXTRA_SUBNETS
-        self.group_owner = torch.zeros(self.depth, self.groups_per_block, dtype=torch.long)
 
-    def shard_(self, owner: Tensor, tp: TensorParallel) -> None:
-        """Keep only rank ``tp.rank``'s head groups (in place); ``owner[l, g]`` is the rank of each group."""
+    def shard_(self, placement: Placement | Tensor, tp: TensorParallel) -> None:
+        """Keep only rank ``tp.rank``'s head groups (in place). ``placement`` (a :class:`Placement`, or its owner
+        table ``[depth, G]``) is kept as it is: the model, strategy and callback share that one object."""
         if self.tp is not None:
             raise RuntimeError("this D2FTViT is already sharded")
-        if tuple(owner.shape) != (self.depth, self.groups_per_block):
-            raise ValueError(f"placement must be [{self.depth}, {self.groups_per_block}], got {tuple(owner.shape)}")
+        placement = Placement.from_any(placement)
+        if tuple(placement.owner.shape) != (self.depth, self.groups_per_block):
+            raise ValueError(f"placement must be [{self.depth}, {self.groups_per_block}], got "
+                             f"{tuple(placement.owner.shape)}")
+        if placement.num_devices != tp.world:
+            raise ValueError(f"the placement has {placement.num_devices} ranks, the tensor-parallel size is {tp.world}")
         self.full_shapes = {k: v.shape for k, v in self.vit.state_dict().items()}
-        self.vit = shard_vit(self.vit, self.groups_per_block, groups_of_rank(owner, tp.rank))
-        self.group_owner = owner.clone().to(self.group_owner.device)
-        self.tp = tp
+        self.vit = shard_vit(self.vit, self.groups_per_block, placement.groups_of(tp.rank))
+        self.placement, self.tp = placement, tp
 
     # -- indexing -------------------------------------------------------------------------------
     def subnet_index(self, block: int, group: int) -> int:
@@ -308,7 +230,7 @@ class D2FTViT(nn.Module):
         with torch.set_grad_enabled(any_full and torch.is_grad_enabled()):
             norm = blk.norm1 if attention else blk.norm2
             h = norm(x)
-            owners = self.group_owner[l].tolist() if self.tp is not None else None
+            owners = self.placement.owner[l].tolist() if self.tp is not None else None
             if self.tp is not None and any_full:
                 h = self.tp.copy_to_ranks(h, self._ranks_with(owners, block_ops, (Op.FULL,)))
             partial = self._local_partial(blk, h, block_ops, owners, attention)

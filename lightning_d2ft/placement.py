@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -95,6 +95,10 @@ class Placement:
     def groups_per_block(self) -> int:
         return self.owner.shape[1]
 
+    def with_speeds(self, speeds: Sequence[float]) -> "Placement":
+        """The same owner table with other rank speeds (validated)."""
+        return Placement(self.owner, tuple(speeds))
+
     def groups_of(self, rank: int) -> list[list[int]]:
         """For every block, the head groups ``rank`` holds (ascending)."""
         if not 0 <= rank < self.num_devices:
@@ -104,6 +108,44 @@ class Placement:
     def column_devices(self) -> Tensor:
         """Device of every ops-vector column ``[num_subnets]``: -1 for the stem and head (always FULL)."""
         return subnet_devices(self.owner)
+
+
+# -- what D2FTStrategy(placement=...) takes --------------------------------------------------------
+def resolve_placement(arg: "PlacementArg", depth: int, groups_per_block: int, tp: int) -> Placement:
+    """The one Placement for ``depth`` blocks x ``groups_per_block`` head groups on ``tp`` ranks, from what
+    ``D2FTStrategy(placement=...)`` was given: None (round robin), an owner table ``[depth, G]``, a callable
+    ``(depth, G, tp) -> owner``, a :func:`speed_aware` result (which also sets the speeds) or a Placement."""
+    check_placement_arg(arg)
+    if arg is None:
+        return Placement.round_robin(depth, groups_per_block, tp)
+    if isinstance(arg, Placement):
+        placement = arg
+    else:
+        owner = torch.as_tensor(arg(depth, groups_per_block, tp) if callable(arg) else arg)
+        if owner.numel() != depth * groups_per_block:
+            raise ValueError(f"placement must be an owner table [{depth}, {groups_per_block}] (the rank of every "
+                             f"head group), got shape {tuple(owner.shape)}")
+        speeds = arg.speeds if isinstance(arg, SpeedAwarePlacement) else ()
+        placement = Placement(owner.reshape(depth, groups_per_block), tuple(speeds))
+    if (placement.depth, placement.groups_per_block) != (depth, groups_per_block):
+        raise ValueError(f"the placement is [{placement.depth}, {placement.groups_per_block}] but the model has "
+                         f"{depth} blocks x {groups_per_block} head groups")
+    if placement.num_devices != tp:
+        raise ValueError(f"the placement uses ranks 0 .. {placement.num_devices - 1} but the tensor-parallel size is "
+                         f"{tp}; every rank needs one head group of every block")
+    return placement
+
+
+def check_placement_arg(arg: object) -> None:
+    """Refuse, naming the forms allowed, a ``placement=`` that is none of them (before any process starts)."""
+    if arg is None or isinstance(arg, (Placement, torch.Tensor)) or callable(arg):
+        return
+    try:
+        torch.as_tensor(arg, dtype=torch.long)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"placement must be None (round robin), an owner table [depth, groups_per_block], a callable "
+                         f"(depth, groups_per_block, tensor_parallel_size) -> owner, speed_aware(...) or a "
+                         f"Placement; got {arg!r}") from None
 
 
 # -- heterogeneous ranks ---------------------------------------------------------------------------
@@ -201,3 +243,6 @@ def speed_aware(speeds: Sequence[float], memory: Sequence[float] | None = None,
         raise ValueError(f"give one memory per rank: {len(speeds)} speeds, {len(memory)} memories")
     return SpeedAwarePlacement(tuple(DeviceSpec(float(s), float(m)) for s, m in zip(speeds, memory)),
                                bytes_per_group)
+
+
+PlacementArg = Union[None, Placement, Tensor, Sequence[Sequence[int]], Callable[[int, int, int], Tensor]]

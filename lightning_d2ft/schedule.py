@@ -25,8 +25,7 @@ from lightning_d2ft.files import read_checked, write_checked
 from lightning_d2ft.knapsack import solve_devices
 from lightning_d2ft.ops import CostModel, Op
 from lightning_d2ft.placement import Placement, round_robin
-from lightning_d2ft.settings import (CAPACITIES, METHODS, SOLVERS, allowed_methods, check_choice, check_comm_budget,
-                                     check_forward_mix, check_fraction)
+from lightning_d2ft.settings import METHODS, SOLVERS, ScheduleSettings, check_comm_budget
 
 __all__ = ["METHODS", "SOLVERS", "Schedule"]
 
@@ -164,22 +163,26 @@ class Schedule:
         )
 
     # -- persistence ----------------------------------------------------------------------------
+    def state(self) -> dict:
+        """The plain dict a schedule file and D2FTCallback's checkpoint state hold (keys kept across versions)."""
+        return {"ops": self.ops.to(torch.int8), "placement": self.placement, "speeds": self.speeds,
+                "cost": dict(self.cost.__dict__), "column_blocks": self.column_blocks, "method": self.method,
+                "info": self.info}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "Schedule":
+        return cls(ops=state["ops"].long(), placement=state["placement"], speeds=state["speeds"],
+                   cost=CostModel(**state["cost"]), column_blocks=state["column_blocks"], method=state["method"],
+                   info=state["info"])
+
     def save(self, path: str | os.PathLike) -> Path:
         """Write atomically, with a checksum so that a truncated or edited file is detected on load."""
-        payload = {
-            "ops": self.ops.to(torch.int8), "placement": self.placement, "speeds": self.speeds,
-            "cost": dict(self.cost.__dict__), "column_blocks": self.column_blocks, "method": self.method,
-            "info": self.info,
-        }
-        return write_checked(path, payload, _FORMAT_VERSION)
+        return write_checked(path, self.state(), _FORMAT_VERSION)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Schedule":
         """Read a schedule; raises :class:`StaleFileError` for a corrupt, edited or outdated file."""
-        payload = read_checked(path, _FORMAT_VERSION, "schedule file")
-        return cls(ops=payload["ops"].long(), placement=payload["placement"], speeds=payload["speeds"],
-                   cost=CostModel(**payload["cost"]), column_blocks=payload["column_blocks"],
-                   method=payload["method"], info=payload["info"])
+        return cls.from_state(read_checked(path, _FORMAT_VERSION, "schedule file"))
 
     def plot(self, path: str | os.PathLike) -> Path:
         """Ops heatmap, per-step loads per device, and per-device epoch times, as a PNG."""
@@ -224,7 +227,8 @@ class Schedule:
         cost = cost or CostModel()
         back, fwd = _check_scores(backward_scores, forward_scores)
         n_mb, n_cols = back.shape
-        _check_settings(solver, method, budget, comm_budget, forward_mix, capacity, validate)
+        ScheduleSettings(budget=budget, comm_budget=comm_budget, solver=solver, method=method,  # validates them
+                         forward_mix=forward_mix, capacity=capacity, validate=validate)
         place, devices, placement_speeds = _column_devices(placement, always_full, n_cols, devices)
         if comm_budget is not None:
             check_comm_budget(comm_budget, n_mb, place, devices, capacity)
@@ -261,18 +265,6 @@ def _baseline_ops(method: str, back: Tensor, fwd: Tensor, place: Tensor, budgets
 
 
 # -- input checks ----------------------------------------------------------------------------------
-def _check_settings(solver, method, budget, comm_budget, forward_mix, capacity, validate) -> None:
-    check_choice("solver", solver, SOLVERS)
-    check_choice("method", method, allowed_methods())
-    check_choice("capacity", capacity, CAPACITIES)
-    check_fraction("budget", budget)
-    if comm_budget is not None:
-        check_fraction("comm_budget", comm_budget)
-    check_forward_mix(forward_mix)
-    if not isinstance(validate, bool):
-        raise ValueError(f"validate must be True or False, got {validate!r}")
-
-
 def _check_scores(backward: Tensor | np.ndarray, forward: Tensor | np.ndarray) -> tuple[Tensor, Tensor]:
     out = []
     for name, s in (("backward_scores", backward), ("forward_scores", forward)):

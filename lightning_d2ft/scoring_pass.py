@@ -25,7 +25,6 @@ from torch.utils.data import DataLoader
 from lightning_d2ft.data import MicroBatchSampler
 from lightning_d2ft.layout import grouped_dim
 from lightning_d2ft.partition import D2FTViT
-from lightning_d2ft.placement import groups_of_rank
 
 __all__ = ["GRAD_STATS", "SubnetIndex", "micro_batches_to_train", "score_pass", "score_shared", "scoring_loader", "sum_over_ranks"]
 
@@ -50,7 +49,7 @@ class SubnetIndex:
         # runs the same backward collectives; LoRA adapters (zero at this point) do not
         self.base_params = [p for name, p in net.vit.named_parameters() if not name.endswith(("lora_A", "lora_B"))]
         G = net.groups_per_block
-        owned = groups_of_rank(net.group_owner.cpu(), net.tp.rank) if net.tp is not None else [list(range(G))] * net.depth
+        owned = net.placement.groups_of(net.tp.rank) if net.tp is not None else [list(range(G))] * net.depth
         device = next(net.parameters()).device
         # (name, parameter, a view whose reduction over ``dims`` leaves one entry per column, dims, columns)
         self.pieces: list[tuple[str, nn.Parameter, Callable[[Tensor], Tensor], tuple[int, ...], Tensor]] = []

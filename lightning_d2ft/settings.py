@@ -6,8 +6,8 @@ Every check names the field and the values it allows, and runs before any scorin
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from dataclasses import InitVar, asdict, dataclass, fields
+from typing import Any, Mapping, Sequence
 
 from torch import Tensor
 
@@ -64,6 +64,8 @@ class ScheduleSettings:
     step is balanced and no micro-batch goes without FULL work unless the budget forces it; ``"epoch"``
     pools a device's capacity over all micro-batches. ``validate`` re-solves every OR-Tools solve with the
     DP and raises if the objectives differ.
+
+    ``where`` (not a field) prefixes the names in error messages, e.g. ``"schedule."`` for the app's config.
     """
 
     budget: float = 0.6
@@ -76,23 +78,33 @@ class ScheduleSettings:
     score_every: int = 1
     capacity: str = "step"
     validate: bool = True
+    where: InitVar[str] = ""
 
-    def __post_init__(self) -> None:
-        check_fraction("budget", self.budget)
+    def __post_init__(self, where: str) -> None:
+        check_fraction(f"{where}budget", self.budget)
         if self.comm_budget is not None:
-            check_fraction("comm_budget", self.comm_budget)
-        check_choice("solver", self.solver, SOLVERS)
-        check_choice("method", self.method, allowed_methods())
-        check_choice("capacity", self.capacity, CAPACITIES)
-        check_forward_mix(self.forward_mix)
+            check_fraction(f"{where}comm_budget", self.comm_budget)
+        check_choice(f"{where}solver", self.solver, SOLVERS)
+        check_choice(f"{where}method", self.method, allowed_methods())
+        check_choice(f"{where}capacity", self.capacity, CAPACITIES)
+        check_forward_mix(self.forward_mix, f"{where}forward_mix")
         if isinstance(self.score_every, bool) or not isinstance(self.score_every, int) or self.score_every < 1:
-            raise ValueError(f"score_every must be an int >= 1, got {self.score_every!r}")
+            raise ValueError(f"{where}score_every must be an int >= 1, got {self.score_every!r}")
         if not isinstance(self.validate, bool):
-            raise ValueError(f"validate must be true or false, got {self.validate!r}")
+            raise ValueError(f"{where}validate must be true or false, got {self.validate!r}")
         from lightning_d2ft.scores import check_metric  # lazy: scores imports the model
 
-        check_metric("backward", self.backward_score)
-        check_metric("forward", self.forward_score)
+        for name, role in (("backward_score", "backward"), ("forward_score", "forward")):
+            try:
+                check_metric(role, getattr(self, name))
+            except ValueError as err:
+                raise ValueError(f"{where}{name}: {err}") from None
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], where: str = "") -> "ScheduleSettings":
+        """The settings among ``values`` (a config section may hold more keys), validated; errors name each
+        field as ``where + name`` (``where="schedule."`` for the app's ``schedule.budget``)."""
+        return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values}, where=where)
 
     def solve_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of ``Schedule.solve`` these settings fix."""
@@ -103,7 +115,7 @@ class ScheduleSettings:
         return asdict(self)
 
 
-def check_forward_mix(value: float) -> None:
+def check_forward_mix(value: float, name: str = "forward_mix") -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 <= value <= 1.0) \
             or math.isnan(value):
-        raise ValueError(f"forward_mix must be a number in [0, 1], got {value!r}")
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import atexit
 import logging
-import math
 import os
 from datetime import timedelta
 from typing import Any, Callable, Literal
@@ -36,14 +35,16 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_d2ft.collectives import CommStats, SparseTensorParallel, named_collective
+from lightning_d2ft.collectives import CommStats, SparseTensorParallel
 from lightning_d2ft.data import MicroBatchSampler
 from lightning_d2ft.checkpointing import AtomicCheckpointIO, FullCheckpoints
 from lightning_d2ft.execution import ScheduleExecution
+from lightning_d2ft.grad_norm import clip_grad_by_global_norm, sharded_parameter_ids
 from lightning_d2ft.guards import StepGuard
 from lightning_d2ft.launchers import _WholeModelSpawnLauncher, sigterm_exit
-from lightning_d2ft.partition import D2FTViT, find_d2ft
-from lightning_d2ft.placement import groups_of_rank, round_robin
+from lightning_d2ft.mesh import check_tensor_parallel_size, mesh_groups, tensor_parallel_size_for
+from lightning_d2ft.partition import find_d2ft
+from lightning_d2ft.placement import Placement, PlacementArg, check_placement_arg, resolve_placement
 from lightning_d2ft.replicas import Replicas, make_replicas
 from lightning_d2ft.samplers import with_micro_batches
 
@@ -57,8 +58,11 @@ class D2FTStrategy(ScheduleExecution, FullCheckpoints, DDPStrategy):
     Args:
         tensor_parallel_size: ranks that share one model replica ("auto": all ranks). The world size must
             be a multiple of it; the quotient is the number of data-parallel replicas.
-        placement: ``owner[block, group]`` rank of every head group, or a callable
-            ``(depth, groups_per_block, tensor_parallel_size) -> owner``; default round-robin.
+        placement: ``owner[block, group]`` rank of every head group, a callable
+            ``(depth, groups_per_block, tensor_parallel_size) -> owner``, ``speed_aware(...)`` (which also
+            declares the ranks' speeds) or a :class:`Placement`; default round-robin. It is resolved once,
+            when the model is sharded, into the one :class:`Placement` that ``strategy.placement``, the model
+            and the callback share.
         on_nonfinite: what a NaN/inf input or loss does: "raise" (stop, naming the step and micro-batch;
             nothing from that step is applied or saved) or "skip" (drop that micro-batch's update, warn,
             count it in ``skipped_steps``). All ranks agree (one tiny all-reduce per step); the same
@@ -85,7 +89,7 @@ class D2FTStrategy(ScheduleExecution, FullCheckpoints, DDPStrategy):
     def __init__(
         self,
         tensor_parallel_size: int | Literal["auto"] = "auto",
-        placement: Tensor | Callable[[int, int, int], Tensor] | None = None,
+        placement: PlacementArg = None,
         accelerator: Any = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -106,8 +110,8 @@ class D2FTStrategy(ScheduleExecution, FullCheckpoints, DDPStrategy):
             checkpoint_io=checkpoint_io or AtomicCheckpointIO(), precision_plugin=precision_plugin,
             process_group_backend=process_group_backend, timeout=timeout, start_method=start_method,
         )
-        if tensor_parallel_size != "auto" and (not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1):
-            raise ValueError(f"tensor_parallel_size must be a positive int or 'auto', got {tensor_parallel_size!r}")
+        check_tensor_parallel_size(tensor_parallel_size)
+        check_placement_arg(placement)
         if on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
         if data_parallel not in ("sync", "lofi"):
@@ -127,7 +131,6 @@ class D2FTStrategy(ScheduleExecution, FullCheckpoints, DDPStrategy):
         self.tensor_parallel_group: dist.ProcessGroup | None = None
         self.data_parallel_group: dist.ProcessGroup | None = None
         self.replicas: Replicas = Replicas(None, 1, 0)
-        self.placement: Tensor | None = None  # owner[block, group], once the model is sharded
         self._sharded_ids: set[int] = set()
         if cuda_graphs not in (None, True, False):
             raise ValueError(f"cuda_graphs must be None (on for CUDA without tensor parallelism), True or False, "
@@ -136,11 +139,7 @@ class D2FTStrategy(ScheduleExecution, FullCheckpoints, DDPStrategy):
 
     # -- mesh -----------------------------------------------------------------------------------
     def _check_tp_divides(self, world: int) -> int:
-        tp = world if self._tp_size_arg == "auto" else self._tp_size_arg
-        if world % tp:
-            raise ValueError(f"tensor_parallel_size={tp} does not divide the {world} devices (processes); use a "
-                             f"divisor of {world}: {[d for d in range(1, world + 1) if world % d == 0]}")
-        return tp
+        return tensor_parallel_size_for(world, self._tp_size_arg)
 
     @property
     def tensor_parallel_size(self) -> int:
@@ -195,15 +194,8 @@ class D2FTStrategy(ScheduleExecution, FullCheckpoints, DDPStrategy):
         super().setup_distributed()
         atexit.register(_destroy_dist_connection)  # see launchers._WholeModelSpawnLauncher
         tp, dp = self.tensor_parallel_size, self.data_parallel_size
-        # every rank creates every group, in the same order (a torch.distributed rule)
-        for r in range(dp):
-            group = dist.new_group(list(range(r * tp, (r + 1) * tp)), timeout=self._timeout) if dp > 1 else None
-            if r == self.data_parallel_rank:
-                self.tensor_parallel_group = group if tp > 1 else None
-        for t in range(tp):
-            group = dist.new_group(list(range(t, tp * dp, tp)), timeout=self._timeout) if dp > 1 else None
-            if t == self.tensor_parallel_rank:
-                self.data_parallel_group = group
+        self.tensor_parallel_group, self.data_parallel_group = mesh_groups(
+            tp, dp, self.tensor_parallel_rank, self.data_parallel_rank, self._timeout)
         group = self.tensor_parallel_group if dp > 1 else None  # None: the world group
         self.tp = SparseTensorParallel(group, self.tensor_parallel_rank, tp)
         self.replicas = make_replicas(self.data_parallel, self.data_parallel_group, dp, self.data_parallel_rank,
@@ -236,54 +228,25 @@ class D2FTStrategy(ScheduleExecution, FullCheckpoints, DDPStrategy):
         if net.tp is None:
             if self.world_size > 1:
                 _sync_module_states(self.model)
-            net.shard_(self._resolve_placement(net), self.tp)
-        self.placement = net.group_owner.cpu()
+            net.shard_(resolve_placement(self._placement_arg, net.depth, net.groups_per_block,
+                                         self.tensor_parallel_size), self.tp)
+        self._sharded_ids = sharded_parameter_ids(net, self.tensor_parallel_size)
         graphs = self.cuda_graphs is not False and self.root_device.type == "cuda" and self.tensor_parallel_size == 1
         if self.cuda_graphs and not graphs:
             rank_zero_warn("cuda_graphs=True needs a CUDA device and tensor_parallel_size 1; running eagerly")
         net.use_cuda_graphs(graphs)
-        full = {k: math.prod(v) for k, v in (net.full_shapes or {}).items()}
-        self._sharded_ids = {id(p) for k, p in net.vit.named_parameters()
-                             if self.tensor_parallel_size > 1 and k in full and p.numel() != full[k]}
-
-    def _resolve_placement(self, net: D2FTViT) -> Tensor:
-        tp = self.tensor_parallel_size
-        if self._placement_arg is None:
-            return round_robin(net.depth, net.groups_per_block, tp)
-        owner = self._placement_arg(net.depth, net.groups_per_block, tp) if callable(self._placement_arg) \
-            else torch.as_tensor(self._placement_arg)
-        owner = owner.long().view(net.depth, net.groups_per_block)
-        for rank in range(tp):
-            if any(not g for g in groups_of_rank(owner, rank)):
-                raise ValueError(f"placement gives rank {rank} no head group in some block; every rank needs "
-                                 f"at least one group of every block")
-        return owner
 
     @property
-    def speeds(self) -> list[float] | None:
-        """Relative tensor-parallel rank speeds if the placement declares them (``speed_aware``), else None."""
-        return getattr(self._placement_arg, "speeds", None)
-
-    def placement_for(self, net: D2FTViT) -> Tensor:
-        """The placement this strategy will use for ``net`` (before or after sharding)."""
-        return net.group_owner.cpu() if net.tp is not None else self._resolve_placement(net)
+    def placement(self) -> Placement | None:
+        """Which rank holds which head group (owner table, speeds, column devices): the one :class:`Placement`
+        resolved when the model was sharded, stored on the model; None before."""
+        module = self.lightning_module
+        return find_d2ft(module).placement if module is not None else None
 
     def _clip_grad_by_global_norm(self, optimizer: Optimizer, clip_val: float) -> None:
-        """clip_grad_norm_ over the whole sharded model: shards' squares summed across the tensor-parallel
-        ranks, replicated parameters counted once, so every rank scales by the same factor."""
-        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        sharded = [p.grad for g in optimizer.param_groups for p in g["params"]
-                   if p.grad is not None and id(p) in self._sharded_ids]
-        squares = torch.stack([torch.zeros(()), *(g.detach().float().pow(2).sum().cpu() for g in sharded)]).sum()
-        ids = {id(g) for g in sharded}
-        replicated = torch.stack([torch.zeros(()), *(g.detach().float().pow(2).sum().cpu() for g in grads
-                                                     if id(g) not in ids)]).sum()
-        if self.tensor_parallel_size > 1:
-            named_collective("tensor-parallel all_reduce (gradient norm)", self.global_rank, dist.all_reduce,
-                             squares, group=self.tp.group)
-        coef = (float(clip_val) / ((squares + replicated).sqrt() + 1e-6)).clamp(max=1.0)
-        for g in grads:
-            g.detach().mul_(coef.to(g.device, g.dtype))
+        """clip_grad_norm_ over the whole sharded model (see :mod:`lightning_d2ft.grad_norm`)."""
+        clip_grad_by_global_norm(optimizer, clip_val, self._sharded_ids, self.tp.group if self.tp is not None else None,
+                                 self.global_rank, self.tensor_parallel_size)
 
     @override
     def on_train_start(self) -> None:

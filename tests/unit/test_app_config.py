@@ -43,10 +43,13 @@ def test_wrong_types_and_unknown_keys_are_refused_when_composed(override, field)
 
 
 @pytest.mark.parametrize("override, message", [
-    ("schedule.forward_mix=1.5", r"schedule.forward_mix must be in \[0.0, 1.0\], got 1.5"),
+    ("schedule.forward_mix=1.5", r"schedule.forward_mix must be a number in \[0, 1\], got 1.5"),
     ("schedule.score_every=0", "schedule.score_every must be an int >= 1, got 0"),
-    ("schedule.method=magic", r"schedule.method='magic' is not allowed; choose one of \['d2ft'"),
-    ("schedule.solver=greedy", r"schedule.solver='greedy' is not allowed; choose one of \['dp', 'ortools'\]"),
+    ("schedule.method=magic", r"unknown schedule.method 'magic'; choose one of \['d2ft'"),
+    ("schedule.solver=greedy", r"unknown schedule.solver 'greedy'; choose one of \['dp', 'ortools'\]"),
+    ("schedule.budget=1.5", r"schedule.budget must be a fraction of the all-FULL cost in \(0, 1\], got 1.5"),
+    ("schedule.capacity=week", r"unknown schedule.capacity 'week'; choose one of \['step', 'epoch'\]"),
+    ("schedule.forward_score=loss", r"schedule.forward_score: unknown forward score metric 'loss'; choose one of"),
     ("trainer.max_epochs=0", "trainer.max_epochs must be an int >= 1"),
     ("trainer.tensor_parallel_size=-2", "trainer.tensor_parallel_size must be 'auto' or a positive int"),
     ("+trainer.extra.gradient_clip_vall=1", r"trainer.extra has \['gradient_clip_vall'\], which lightning.Trainer"),
@@ -54,6 +57,21 @@ def test_wrong_types_and_unknown_keys_are_refused_when_composed(override, field)
 def test_ranges_and_choices_are_refused_naming_the_field(override, message):
     with pytest.raises(ValueError, match=message):
         check_config(_compose(override))
+
+
+def test_the_schedule_section_is_schedule_settings_plus_the_apps_own_fields():
+    """ScheduleSettings is the one source of the schedule's defaults and checks; the app builds one from it."""
+    import dataclasses
+
+    from lightning_d2ft.app_config import ScheduleConfig
+    from lightning_d2ft.settings import ScheduleSettings
+
+    config = {f.name: f.default for f in dataclasses.fields(ScheduleConfig)}
+    for f in dataclasses.fields(ScheduleSettings):
+        assert config[f.name] == f.default, f.name
+    assert check_config(_compose()) == ScheduleSettings()
+    assert check_config(_compose("schedule.budget=0.5", "schedule.solver=dp")) == \
+        ScheduleSettings(budget=0.5, solver="dp")
 
 
 def test_trainer_extra_passes_any_trainer_argument():

@@ -173,3 +173,31 @@ def test_planning_does_not_depend_on_which_hook_comes_first(tmp_path):
     late = _fit(tmp_path / "b", _TrainStartFirst(budget=0.6, cache_dir=tmp_path / "c2", progress=False))
     assert torch.equal(usual.callbacks[0].schedule.ops, late.callbacks[0].schedule.ops)
     assert late.callbacks[0].scored_micro_batches == 2
+
+
+def test_the_strategy_resolves_one_placement_that_the_model_and_the_callback_share(tmp_path, monkeypatch):
+    """Resolved once when the model is sharded, stored once (on the model); Schedule.solve gets that object."""
+    import lightning_d2ft.strategy as strategy_module
+    from lightning_d2ft.placement import Placement
+
+    calls, solved_with = [], []
+    resolve, solve = strategy_module.resolve_placement, Schedule.solve.__func__
+    monkeypatch.setattr(strategy_module, "resolve_placement", lambda *a: calls.append(a) or resolve(*a))
+    monkeypatch.setattr(Schedule, "solve", classmethod(
+        lambda cls, *a, **kw: solved_with.append(kw["placement"]) or solve(cls, *a, **kw)))
+    trainer = _fit(tmp_path, D2FTCallback(budget=0.6, cache_dir=tmp_path / "c", progress=False))
+    net = trainer.lightning_module.net
+    assert len(calls) == 1 and isinstance(net.placement, Placement)
+    assert trainer.strategy.placement is net.placement is solved_with[0]
+    assert torch.equal(trainer.callbacks[0].schedule.placement, net.placement.column_devices())
+    assert not hasattr(net, "group_owner")  # no second copy of the owner table
+
+
+def test_the_callbacks_speeds_win_over_the_placements(tmp_path, monkeypatch):
+    solved_with = []
+    solve = Schedule.solve.__func__
+    monkeypatch.setattr(Schedule, "solve", classmethod(
+        lambda cls, *a, **kw: solved_with.append(kw["placement"]) or solve(cls, *a, **kw)))
+    trainer = _fit(tmp_path, D2FTCallback(budget=0.6, speeds=[3.0], cache_dir=tmp_path / "c", progress=False))
+    assert solved_with[0].speeds == (3.0,) and trainer.strategy.placement.speeds == (1.0,)
+    assert torch.equal(solved_with[0].owner, trainer.strategy.placement.owner)

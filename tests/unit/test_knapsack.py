@@ -9,7 +9,6 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lightning_d2ft import CostModel, Op, Schedule
 from lightning_d2ft import knapsack
 from lightning_d2ft.knapsack import SolverMismatchError
 

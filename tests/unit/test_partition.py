@@ -245,3 +245,23 @@ def test_fuzz_d2ftvit_matches_timm_or_rejects_clearly(case):
     if bad.numel() != net.num_subnets or bad.min() < 0 or bad.max() > 2 or bad[0] != Op.FULL or bad[-1] != Op.FULL:
         with pytest.raises(ValueError):
             net(x, bad)
+
+
+def test_shard_keeps_the_placement_object_it_is_given(make_vit):
+    """The model stores the strategy's one Placement (no owner buffer of its own); a bare owner table works too."""
+    from lightning_d2ft.collectives import SparseTensorParallel
+    from lightning_d2ft.placement import Placement
+
+    vit = make_vit("tiny3")
+    net = D2FTViT(copy.deepcopy(vit))
+    assert net.placement is None
+    placement = Placement.round_robin(net.depth, net.groups_per_block, 1)
+    net.shard_(placement, SparseTensorParallel(None, 0, 1))
+    assert net.placement is placement and "group_owner" not in dict(net.named_buffers())
+    x = _input(vit)
+    torch.testing.assert_close(net(x), vit(x), **TOL)  # one rank holds every group: exactly timm
+    with pytest.raises(RuntimeError, match="already sharded"):
+        net.shard_(placement, SparseTensorParallel(None, 0, 1))
+    other = D2FTViT(copy.deepcopy(vit))
+    with pytest.raises(ValueError, match=r"placement has 1 ranks, the tensor-parallel size is 2"):
+        other.shard_(placement.owner, SparseTensorParallel(None, 0, 2))

@@ -84,12 +84,37 @@ def test_bad_device_specs_and_world_sizes_are_refused():
         group_counts(4, 2, [DeviceSpec()] * 3)
 
 
-def test_the_strategy_and_callback_take_speeds_from_the_placement():
-    from lightning_d2ft import D2FTStrategy
+def test_every_placement_argument_resolves_to_one_validated_placement():
+    from lightning_d2ft.placement import Placement, resolve_placement
 
-    strategy = D2FTStrategy(placement=speed_aware([2.0, 1.0]))
-    assert strategy.speeds == [2.0, 1.0]
-    assert D2FTStrategy().speeds is None
+    rr = resolve_placement(None, 3, 4, 2)
+    assert torch.equal(rr.owner, round_robin(3, 4, 2)) and rr.speeds == (1.0, 1.0)
+    fast = resolve_placement(speed_aware([2.0, 1.0]), 12, 6, 2)  # speed_aware declares its speeds
+    assert fast.speeds == (2.0, 1.0) and [sum(map(len, fast.groups_of(r))) for r in range(2)] == [48, 24]
+    table = [[1, 0, 0, 1]] * 3
+    assert torch.equal(resolve_placement(table, 3, 4, 2).owner, torch.tensor(table))
+    assert torch.equal(resolve_placement(torch.tensor(table).flatten(), 3, 4, 2).owner, torch.tensor(table))
+    assert torch.equal(resolve_placement(lambda d, g, w: round_robin(d, g, w).flip(1), 3, 4, 2).owner,
+                       round_robin(3, 4, 2).flip(1))
+    given_one = Placement(torch.tensor(table), speeds=(1.0, 3.0))
+    assert resolve_placement(given_one, 3, 4, 2) is given_one  # kept as it is
+    assert given_one.with_speeds([2.0, 1.0]).speeds == (2.0, 1.0)
+
+
+def test_a_placement_argument_that_does_not_fit_is_refused_naming_the_problem():
+    from lightning_d2ft import D2FTStrategy
+    from lightning_d2ft.placement import resolve_placement
+
+    with pytest.raises(ValueError, match=r"placement must be None \(round robin\), an owner table"):
+        D2FTStrategy(placement="fast")
+    with pytest.raises(ValueError, match=r"owner table \[3, 4\].*got shape \(2, 4\)"):
+        resolve_placement(torch.zeros(2, 4, dtype=torch.long), 3, 4, 2)
+    with pytest.raises(ValueError, match=r"uses ranks 0 .. 0 but the tensor-parallel size is 2"):
+        resolve_placement(torch.zeros(3, 4, dtype=torch.long), 3, 4, 2)
+    with pytest.raises(ValueError, match=r"rank 1 holds no head group of block\(s\) \[2\]"):
+        resolve_placement(torch.tensor([[0, 1, 0, 0]] * 2 + [[0, 0, 0, 0]]), 3, 4, 2)
+    with pytest.raises(ValueError, match="describes 2 ranks but the tensor-parallel size is 3"):
+        resolve_placement(speed_aware([2.0, 1.0]), 3, 4, 3)
 
 
 # -- the frozen Placement ---------------------------------------------------------------------------
