@@ -21,7 +21,7 @@ from lightning_d2ft.data import DigitsDataModule
 from lightning_d2ft.files import atomic_write
 from lightning_d2ft.module import build_vit
 
-__all__ = ["pretrained_checkpoint"]
+__all__ = ["held_out_top1", "pretrained_checkpoint", "save_state_dict", "train_classifier"]
 log = logging.getLogger(__name__)
 
 
@@ -38,27 +38,46 @@ def pretrained_checkpoint(cache_dir: str | Path, model: str, model_kwargs: dict,
     torch.manual_seed(seed)
     dm = DigitsDataModule(img_size=model_kwargs.get("img_size", 32), batch_size=batch_size, classes=classes, seed=seed)
     dm.setup()
+    vit = train_classifier(dm, model, model_kwargs, epochs, lr)
+    accuracy = held_out_top1(vit, dm.val_dataloader(), len(dm.val_set))
+    log.warning("pretrained: %.1f%% top-1 on held-out images of digits %s", accuracy, list(classes))
+    save_state_dict(vit, path)
+    return path
+
+
+def train_classifier(dm, model: str, model_kwargs: dict, epochs: int, lr: float,
+                     reshuffle_each_epoch: bool = False) -> torch.nn.Module:
+    """A timm ViT trained from scratch on ``dm``'s training loader (AdamW, one-cycle, weight decay 0.05):
+    the one pretraining loop of the demo and the accuracy benchmarks."""
+    from tqdm.auto import tqdm
+
     vit = build_vit(model, num_classes=dm.num_classes, **model_kwargs)
     opt = torch.optim.AdamW(vit.parameters(), lr=lr, weight_decay=0.05)
     loader = dm.train_dataloader()
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=epochs * len(loader), pct_start=0.1)
-    from tqdm.auto import tqdm
-
-    for _ in tqdm(range(epochs), desc="pretraining", leave=False):
+    for epoch in tqdm(range(epochs), desc="pretraining", leave=False):
+        if reshuffle_each_epoch:
+            loader.sampler.set_epoch(epoch)
         vit.train()
         for x, y in loader:
             opt.zero_grad(set_to_none=True)
             F.cross_entropy(vit(x), y).backward()
             opt.step()
             sched.step()
-    vit.eval()
-    with torch.no_grad():
-        correct = sum(int((vit(x).argmax(-1) == y).sum()) for x, y in dm.val_dataloader())
-    log.warning("pretrained: %.1f%% top-1 on held-out images of digits %s", 100 * correct / len(dm.val_set),
-                list(classes))
+    return vit
+
+
+@torch.no_grad()
+def held_out_top1(net: torch.nn.Module, loader, total: int) -> float:
+    """Percent correct of ``net`` (eval mode) over ``loader``'s ``total`` images."""
+    net.eval()
+    return 100.0 * sum(int((net(x).argmax(-1) == y).sum()) for x, y in loader) / total
+
+
+def save_state_dict(net: torch.nn.Module, path: Path) -> None:
+    """``net``'s state dict written atomically (a killed run leaves no half-written cache entry)."""
     import io
 
     buffer = io.BytesIO()
-    torch.save(vit.state_dict(), buffer)
+    torch.save(net.state_dict(), buffer)
     atomic_write(path, buffer.getvalue())
-    return path

@@ -26,21 +26,22 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from lightning_d2ft.datasets import FashionMNISTDataModule  # noqa: E402
-from lightning_d2ft.module import ViTClassifier, build_vit  # noqa: E402
+from lightning_d2ft.module import ViTClassifier  # noqa: E402
 from lightning_d2ft.ops import Op  # noqa: E402
+from lightning_d2ft.pretrain import held_out_top1, save_state_dict, train_classifier  # noqa: E402
 
 OUT = REPO / "benchmarks" / "results" / "accuracy" / "fashion"
 CACHE = REPO / ".cache" / "fashion"
 MODEL = "vit_small_patch16_224"  # 12 blocks x 6 heads: 26/38/74 subnets exist
 KWARGS = {"img_size": 28, "patch_size": 7, "embed_dim": 96, "in_chans": 1}
-PRETRAIN = {"classes": [0, 1, 2, 3, 4], "per_class": 1000, "epochs": 3, "lr": 1e-3, "batch_size": 50}
-FINETUNE = {"classes": [5, 6, 7, 8, 9], "per_class": 400, "epochs": 3, "lr": 5e-4, "batch_size": 50}
+# sized (pilot, tag "v2") for a full-fine-tuning seed SD under 1 point; tag "merged" used 1000/3 and 400/3
+PRETRAIN = {"classes": [0, 1, 2, 3, 4], "per_class": 2000, "epochs": 4, "lr": 1e-3, "batch_size": 50}
+FINETUNE = {"classes": [5, 6, 7, 8, 9], "per_class": 1000, "epochs": 4, "lr": 5e-4, "batch_size": 50}
 SEEDS = [0, 1, 2, 3, 4]
 DEFAULT = {"method": "d2ft", "budget": 0.6, "comm_budget": None, "subnets": 74, "backward_score": "weight_magnitude",
            "forward_score": "fisher", "score_every": 1, "lora_rank": None}
@@ -82,32 +83,15 @@ def pretrained(seed: int) -> Path:
     dm = FashionMNISTDataModule(classes=PRETRAIN["classes"], train_per_class=PRETRAIN["per_class"],
                                 batch_size=PRETRAIN["batch_size"], seed=seed + 1000)
     dm.setup()
-    vit = build_vit(MODEL, num_classes=dm.num_classes, **KWARGS)
-    loader = dm.train_dataloader()
-    opt = torch.optim.AdamW(vit.parameters(), lr=PRETRAIN["lr"], weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, PRETRAIN["lr"], total_steps=PRETRAIN["epochs"] * len(loader),
-                                                pct_start=0.1)
-    for epoch in range(PRETRAIN["epochs"]):
-        loader.sampler.set_epoch(epoch)
-        vit.train()
-        for x, y in loader:
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(vit(x), y).backward()
-            opt.step()
-            sched.step()
+    vit = train_classifier(dm, MODEL, KWARGS, PRETRAIN["epochs"], PRETRAIN["lr"], reshuffle_each_epoch=True)
     print(f"pretrained seed {seed}: {top1(vit, dm):.2f}% on the test images of classes 0-4", flush=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(vit.state_dict(), path.with_suffix(".tmp"))
-    path.with_suffix(".tmp").replace(path)
+    save_state_dict(vit, path)
     return path
 
 
-@torch.no_grad()
 def top1(net: torch.nn.Module, dm: FashionMNISTDataModule) -> float:
     """Percent correct on every test image of the data module's classes (the full model, eval mode)."""
-    net.eval()
-    correct = sum(int((net(x).argmax(-1) == y).sum()) for x, y in dm.test_dataloader())
-    return 100.0 * correct / len(dm.val_set)
+    return held_out_top1(net, dm.test_dataloader(), len(dm.val_set))
 
 
 class OneCycleClassifier(ViTClassifier):
@@ -161,7 +145,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiers", default="1,2,3", help="comma-separated tiers of TIERS to run, in order")
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
-    parser.add_argument("--tag", default="merged", help="code version label; part of a run's identity")
+    parser.add_argument("--tag", default="v2", help="code and size label; part of a run's identity")
     parser.add_argument("--runs", type=Path, default=OUT / "runs.jsonl")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
@@ -184,7 +168,9 @@ def main() -> None:
                     data[seed] = FashionMNISTDataModule(classes=FINETUNE["classes"], batch_size=FINETUNE["batch_size"],
                                                         train_per_class=FINETUNE["per_class"], seed=seed)
                     data[seed].setup()
-                row.update(finetune(spec, seed, pretrained(seed), data[seed], CACHE / "runs"), tier=tier, git=_git())
+                row.update(finetune(spec, seed, pretrained(seed), data[seed], CACHE / "runs"), tier=tier, git=_git(),
+                           finetune_images=FINETUNE["per_class"] * len(FINETUNE["classes"]),
+                           finetune_epochs=FINETUNE["epochs"], width=KWARGS["embed_dim"])
                 with args.runs.open("a") as f:
                     f.write(json.dumps(row) + "\n")
                 done.add(_key(row))

@@ -9,7 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lightning_d2ft import knapsack
+from lightning_d2ft import Op, Schedule, knapsack
 from lightning_d2ft.knapsack import SolverMismatchError
 
 
