@@ -15,6 +15,7 @@ Writes ``benchmarks/results/gpu_fit.json`` (or ``--out``). Needs torch, timm, li
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -38,6 +39,8 @@ class FitTimer(Callback):
     def __init__(self) -> None:
         self.start = self.seconds = self.epoch_start = 0.0
         self.epochs: list[float] = []
+        self.step_intervals: list[float] = []  # seconds between batch starts inside epochs 2.. (steady state)
+        self._last_batch: float | None = None
 
     def _now(self) -> float:
         if torch.cuda.is_available():
@@ -49,6 +52,13 @@ class FitTimer(Callback):
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self.epoch_start = self._now()
+        self._last_batch = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        now = time.perf_counter()  # no sync: in steady state the host waits for the GPU each step anyway
+        if self._last_batch is not None and trainer.current_epoch > 0:
+            self.step_intervals.append(now - self._last_batch)
+        self._last_batch = now
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self.epochs.append(self._now() - self.epoch_start)
@@ -68,6 +78,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=None, help="loader workers (default 4 on a GPU, 0 on CPU)")
     parser.add_argument("--subnets", type=int, default=74)
     parser.add_argument("--budgets", type=float, nargs="+", default=[1.0, 0.6])
+    parser.add_argument("--executors", choices=["both", "graphs", "eager"], default="both",
+                        help="on a GPU: CUDA graphs (the default executor there), eager, or both")
     parser.add_argument("--out", default="gpu_fit.json")
     return parser.parse_args()
 
@@ -93,6 +105,7 @@ def fit_once(args, budget: float, graphs: bool, data: TensorDataset, val: Tensor
     later = timer.epochs[1:] or timer.epochs
     return {"case": f"budget {budget}" + ("" if graphs else " (eager)"), "cuda_graphs": graphs,
             "fit_seconds": timer.seconds, "first_epoch_s": timer.epochs[0], "later_epoch_s": sum(later) / len(later),
+            "step_ms": 1e3 * statistics.median(timer.step_intervals) if timer.step_intervals else float("nan"),
             "steps": trainer.global_step, "captures": net.graphs.captures if net.graphs is not None else 0,
             "graph_failure": net.graphs.failure if net.graphs is not None else None,
             "val_acc": float(trainer.callback_metrics.get("val/acc", float("nan"))),
@@ -108,7 +121,8 @@ def main() -> None:
     val = TensorDataset(images[: args.batch * 2], labels[: args.batch * 2])
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for graphs in ([True, False] if args.accelerator == "gpu" else [False]):
+        executors = {"both": [True, False], "graphs": [True], "eager": [False]}[args.executors]
+        for graphs in (executors if args.accelerator == "gpu" else [False]):
             for budget in args.budgets:
                 rows.append(fit_once(args, budget, graphs, data, val, Path(tmp)))
                 print(f"  {rows[-1]['case']}: fit {rows[-1]['fit_seconds']:.2f} s", flush=True)
@@ -116,11 +130,12 @@ def main() -> None:
         ref = next(r for r in rows if r["cuda_graphs"] == row["cuda_graphs"])
         row["time_ratio"] = row["fit_seconds"] / ref["fit_seconds"]
         row["later_epoch_ratio"] = row["later_epoch_s"] / ref["later_epoch_s"]
+        row["step_ratio"] = row["step_ms"] / ref["step_ms"]
     device = torch.cuda.get_device_name(0) if args.accelerator == "gpu" else "cpu"
     print(f"\nfit on {device}, {args.samples} samples x {args.epochs} epochs, batch {args.batch}, "
           f"{args.img_size}px, {args.precision}, torch {torch.__version__}")
-    print_table(rows, ["case", "fit_seconds", "first_epoch_s", "later_epoch_s", "steps", "captures", "time_ratio",
-                       "later_epoch_ratio", "val_acc"])
+    print_table(rows, ["case", "fit_seconds", "first_epoch_s", "later_epoch_s", "step_ms", "steps", "captures",
+                       "time_ratio", "later_epoch_ratio", "step_ratio", "val_acc"])
     path = write_json(args.out, {"device": device, "torch": torch.__version__, "args": vars(args), "rows": rows})
     print(f"wrote {path}")
 

@@ -8,6 +8,15 @@ export PYTHONPATH=. PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_session}
 PY=${PY:-python3}
 mkdir -p "$OUT"
+if [ "${1:-}" = "--recheck" ]; then  # after later changes: exactness again, then the fit at batch 64 and 256
+  timeout 120 $PY -m pytest -q -p no:cacheprovider tests/unit/test_cuda_graphs.py 2>&1 | tail -15 | tee "$OUT/test_cuda_graphs.log"
+  timeout 150 $PY benchmarks/gpu_fit.py --executors graphs --out gpu_fit_b64_graphs.json 2>&1 | grep -v "^\s*$" | tail -8 \
+    | tee "$OUT/gpu_fit_b64_graphs.log"
+  timeout 200 $PY benchmarks/gpu_fit.py --executors graphs --batch 256 --samples 5120 --out gpu_fit_b256_graphs.json 2>&1 \
+    | grep -v "^\s*$" | tail -8 | tee "$OUT/gpu_fit_b256_graphs.log"
+  cp benchmarks/results/gpu_fit_b*_graphs.json "$OUT/" 2>/dev/null
+  echo "gpu recheck done"; exit 0
+fi
 if [ "${1:-}" = "--smoke" ]; then
   OPS="--img-size 32 --batch 2 --steps 1"; FIT="--accelerator cpu --img-size 32 --batch 8 --samples 32 --epochs 1 --precision 32-true"
 else
