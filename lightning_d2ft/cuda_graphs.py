@@ -86,6 +86,12 @@ class PatternGraphs:
         self._stream: torch.cuda.Stream | None = None
         self._grad_out: Tensor | None = None
 
+    def __deepcopy__(self, memo: dict) -> "PatternGraphs":
+        return PatternGraphs(self.max_patterns)  # graphs belong to one model's memory: a copy captures anew
+
+    def __reduce__(self):
+        return PatternGraphs, (self.max_patterns,)
+
     def reset(self) -> None:
         """Forget every graph and buffer (the parameters or the input shape changed)."""
         failure, limit = self.failure, self.max_patterns

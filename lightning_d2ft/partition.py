@@ -10,7 +10,9 @@ launches); a mixed block runs each branch through the fused grouped kernels of :
 (FULL and FORWARD_ONLY rows in one matmul, a custom backward for the FULL rows only). Sharded blocks and
 blocks the fused path does not model (LoRA, qk-norm, dropout, ...) take the general grouped path of
 :mod:`lightning_d2ft.grouped`: FULL groups with autograd, FORWARD_ONLY groups under ``no_grad`` on a
-detached input. SHORTCUT groups never run.
+detached input. SHORTCUT groups never run. On a CUDA device a training step can be replayed as CUDA graphs
+captured once per ops pattern (:meth:`D2FTViT.use_cuda_graphs`, :mod:`lightning_d2ft.cuda_graphs`), which
+removes the kernel-launch overhead that otherwise bounds a ViT-S step on a GPU.
 
 Shared pieces of a block (LayerNorms, the biases of ``proj``/``fc2``, LayerScale) belong to the block:
 they get a gradient when at least one group of the block is FULL, they run under ``no_grad`` when the

@@ -58,6 +58,15 @@ def _assert_close(a: dict, b: dict, rtol: float) -> None:
             assert (a[k] - b[k]).abs().max() <= rtol * scale, k
 
 
+def test_a_model_with_graphs_deep_copies_and_pickles_without_them():
+    import pickle
+
+    _, graphed = _pair("cpu")
+    graphed.graphs.captures = 3
+    for clone in (copy.deepcopy(graphed), pickle.loads(pickle.dumps(graphed))):
+        assert clone.graphs is not graphed.graphs and clone.graphs.captures == 0
+
+
 def test_cpu_models_run_eagerly_with_graphs_on():
     eager, graphed = _pair("cpu")
     x = torch.randn(2, 3, 32, 32)
