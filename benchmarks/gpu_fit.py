@@ -100,7 +100,7 @@ def fit_once(args, budget: float, graphs: bool, data: TensorDataset, val: Tensor
     trainer.fit(module, train_dataloaders=micro_batch_loader(data, args.batch, seed=0, **loader_kwargs),
                 val_dataloaders=DataLoader(val, batch_size=args.batch, **loader_kwargs))
     ckpt = root / f"budget{budget}-{graphs}.ckpt"
-    trainer.save_checkpoint(ckpt)
+    trainer.save_checkpoint(ckpt, weights_only=False)
     net = module.net
     later = timer.epochs[1:] or timer.epochs
     return {"case": f"budget {budget}" + ("" if graphs else " (eager)"), "cuda_graphs": graphs,

@@ -265,3 +265,31 @@ def test_shard_keeps_the_placement_object_it_is_given(make_vit):
     other = D2FTViT(copy.deepcopy(vit))
     with pytest.raises(ValueError, match=r"placement has 1 ranks, the tensor-parallel size is 2"):
         other.shard_(placement.owner, SparseTensorParallel(None, 0, 2))
+
+
+def test_a_one_rank_tensor_parallel_group_runs_mixed_blocks_through_the_fused_kernels(make_vit):
+    """One device under D2FTStrategy is a tensor-parallel group of one: no collectives are needed, so mixed
+    blocks take the fused path (before this, every block of a one-device fit took the slow general path),
+    with the same outputs and gradients as the unsharded model."""
+    from lightning_d2ft.collectives import SparseTensorParallel
+    from lightning_d2ft.placement import Placement
+
+    vit = make_vit("vit_s16")
+    plain, one_rank = D2FTViT(copy.deepcopy(vit)), D2FTViT(copy.deepcopy(vit))
+    one_rank.shard_(Placement.round_robin(one_rank.depth, one_rank.groups_per_block, 1),
+                    SparseTensorParallel(None, 0, 1))
+    ops = torch.full((plain.num_subnets,), int(Op.FULL))
+    ops[1:-1] = torch.tensor([Op.FULL, Op.FORWARD_ONLY, Op.SHORTCUT]).repeat((plain.num_subnets - 2) // 3 + 1)[
+        : plain.num_subnets - 2]
+    x = _input(vit)
+    outs = []
+    for net in (plain, one_rank):
+        out = net(x, ops)
+        out.square().mean().backward()
+        outs.append(out)
+    assert one_rank._plans, "mixed blocks did not use the fused kernels"
+    torch.testing.assert_close(outs[1], outs[0], **TOL)
+    for (k, a), b in zip(plain.named_parameters(), one_rank.parameters()):
+        assert (a.grad is None) == (b.grad is None), k
+        if a.grad is not None:
+            torch.testing.assert_close(b.grad, a.grad, **TOL)
