@@ -154,6 +154,8 @@ def main() -> None:
     parser.add_argument("--tag", default="v2", help="code and size label; part of a run's identity")
     parser.add_argument("--runs", type=Path, default=OUT / "runs.jsonl")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--shard", default="0/1", help="i/n: run every n-th pending run from the i-th (parallel "
+                        "processes share one runs file; each pretrained checkpoint is cached once per seed)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     # Lightning's CPU DDP-style strategies otherwise raise torch's threads to cores / processes after the first
@@ -167,11 +169,16 @@ def main() -> None:
         if args.runs.exists() else set()
     seeds = [int(s) for s in args.seeds.split(",")]
     data: dict[int, FashionMNISTDataModule] = {}
+    index, count = (int(v) for v in args.shard.split("/"))
+    position = -1
     for tier in (int(t) for t in args.tiers.split(",")):
         for spec in TIERS[tier]:
             for seed in seeds:
                 row = {**spec, "seed": seed, "tag": args.tag}
                 if _key(row) in done:
+                    continue
+                position += 1
+                if position % count != index:
                     continue
                 if seed not in data:
                     data[seed] = FashionMNISTDataModule(classes=FINETUNE["classes"], batch_size=FINETUNE["batch_size"],
