@@ -59,10 +59,18 @@ class ScheduleExecution:
             warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
             rank_zero_info(f"D2FT: resuming epoch {trainer.current_epoch} after micro-batch {sampler.skip}")
 
+    def _scheduled_net(self):
+        """The module's D2FTViT, looked up once per LightningModule (a modules() walk costs ~1 ms a step)."""
+        module = self.lightning_module
+        cached = getattr(self, "_net_of", None)
+        if cached is None or cached[0] is not module:
+            self._net_of = (module, find_d2ft(module))
+        return self._net_of[1]
+
     @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_start(batch, batch_idx)
-        net = find_d2ft(self.lightning_module)
+        net = self._scheduled_net()
         net.scheduled_ops = None
         if self.schedule is not None:
             mb = self.micro_batch_of(batch_idx)

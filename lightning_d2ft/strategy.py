@@ -19,7 +19,7 @@ import atexit
 import logging
 import os
 from datetime import timedelta
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import torch
 import torch.distributed as dist
@@ -299,7 +299,7 @@ class D2FTStrategy(ScheduleExecution, FullCheckpoints, DDPStrategy):
             return out
 
         out = super().optimizer_step(optimizer, closure_then_sync, model, **kwargs)
-        self.replicas.after_step(self._replica_tensors())
+        self.replicas.after_step(_lazy(self._replica_tensors))  # walked only when replicas average
         return out
 
     # -- lo-fi: the replicas' mean is the model ---------------------------------------------------
@@ -330,6 +330,10 @@ class D2FTStrategy(ScheduleExecution, FullCheckpoints, DDPStrategy):
     def register_strategies(cls, strategy_registry: Any) -> None:
         strategy_registry.register("d2ft", cls, description="Distributed Dynamic Fine-Tuning (tensor-parallel D2FT)")
         strategy_registry.register("d2ft_spawn", cls, description="D2FT with spawned processes", start_method="spawn")
+
+
+def _lazy(tensors: Callable[[], list[Tensor]]) -> Iterator[Tensor]:
+    yield from tensors()
 
 
 def _seed_of(trainer: Any) -> int:
