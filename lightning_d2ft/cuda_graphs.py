@@ -15,11 +15,12 @@ How (the recipe of ``torch.cuda.make_graphed_callables``, with three changes):
 * the parameter gradients leave the graph as one ``clone`` of the flat buffer, so a later replay never
   overwrites a ``.grad`` that autograd took over (gradient accumulation over several micro-batches is exact);
 * the eager warm-up before a capture (lazy cuBLAS/cuDNN plans, index tensors) runs only when the pattern
-  brings a block shape not seen before (``shape_key``), and captures skip ``torch.cuda.graph``'s
+  brings a block shape not seen before (``shape_keys``), and captures skip ``torch.cuda.graph``'s
   synchronize + ``empty_cache``, which would force fresh ``cudaMalloc`` s on every new pattern.
 
-Autocast is entered with ``cache_enabled=False`` during warm-up and capture (the graph casts the current
-weights on every replay), and the optimizer keeps updating the parameters in place, which the graphs read.
+The forward is captured under the caller's autocast with ``cache_enabled=False`` (the graph casts the
+current weights on every replay), the backward outside autocast, as Lightning's precision plugins run
+them; the optimizer keeps updating the parameters in place, which the graphs read.
 """
 
 from __future__ import annotations
