@@ -13,49 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_d2ft import D2FTCallback, D2FTStrategy
 from lightning_d2ft.data import DigitsDataModule, MicroBatchSampler
-from lightning_d2ft.module import ViTClassifier
+
+from fits import assert_same, d2ft_callback, digits_data, make_module, make_trainer, vit_state
 
 pytestmark = pytest.mark.timeout(600)
-SMALL = dict(img_size=16, patch_size=8, embed_dim=48, depth=2)
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _module(seed: int = 0) -> ViTClassifier:
-    seed_everything(seed)
-    return ViTClassifier(num_classes=10, subnets=14, lr=1e-3, model_kwargs=SMALL)
-
-
-def _data() -> DigitsDataModule:
-    return DigitsDataModule(img_size=16, batch_size=16, seed=0)
-
-
-def _trainer(root: Path, callbacks=(), devices: int = 2, strategy_kw=None, **kw) -> Trainer:
-    strategy_kw = strategy_kw or {}
-    strategy = D2FTStrategy(start_method="spawn", **strategy_kw) if devices > 1 \
-        else D2FTStrategy(parallel_devices=[torch.device("cpu")], **strategy_kw)
-    kw = {"max_epochs": 1, "num_sanity_val_steps": 0, "limit_val_batches": 0, **kw}
-    return Trainer(accelerator="cpu", devices=devices, strategy=strategy, callbacks=list(callbacks),
-                   default_root_dir=root, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                   deterministic=True, **kw)
-
-
-def _d2ft(budget: float, root: Path) -> D2FTCallback:
-    return D2FTCallback(budget=budget, cache_dir=root / "cache", progress=False)
-
-
-def _vit_state(module: ViTClassifier) -> dict[str, torch.Tensor]:
-    return {k: v.detach() for k, v in module.net.vit.state_dict().items()}
-
-
-def _assert_same(a: dict, b: dict, atol: float) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-4, msg=k)
 
 
 class KillRank(Callback):
@@ -86,38 +52,41 @@ def _every_step_checkpoint(root: Path) -> ModelCheckpoint:
 @pytest.mark.parametrize("how", ["kill", "sigterm"])
 def test_rank_killed_mid_epoch_resumes_from_last_checkpoint_to_the_same_weights(tmp_path, how):
     budget, steps = 0.6, 7
-    straight = _module()
-    _trainer(tmp_path / "a", [_d2ft(budget, tmp_path)], limit_train_batches=steps).fit(straight, _data())
+    straight = make_module()
+    make_trainer(tmp_path / "a", callbacks=[d2ft_callback(budget, tmp_path)],
+                 limit_train_batches=steps).fit(straight, digits_data())
 
     run = tmp_path / "b"
     expected = {"kill": "exit code 17", "sigterm": "stopped by SIGTERM at global step 6; resume from"}[how]
     with pytest.raises(Exception, match=expected):
-        _trainer(run, [_d2ft(budget, tmp_path), _every_step_checkpoint(run), KillRank(1, 5, how)],
-                 limit_train_batches=steps).fit(_module(), _data())
+        make_trainer(run, callbacks=[d2ft_callback(budget, tmp_path), _every_step_checkpoint(run),
+                                     KillRank(1, 5, how)], limit_train_batches=steps).fit(make_module(), digits_data())
     last = run / "ckpt" / "last.ckpt"
     # killed at step 5: the checkpoint of step 4 is intact; SIGTERM at step 5: every rank finishes step 5
     # together (the checkpoint of step 6 is written) and stops, instead of hanging in a collective
     assert torch.load(last, weights_only=False)["global_step"] == {"kill": 4, "sigterm": 6}[how]
     assert not list((run / "ckpt").glob("*.tmp*")), "a partial checkpoint was left behind"
 
-    resumed = _module(seed=123)  # everything must come from the checkpoint
-    _trainer(run, [_d2ft(budget, tmp_path), _every_step_checkpoint(run)],
-             limit_train_batches=steps).fit(resumed, _data(), ckpt_path=last)
-    _assert_same(_vit_state(resumed), _vit_state(straight), atol=1e-5)
+    resumed = make_module(seed=123)  # everything must come from the checkpoint
+    make_trainer(run, callbacks=[d2ft_callback(budget, tmp_path), _every_step_checkpoint(run)],
+                 limit_train_batches=steps).fit(resumed, digits_data(), ckpt_path=last)
+    assert_same(vit_state(resumed), vit_state(straight), atol=1e-5)
 
 
 def test_a_rank_out_of_step_times_out_naming_the_collective_and_the_rank(tmp_path):
     """Rank 1 stops answering at step 1; rank 0 waits in a tensor-parallel collective, and instead of
     hanging it fails after the strategy's timeout, naming the op and itself."""
     with pytest.raises(Exception, match=r"collective '[^']+' failed on rank 0"):
-        _trainer(tmp_path, [_d2ft(1.0, tmp_path), KillRank(1, 1, "sleep")], limit_train_batches=4,
-                 strategy_kw=dict(timeout=timedelta(seconds=5))).fit(_module(), _data())
+        make_trainer(tmp_path, callbacks=[d2ft_callback(1.0, tmp_path), KillRank(1, 1, "sleep")],
+                     limit_train_batches=4, strategy_kw=dict(timeout=timedelta(seconds=5))
+                     ).fit(make_module(), digits_data())
 
 
 def test_a_rank_s_own_error_is_what_the_user_sees_not_the_peer_s_connection_error(tmp_path):
     with pytest.raises(Exception, match="the real error, on rank 0") as err:
-        _trainer(tmp_path, [_d2ft(1.0, tmp_path), KillRank(0, 1, "raise")], limit_train_batches=4,
-                 strategy_kw=dict(timeout=timedelta(seconds=30))).fit(_module(), _data())
+        make_trainer(tmp_path, callbacks=[d2ft_callback(1.0, tmp_path), KillRank(0, 1, "raise")],
+                     limit_train_batches=4, strategy_kw=dict(timeout=timedelta(seconds=30))
+                     ).fit(make_module(), digits_data())
     assert "Connection closed by peer" not in str(err.value)
 
 
@@ -179,8 +148,8 @@ def test_nonfinite_input_stops_every_rank_naming_step_and_micro_batch_and_keeps_
     dm.setup()
     with pytest.raises(Exception, match=rf"non-finite input at global step 3 \(epoch 0, batch 3, "
                                         rf"micro-batch {dm.poisoned}\)"):
-        _trainer(tmp_path, [_d2ft(1.0, tmp_path), _every_step_checkpoint(tmp_path)],
-                 limit_train_batches=6).fit(_module(), dm)
+        make_trainer(tmp_path, callbacks=[d2ft_callback(1.0, tmp_path), _every_step_checkpoint(tmp_path)],
+                     limit_train_batches=6).fit(make_module(), dm)
     state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
     assert state["global_step"] == 2
     assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
@@ -189,9 +158,9 @@ def test_nonfinite_input_stops_every_rank_naming_step_and_micro_batch_and_keeps_
 def test_nonfinite_input_can_be_skipped_on_one_process_with_the_same_guarantees(tmp_path):
     dm = PoisonedDigits(at_batch=1, img_size=16, batch_size=16, seed=0)
     dm.setup()
-    module = _module()
-    trainer = _trainer(tmp_path, [_d2ft(1.0, tmp_path)], devices=1, strategy_kw=dict(on_nonfinite="skip"),
-                       limit_train_batches=3)
+    module = make_module()
+    trainer = make_trainer(tmp_path, callbacks=[d2ft_callback(1.0, tmp_path)], devices=1,
+                           strategy_kw=dict(on_nonfinite="skip"), limit_train_batches=3)
     trainer.fit(module, dm)
     assert trainer.strategy.skipped_steps == [{"global_step": 1, "epoch": 0, "batch_idx": 1,
                                                "micro_batch": dm.poisoned}]
@@ -227,5 +196,6 @@ def test_sigterm_stops_a_rank_stuck_in_a_collective(tmp_path):
     """No Python handler runs while a rank waits inside gloo; the watchdog ends it after the grace period
     (well before the 120 s collective timeout)."""
     with pytest.raises(Exception, match="exit code 143"):
-        _trainer(tmp_path, [_d2ft(1.0, tmp_path), TermWhileStuck()], limit_train_batches=4,
-                 strategy_kw=dict(timeout=timedelta(seconds=120), sigterm_grace_s=2.0)).fit(_module(), _data())
+        make_trainer(tmp_path, callbacks=[d2ft_callback(1.0, tmp_path), TermWhileStuck()], limit_train_batches=4,
+                     strategy_kw=dict(timeout=timedelta(seconds=120), sigterm_grace_s=2.0)
+                     ).fit(make_module(), digits_data())
