@@ -60,6 +60,7 @@ class FullCheckpoints:
 
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
+        self._settle_deferred_check()  # a step found non-finite late raises before any checkpoint holds it
         module = self.lightning_module
         net = find_d2ft(module)
         state = module.state_dict()

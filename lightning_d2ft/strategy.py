@@ -40,7 +40,7 @@ from lightning_d2ft.data import MicroBatchSampler
 from lightning_d2ft.checkpointing import AtomicCheckpointIO, FullCheckpoints
 from lightning_d2ft.execution import ScheduleExecution
 from lightning_d2ft.grad_norm import clip_grad_by_global_norm, sharded_parameter_ids
-from lightning_d2ft.guards import StepGuard
+from lightning_d2ft.guards import GuardedSteps, StepGuard
 from lightning_d2ft.launchers import _WholeModelSpawnLauncher, sigterm_exit
 from lightning_d2ft.mesh import check_tensor_parallel_size, mesh_groups, tensor_parallel_size_for
 from lightning_d2ft.partition import find_d2ft
@@ -52,7 +52,7 @@ __all__ = ["AtomicCheckpointIO", "D2FTStrategy"]
 log = logging.getLogger(__name__)
 
 
-class D2FTStrategy(ScheduleExecution, FullCheckpoints, DDPStrategy):
+class D2FTStrategy(ScheduleExecution, FullCheckpoints, GuardedSteps, DDPStrategy):
     """Shard a D2FTViT over tensor-parallel ranks and execute the D2FT schedule.
 
     Args:
@@ -67,6 +67,10 @@ class D2FTStrategy(ScheduleExecution, FullCheckpoints, DDPStrategy):
             nothing from that step is applied or saved) or "skip" (drop that micro-batch's update, warn,
             count it in ``skipped_steps``). All ranks agree (one tiny all-reduce per step); the same
             all-reduce spreads a SIGTERM that reached any rank, and every rank stops after that step.
+        defer_nonfinite_check: read each step's flags at the next step instead of at once (None: on CUDA with
+            "raise"). Read at once they cost a host sync per step that idles the GPU. Deferred, a non-finite
+            step still raises before any checkpoint, validation or the end of fit sees it, but its update
+            has been applied in memory (the run stops; resume from the last checkpoint). Not with "skip".
         data_parallel: how data-parallel replicas (world size / tensor_parallel_size of them) stay together:
             "sync" all-reduces gradients every step (DDP); "lofi" trains them independently, with no
             gradient communication, and averages their weights once when fit ends (lo-fi), or every
@@ -104,6 +108,7 @@ class D2FTStrategy(ScheduleExecution, FullCheckpoints, DDPStrategy):
         use_micro_batch_sampler: bool = True,
         sigterm_grace_s: float = 60.0,
         cuda_graphs: bool | None = None,
+        defer_nonfinite_check: bool | None = None,
     ) -> None:
         super().__init__(
             accelerator=accelerator, parallel_devices=parallel_devices, cluster_environment=cluster_environment,
@@ -114,6 +119,10 @@ class D2FTStrategy(ScheduleExecution, FullCheckpoints, DDPStrategy):
         check_placement_arg(placement)
         if on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
+        if defer_nonfinite_check not in (None, True, False) or (defer_nonfinite_check and on_nonfinite == "skip"):
+            raise ValueError(f"defer_nonfinite_check must be None, True or False, and not True with on_nonfinite="
+                             f"'skip' (a skip must be known before the update); got {defer_nonfinite_check!r}")
+        self.defer_nonfinite_check = defer_nonfinite_check
         if data_parallel not in ("sync", "lofi"):
             raise ValueError(f"data_parallel must be 'sync' (all-reduce gradients every step) or 'lofi' "
                              f"(independent replicas, weights averaged at the end), got {data_parallel!r}")
@@ -251,38 +260,15 @@ class D2FTStrategy(ScheduleExecution, FullCheckpoints, DDPStrategy):
     @override
     def on_train_start(self) -> None:
         super().on_train_start()
+        self.guard.discard()
         if self.world_size > 1:
             self.guard.install_sigterm_handler(self.global_rank)
 
     @override
     def teardown(self) -> None:
         self.guard.stop_watchdog()
+        self.guard.discard()
         super().teardown()
-
-    @override
-    def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        out = super().training_step(*args, **kwargs)
-        batch = args[0] if args else kwargs.get("batch")
-        batch_idx = args[1] if len(args) > 1 else kwargs.get("batch_idx", -1)
-        loss = out["loss"] if isinstance(out, dict) else out
-        what, sigterm = self.guard.agree(batch, loss, self.world_size, self.global_rank)
-        trainer = self.lightning_module.trainer
-        if sigterm:  # Lightning's next-batch broadcast then stops every rank together (SIGTERMException)
-            trainer._signal_connector.received_sigterm = True
-        if not what:
-            return out
-        where = {"global_step": trainer.global_step, "epoch": trainer.current_epoch, "batch_idx": batch_idx,
-                 "micro_batch": self.micro_batch_of(batch_idx)}
-        message = (f"non-finite {what} at global step {where['global_step']} (epoch {where['epoch']}, batch "
-                   f"{batch_idx}, micro-batch {where['micro_batch']})")
-        if self.on_nonfinite == "skip":
-            self.skipped_steps.append(where)
-            log.warning(f"{message}: skipped (on_nonfinite='skip')")
-            # not None (Lightning refuses that on several processes): a zero loss outside the model, so the
-            # backward runs no collective on any rank and adds no gradient (the optimizer skips None grads)
-            return torch.zeros((), requires_grad=True)
-        raise FloatingPointError(f"{message}. Nothing from this step was applied or saved; the last checkpoint "
-                                 "is intact. Fix the data, or pass D2FTStrategy(on_nonfinite='skip').")
 
     @override
     def on_exception(self, exception: BaseException) -> None:
@@ -305,6 +291,7 @@ class D2FTStrategy(ScheduleExecution, FullCheckpoints, DDPStrategy):
     # -- lo-fi: the replicas' mean is the model ---------------------------------------------------
     @override
     def on_train_end(self) -> None:
+        self._settle_deferred_check()
         super().on_train_end()
         find_d2ft(self.lightning_module).scheduled_ops = None
         if self.replicas.differ:
@@ -312,6 +299,7 @@ class D2FTStrategy(ScheduleExecution, FullCheckpoints, DDPStrategy):
 
     @override
     def on_validation_start(self) -> None:
+        self._settle_deferred_check()
         super().on_validation_start()
         self.replicas.evaluate_mean_(self._replica_tensors())
 

@@ -143,16 +143,29 @@ class PoisonedDigits(DigitsDataModule):
         self.train_set.tensors[0][sampler.micro_batches[self.poisoned]] = float("nan")
 
 
-def test_nonfinite_input_stops_every_rank_naming_step_and_micro_batch_and_keeps_the_checkpoint(tmp_path):
+@pytest.mark.parametrize("deferred", [False, True], ids=["checked-at-once", "checked-a-step-late"])
+def test_nonfinite_input_stops_every_rank_naming_step_and_micro_batch_and_keeps_the_checkpoint(tmp_path, deferred):
+    """Checked a step late (the default on a GPU), the bad step is still named and raised before the
+    checkpoint written after it, so the last checkpoint is the one before it."""
     dm = PoisonedDigits(at_batch=3, img_size=16, batch_size=16, seed=0)
     dm.setup()
+    applied = "Its update was applied in memory" if deferred else "Nothing from this step was applied or saved"
     with pytest.raises(Exception, match=rf"non-finite input at global step 3 \(epoch 0, batch 3, "
-                                        rf"micro-batch {dm.poisoned}\)"):
+                                        rf"micro-batch {dm.poisoned}\)\. {applied}"):
         make_trainer(tmp_path, callbacks=[d2ft_callback(1.0, tmp_path), _every_step_checkpoint(tmp_path)],
-                     limit_train_batches=6).fit(make_module(), dm)
+                     strategy_kw=dict(defer_nonfinite_check=deferred), limit_train_batches=6).fit(make_module(), dm)
     state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
     assert state["global_step"] == 2
     assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
+
+
+def test_a_deferred_check_still_raises_when_the_bad_step_is_the_last_one(tmp_path):
+    dm = PoisonedDigits(at_batch=2, img_size=16, batch_size=16, seed=0)
+    dm.setup()
+    trainer = make_trainer(tmp_path, callbacks=[d2ft_callback(1.0, tmp_path)], devices=1,
+                           strategy_kw=dict(defer_nonfinite_check=True), limit_train_batches=3)
+    with pytest.raises(FloatingPointError, match=r"non-finite input at global step 2 \(epoch 0, batch 2"):
+        trainer.fit(make_module(), dm)
 
 
 def test_nonfinite_input_can_be_skipped_on_one_process_with_the_same_guarantees(tmp_path):

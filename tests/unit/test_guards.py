@@ -36,3 +36,19 @@ def test_sigterm_message_names_the_newest_checkpoint(tmp_path):
     assert message == f"D2FT: stopped by SIGTERM at global step 7; resume from {new}"
     assert "\n" not in message
     assert "no checkpoint" in sigterm_message(types.SimpleNamespace(callbacks=[], global_step=1))
+
+
+def test_deferred_agreement_answers_for_the_previous_step_and_settles_the_last():
+    guard = StepGuard()
+    good, nan = (torch.ones(2), torch.tensor([1])), torch.tensor(float("nan"))
+    assert guard.settle() == ("", False, {})
+    assert guard.agree_deferred(good, nan, 1, 0, {"global_step": 0}) == ("", False, {})  # nothing queued before
+    assert guard.agree_deferred(good, torch.tensor(1.0), 1, 0, {"global_step": 1}) == ("loss", False, {"global_step": 0})
+    guard.sigterm_seen = True
+    bad = (torch.tensor([float("inf")]), torch.tensor([1]))
+    assert guard.agree_deferred(bad, torch.tensor(1.0), 1, 0, {"global_step": 2}) == ("", False, {"global_step": 1})
+    assert guard.settle() == ("input", True, {"global_step": 2})
+    assert guard.settle() == ("", False, {})
+    guard.agree_deferred(bad, nan, 1, 0, {"global_step": 3})
+    guard.discard()
+    assert guard.settle() == ("", False, {})

@@ -19,7 +19,9 @@ def test_registered_by_name_and_on_one_device():
 
 
 @pytest.mark.parametrize("bad", [dict(tensor_parallel_size=0), dict(on_nonfinite="ignore"),
-                                 dict(data_parallel="async"), dict(lofi_average_every_n_steps=2)])
+                                 dict(data_parallel="async"), dict(lofi_average_every_n_steps=2),
+                                 dict(defer_nonfinite_check="yes"),
+                                 dict(defer_nonfinite_check=True, on_nonfinite="skip")])
 def test_bad_arguments_are_refused_naming_the_field(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         D2FTStrategy(**bad)
