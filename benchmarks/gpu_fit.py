@@ -19,9 +19,11 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from lightning.pytorch import Callback, Trainer, seed_everything
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -80,6 +82,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--budgets", type=float, nargs="+", default=[1.0, 0.6])
     parser.add_argument("--executors", choices=["both", "graphs", "eager"], default="both",
                         help="on a GPU: CUDA graphs (the default executor there), eager, or both")
+    parser.add_argument("--nonfinite-check", choices=["default", "at-once"], default="default",
+                        help="D2FTStrategy(defer_nonfinite_check=...): the default (deferred on CUDA) or False, "
+                             "which reads the flags back in every step (one host sync)")
+    parser.add_argument("--bare", action="store_true",
+                        help="after each fit, time one epoch of the same steps in a plain loop (no Lightning): "
+                             "what the fit adds per step is Lightning's loop, hooks and logging")
     parser.add_argument("--out", default="gpu_fit.json")
     return parser.parse_args()
 
@@ -89,7 +97,9 @@ def fit_once(args, budget: float, graphs: bool, data: TensorDataset, val: Tensor
     module = ViTClassifier(model="vit_small_patch16_224", num_classes=10, subnets=args.subnets, lr=1e-4,
                            model_kwargs={"img_size": args.img_size})
     timer = FitTimer()
-    trainer = Trainer(accelerator=args.accelerator, devices=1, strategy=D2FTStrategy(cuda_graphs=graphs),
+    defer = False if args.nonfinite_check == "at-once" else None
+    trainer = Trainer(accelerator=args.accelerator, devices=1,
+                      strategy=D2FTStrategy(cuda_graphs=graphs, defer_nonfinite_check=defer),
                       precision=args.precision,
                       callbacks=[D2FTCallback(budget=budget, solver="dp", progress=False), timer],
                       max_epochs=args.epochs, logger=False, enable_progress_bar=False,
@@ -97,8 +107,9 @@ def fit_once(args, budget: float, graphs: bool, data: TensorDataset, val: Tensor
     workers = args.workers if args.workers is not None else (4 if args.accelerator == "gpu" else 0)
     loader_kwargs = {"num_workers": workers, "pin_memory": args.accelerator == "gpu",
                      "persistent_workers": workers > 0}
-    trainer.fit(module, train_dataloaders=micro_batch_loader(data, args.batch, seed=0, **loader_kwargs),
-                val_dataloaders=DataLoader(val, batch_size=args.batch, **loader_kwargs))
+    train_loader = micro_batch_loader(data, args.batch, seed=0, **loader_kwargs)
+    trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=DataLoader(val, batch_size=args.batch,
+                                                                                   **loader_kwargs))
     ckpt = root / f"budget{budget}-{graphs}.ckpt"
     trainer.save_checkpoint(ckpt, weights_only=False)
     net = module.net
@@ -109,7 +120,33 @@ def fit_once(args, budget: float, graphs: bool, data: TensorDataset, val: Tensor
             "steps": trainer.global_step, "captures": net.graphs.captures if net.graphs is not None else 0,
             "graph_failure": net.graphs.failure if net.graphs is not None else None,
             "val_acc": float(trainer.callback_metrics.get("val/acc", float("nan"))),
-            "checkpoint_mib": ckpt.stat().st_size / 2**20}
+            "checkpoint_mib": ckpt.stat().st_size / 2**20, "nonfinite_check": args.nonfinite_check,
+            "bare_step_ms": bare_step_ms(module, trainer.strategy.schedule, train_loader, args.precision)
+            if args.bare else float("nan")}
+
+
+def bare_step_ms(module, schedule, loader, precision: str) -> float:
+    """Median ms between batch starts over one epoch of the fit's own steps (same module, executor, schedule
+    columns, loader, fresh optimizer of the same kind) in a plain loop: forward under autocast as Lightning's
+    bf16-mixed runs it, backward, optimizer step. No Lightning, no finiteness check, no logging."""
+    net, device = module.net, next(module.parameters()).device
+    opt = module.configure_optimizers()
+    ids = loader.sampler.micro_batch_ids(0)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if precision.startswith("bf16") else nullcontext()
+    module.train()
+    starts = []
+    for i, (x, y) in enumerate(loader):
+        starts.append(time.perf_counter())
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        net.scheduled_ops = schedule.ops[int(ids[i])] if schedule is not None else None
+        with amp:
+            loss = F.cross_entropy(module(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    net.scheduled_ops = None
+    steady = [b - a for a, b in zip(starts[3:], starts[4:])]  # after warm-up (allocator, graph replays)
+    return 1e3 * statistics.median(steady) if steady else float("nan")
 
 
 def main() -> None:
@@ -134,8 +171,8 @@ def main() -> None:
     device = torch.cuda.get_device_name(0) if args.accelerator == "gpu" else "cpu"
     print(f"\nfit on {device}, {args.samples} samples x {args.epochs} epochs, batch {args.batch}, "
           f"{args.img_size}px, {args.precision}, torch {torch.__version__}")
-    print_table(rows, ["case", "fit_seconds", "first_epoch_s", "later_epoch_s", "step_ms", "steps", "captures",
-                       "time_ratio", "later_epoch_ratio", "step_ratio", "val_acc"])
+    print_table(rows, ["case", "fit_seconds", "first_epoch_s", "later_epoch_s", "step_ms", "bare_step_ms", "steps",
+                       "captures", "time_ratio", "later_epoch_ratio", "step_ratio", "val_acc"])
     path = write_json(args.out, {"device": device, "torch": torch.__version__, "args": vars(args), "rows": rows})
     print(f"wrote {path}")
 

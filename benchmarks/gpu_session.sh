@@ -24,12 +24,17 @@ else
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv | tee "$OUT/gpu.txt"
 fi
 $PY -c "import torch, timm, lightning; print('torch', torch.__version__, 'timm', timm.__version__, 'lightning', lightning.__version__)"
-# exactness first: CUDA-graph replay against the eager model (skipped without a GPU)
-timeout 120 $PY -m pytest -q -p no:cacheprovider tests/unit/test_cuda_graphs.py 2>&1 | tail -15 | tee "$OUT/test_cuda_graphs.log"
+# exactness first: CUDA-graph replay against the eager model, the deferred NaN check's CUDA path (skipped without a GPU)
+timeout 120 $PY -m pytest -q -p no:cacheprovider tests/unit/test_cuda_graphs.py tests/unit/test_guards.py 2>&1 | tail -15 \
+  | tee "$OUT/test_cuda_graphs.log"
 timeout 200 $PY benchmarks/ops_cost.py --device cuda --amp bf16 $OPS --profile 2>&1 | tee "$OUT/ops_cost_cuda.log"
 cp benchmarks/results/ops_cost_cuda.json "$OUT/" 2>/dev/null
-timeout 250 $PY benchmarks/gpu_fit.py $FIT 2>&1 | grep -v "^\s*$" | tee "$OUT/gpu_fit.log"
-cp benchmarks/results/gpu_fit.json "$OUT/" 2>/dev/null
+# the fit with CUDA graphs: the default (NaN check read a step late) with a plain-loop row per budget (what
+# Lightning adds per step), then the check read at once (one host sync a step, the old behaviour)
+timeout 200 $PY benchmarks/gpu_fit.py $FIT --executors graphs --bare 2>&1 | grep -v "^\s*$" | tail -8 | tee "$OUT/gpu_fit.log"
+timeout 150 $PY benchmarks/gpu_fit.py $FIT --executors graphs --nonfinite-check at-once --out gpu_fit_at_once.json 2>&1 \
+  | grep -v "^\s*$" | tail -8 | tee "$OUT/gpu_fit_at_once.log"
+cp benchmarks/results/gpu_fit.json benchmarks/results/gpu_fit_at_once.json "$OUT/" 2>/dev/null
 # a batch large enough that eager steps are bound by the GPU, not by kernel launches
 if [ "${1:-}" != "--smoke" ]; then
   timeout 150 $PY benchmarks/ops_cost.py --device cuda --amp bf16 --batch 256 --steps 10 --out ops_cost_cuda_b256.json \

@@ -11,6 +11,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.optim import Optimizer
@@ -79,16 +80,22 @@ class ScheduleExecution:
                 s = self.schedule
                 ops = net.scheduled_ops[s.scheduled]
                 fraction = float(s.cost.compute(ops).sum() / (ops.numel() * s.cost.full))
-                self.lightning_module.log("d2ft/compute_fraction", fraction, on_step=False, on_epoch=True,
-                                          sync_dist=True, batch_size=1)
+                self._log_number("d2ft/compute_fraction", fraction, sync_dist=True)
+
+    def _log_number(self, name: str, value: float, **kwargs: Any) -> None:
+        """Log a host number for the epoch, put on the module's device without a host sync: Lightning's own
+        conversion (``torch.tensor(value, device=...)``) waits for the whole GPU queue (pytorch#120996), which
+        twice a step kept the host from running ahead of the GPU."""
+        module = self.lightning_module
+        module.log(name, torch.full((), float(value), device=module.device), on_step=False, on_epoch=True,
+                   batch_size=1, **kwargs)
 
     @override
     def backward(self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Tensor:
         out = super().backward(closure_loss, optimizer, *args, **kwargs)
         total = self.comm_stats.total_bytes + self.dp_bytes
         # bytes every rank sent for this micro-batch, summed over the ranks (Lightning reduces once per epoch)
-        self.lightning_module.log("d2ft/bytes_sent", float(total - self._bytes_logged), on_step=False,
-                                  on_epoch=True, sync_dist=True, reduce_fx="sum", batch_size=1)
+        self._log_number("d2ft/bytes_sent", total - self._bytes_logged, sync_dist=True, reduce_fx="sum")
         self._bytes_logged = total
         return out
 

@@ -8,6 +8,8 @@ per projection over the union of their rows/columns, never a Python loop over he
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -24,8 +26,14 @@ def _select(weight: Tensor, dim: int, positions: list[int], n_groups: int) -> Te
     first, last = positions[0], positions[-1]
     if last - first + 1 == len(positions):  # contiguous run: a view, no gather
         return weight.narrow(dim, first, len(positions))
-    index = torch.tensor(positions, device=weight.device)
-    return weight.index_select(dim, index)
+    return weight.index_select(dim, _index(tuple(positions), weight.device))
+
+
+@functools.lru_cache(maxsize=4096)
+def _index(positions: tuple[int, ...], device: torch.device) -> Tensor:
+    """``positions`` as an index tensor on ``device``, built once: ``torch.tensor(..., device="cuda")`` on every
+    call would copy from the host and wait for the whole GPU queue first (pytorch/pytorch#120996)."""
+    return torch.tensor(positions).to(device, non_blocking=True)
 
 
 def attention_groups(blk: nn.Module, h: Tensor, positions: list[int], n_groups: int) -> Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import types
 
+import pytest
 import torch
 
 from lightning_d2ft.guards import StepGuard, sigterm_message
@@ -52,3 +53,14 @@ def test_deferred_agreement_answers_for_the_previous_step_and_settles_the_last()
     guard.agree_deferred(bad, nan, 1, 0, {"global_step": 3})
     guard.discard()
     assert guard.settle() == ("", False, {})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_deferred_agreement_on_cuda_reads_pinned_flags_after_their_event():
+    guard = StepGuard()
+    good = (torch.ones(2, device="cuda"), torch.tensor([1], device="cuda"))
+    nan = torch.tensor(float("nan"), device="cuda")
+    guard.agree_deferred(good, nan, 1, 0, {"global_step": 0})
+    assert guard._pending[0].is_pinned() and guard._pending[1] is not None
+    assert guard.agree_deferred(good, torch.ones((), device="cuda"), 1, 0, {"global_step": 1}) == ("loss", False, {"global_step": 0})
+    assert guard.settle() == ("", False, {"global_step": 1})
