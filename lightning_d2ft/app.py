@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import torch
 from lightning.pytorch import LightningDataModule, Trainer, seed_everything
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
@@ -151,7 +152,9 @@ def _trainer(cfg: DictConfig, out: Path, callbacks: list) -> Trainer:
     extra = OmegaConf.to_container(t.extra, resolve=True) if "extra" in t else {}
     check_trainer_extra(extra)
     if extra.get("enable_model_summary", True):  # says that its counts are per shard, with the total
-        kwargs["callbacks"] = [*callbacks, ShardedModelSummary()]
+        kwargs["callbacks"] = [*kwargs["callbacks"], ShardedModelSummary()]
+    if extra.get("enable_progress_bar", True):
+        kwargs["callbacks"] = [*kwargs["callbacks"], TQDMProgressBar(refresh_rate=t.progress_refresh_rate)]
     return Trainer(**{**kwargs, **extra})
 
 

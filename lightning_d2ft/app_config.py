@@ -73,6 +73,8 @@ class TrainerConfig:
     limit_train_batches: Optional[float] = None
     log_every_n_steps: int = 10
     checkpoint_every_n_steps: Optional[int] = None
+    # the progress bar reads the logged loss back at every refresh: on a GPU each read waits for the queue
+    progress_refresh_rate: int = 1
     extra: Dict[str, Any] = field(default_factory=dict)  # any other lightning.Trainer argument
 
 
@@ -121,6 +123,7 @@ def check_config(cfg: DictConfig) -> ScheduleSettings:
     _at_least("trainer.max_epochs", t.max_epochs, 1)
     _at_least("trainer.accumulate_grad_batches", t.accumulate_grad_batches, 1)
     _at_least("trainer.log_every_n_steps", t.log_every_n_steps, 1)
+    _at_least("trainer.progress_refresh_rate", t.progress_refresh_rate, 1)
     if not isinstance(cfg.data.get("name"), str):
         raise ValueError(f"data.name must name a data set, got {cfg.data.get('name')!r}")
     if t.checkpoint_every_n_steps is not None:

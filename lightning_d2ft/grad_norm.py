@@ -28,15 +28,23 @@ def sharded_parameter_ids(net: D2FTViT, tensor_parallel_size: int) -> set[int]:
 
 def clip_grad_by_global_norm(optimizer: Optimizer, clip_val: float, sharded: set[int],
                              group: dist.ProcessGroup | None, rank: int, tensor_parallel_size: int) -> None:
-    """Scale every gradient by ``clip_val / global norm`` (at most 1); ``sharded``: ids of sliced parameters."""
-    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    shards = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None and id(p) in sharded]
-    squares = torch.stack([torch.zeros(()), *(g.detach().float().pow(2).sum().cpu() for g in shards)]).sum()
-    ids = {id(g) for g in shards}
-    replicated = torch.stack([torch.zeros(()), *(g.detach().float().pow(2).sum().cpu() for g in grads
-                                                 if id(g) not in ids)]).sum()
-    if tensor_parallel_size > 1:
-        named_collective("tensor-parallel all_reduce (gradient norm)", rank, dist.all_reduce, squares, group=group)
-    coef = (float(clip_val) / ((squares + replicated).sqrt() + 1e-6)).clamp(max=1.0)
-    for g in grads:
-        g.detach().mul_(coef.to(g.device, g.dtype))
+    """Scale every gradient by ``clip_val / global norm`` (at most 1), as ``clip_grad_norm_`` does; ``sharded``:
+    ids of sliced parameters. Everything stays on the gradients' device: no host sync (one per parameter,
+    before, when the squares went through the CPU)."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    with_grad = [p for p in params if p.grad is not None]
+    device = with_grad[0].grad.device if with_grad else params[0].device
+    shard_squares = _sum_of_squares([p.grad for p in with_grad if id(p) in sharded], device)
+    if tensor_parallel_size > 1:  # every rank joins, with or without gradients
+        named_collective("tensor-parallel all_reduce (gradient norm)", rank, dist.all_reduce, shard_squares,
+                         group=group)
+    replicated = _sum_of_squares([p.grad for p in with_grad if id(p) not in sharded], device)
+    if with_grad:
+        torch.nn.utils.clip_grads_with_norm_(with_grad, clip_val, (shard_squares + replicated).sqrt())
+
+
+def _sum_of_squares(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The sum of the squared entries of ``grads`` (float32, on ``device``), from torch's foreach norm."""
+    if not grads:
+        return torch.zeros((), device=device)
+    return torch.nn.utils.get_total_norm(grads, 2.0).float().to(device).pow(2)

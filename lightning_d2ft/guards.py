@@ -135,7 +135,6 @@ class StepGuard:
         return code
 
 
-
 class GuardedSteps:
     """The guard half of D2FTStrategy (a mixin before DDPStrategy): after each training step, act on the
     agreed flags (raise on non-finite data, or skip the step; note a SIGTERM). Needs ``guard``,

@@ -95,7 +95,7 @@ def budget_table(runs: list[dict], key: str, table: str, title: str) -> tuple[st
     if key == "comm_budget" and (("full", None) in acc):
         budgets.append(None)
     head = [f"{b}" if b is not None else "none" for b in budgets]
-    lines = [f"### {title}", "", f"| method | " + " | ".join(f"{key} {h}" for h in head) +
+    lines = [f"### {title}", "", "| method | " + " | ".join(f"{key} {h}" for h in head) +
              "".join(f" | {n.replace('_', ' ')} (measured, per budget)" for n in measures) + " | paper |",
              "|" + "---|" * (len(budgets) + len(measures) + 2)]
     series = {}
@@ -112,8 +112,6 @@ def budget_table(runs: list[dict], key: str, table: str, title: str) -> tuple[st
 
 def untrained_micro_batches(runs: list[dict], budget: float = 0.6) -> str:
     """How many micro-batches a D2FT schedule leaves without any FULL pair (they never update a weight)."""
-    import torch
-
     from lightning_d2ft import Op, Schedule
 
     parts = []

@@ -94,11 +94,12 @@ class SyncWatch(Callback):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_steady_state_training_steps_on_one_gpu_make_no_host_sync_of_ours(tmp_path):
     """Lightning's own loop may sync (listed in the failure message); the strategy's and callback's per-step
-    code, and logging through them, may not."""
+    code (clipping by the global norm included), and logging through them, may not."""
     watch = SyncWatch()
     # whole epochs: epoch 2 revisits epoch 1's micro-batches, so every op pattern was captured before
     trainer = Trainer(accelerator="gpu", devices=1, strategy=D2FTStrategy(), precision="bf16-mixed",
-                      callbacks=[_callback(tmp_path), watch], max_epochs=2, limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_progress_bar=False,
+                      callbacks=[_callback(tmp_path), watch], max_epochs=2, limit_val_batches=0, gradient_clip_val=1.0,
+                      num_sanity_val_steps=0, logger=False, enable_progress_bar=False,
                       enable_model_summary=False, default_root_dir=tmp_path)
     module = make_module()
     with warnings.catch_warnings():

@@ -29,7 +29,8 @@ def test_defaults_and_every_trainer_config_pass():
     for trainer in ("cpu1", "cpu2", "gpu1"):
         cfg = _compose(f"trainer={trainer}")
         check_config(cfg)
-    assert _compose("trainer=gpu1").trainer.accelerator == "gpu"
+    gpu = _compose("trainer=gpu1").trainer
+    assert (gpu.accelerator, gpu.precision, gpu.progress_refresh_rate) == ("gpu", "bf16-mixed", 50)
 
 
 @pytest.mark.parametrize("override, field", [("schedule.forward_mix=abc", "schedule.forward_mix"),
@@ -51,6 +52,7 @@ def test_wrong_types_and_unknown_keys_are_refused_when_composed(override, field)
     ("schedule.capacity=week", r"unknown schedule.capacity 'week'; choose one of \['step', 'epoch'\]"),
     ("schedule.forward_score=loss", r"schedule.forward_score: unknown forward score metric 'loss'; choose one of"),
     ("trainer.max_epochs=0", "trainer.max_epochs must be an int >= 1"),
+    ("trainer.progress_refresh_rate=0", "trainer.progress_refresh_rate must be an int >= 1"),
     ("trainer.tensor_parallel_size=-2", "trainer.tensor_parallel_size must be 'auto' or a positive int"),
     ("+trainer.extra.gradient_clip_vall=1", r"trainer.extra has \['gradient_clip_vall'\], which lightning.Trainer"),
 ])
