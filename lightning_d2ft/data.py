@@ -130,10 +130,17 @@ class ClassSubsetDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return micro_batch_loader(self.train_set, self.hparams.batch_size, seed=self.hparams.seed,
-                                  num_workers=self.hparams.num_workers)
+                                  **self._loader_kwargs())
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.eval_batch_size, num_workers=self.hparams.num_workers)
+        return DataLoader(self.val_set, batch_size=self.eval_batch_size, **self._loader_kwargs())
+
+    def _loader_kwargs(self) -> dict:
+        """Workers, and pinned batches when the trainer runs on CUDA: a host-to-GPU copy from pageable memory
+        is synchronous with respect to the host, so the host could not queue the next step meanwhile."""
+        trainer = self.trainer
+        cuda = trainer is not None and trainer.strategy.root_device.type == "cuda"
+        return {"num_workers": self.hparams.num_workers, "pin_memory": cuda}
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()

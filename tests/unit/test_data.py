@@ -75,3 +75,14 @@ def test_digits_subset_is_stratified_and_remapped():
     dm.setup()
     assert dm.num_classes == 2 and dm.train_set.tensors[0].shape[1:] == (3, 8, 8)
     assert sorted(dm.train_set.tensors[1].tolist()) == [0] * 10 + [1] * 10
+
+
+@pytest.mark.parametrize("device, pinned", [("cpu", False), ("cuda", True)])
+def test_bundled_loaders_pin_batches_only_for_a_cuda_trainer(device, pinned):
+    import types
+
+    dm = DigitsDataModule(img_size=16, batch_size=16, seed=0)
+    dm.setup()
+    assert not dm.train_dataloader().pin_memory  # no trainer attached
+    dm.trainer = types.SimpleNamespace(strategy=types.SimpleNamespace(root_device=torch.device(device)))
+    assert dm.train_dataloader().pin_memory is pinned and dm.val_dataloader().pin_memory is pinned
