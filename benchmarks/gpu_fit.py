@@ -6,8 +6,8 @@ validation + checkpoint, at budget 1.0 and 0.6 on the same data; times the fit w
         --precision 32-true --out gpu_fit_cpu_smoke.json             # tiny CPU check
 
 On a GPU each budget runs twice: with CUDA graphs (the strategy's default there) and eagerly
-(``cuda_graphs=False``); ratios are against budget 1.0 with the same executor. Data are random images with random labels (the same tensors for both budgets; speed, not accuracy, is
-measured here). Fit time is the wall time from the first to the last training batch (``on_train_start`` is
+(``cuda_graphs=False``); ratios are against budget 1.0 with the same executor. Data are random images with
+random labels (the same tensors for both budgets; speed, not accuracy, is measured here). Fit time is the wall time from the first to the last training batch (``on_train_start`` is
 after D2FTCallback has scored and solved in ``on_fit_start``) plus validation, synchronised on CUDA.
 Writes ``benchmarks/results/gpu_fit.json`` (or ``--out``). Needs torch, timm, lightning; no hydra/ortools.
 """

@@ -8,11 +8,11 @@ micro-batch of a ``Schedule.solve(..., budget=0.6, devices=1, solver="dp")`` on 
 its time is the mean over those columns). On CUDA these D2FT rows replay CUDA graphs (one per op pattern,
 ``D2FTViT.use_cuda_graphs``), and ``... (eager)`` rows run the same mixes without graphs; ``plain timm`` is
 always timm's eager step (``all FULL`` with graphs is timm's own modules replayed as graphs, so it says
-how much of a ratio comes from the graphs alone). A step is forward, backward and a fused AdamW step. The cases are
-timed interleaved (one step of each case per round); ``seconds`` is the median over ``--steps`` rounds and
-``time_ratio`` the median over rounds of the case's time in that round over plain timm's in the same round
-(paired, so the drift of a shared machine between rounds cancels). Aten ops are counted per forward+backward (TorchDispatchMode, views and detaches not
-counted) after a warm-up step. Writes ``benchmarks/results/ops_cost.json`` (CPU) or ``ops_cost_cuda.json``
+how much of a ratio comes from the graphs alone). A step is forward, backward and a fused AdamW step.
+The cases are timed interleaved (one step of each case per round); ``seconds`` is the median over
+``--steps`` rounds and ``time_ratio`` the median over rounds of the case's time in that round over plain
+timm's in the same round (paired, so the drift of a shared machine between rounds cancels). Aten ops are
+counted per forward+backward (TorchDispatchMode, views and detaches not counted) after a warm-up step. Writes ``benchmarks/results/ops_cost.json`` (CPU) or ``ops_cost_cuda.json``
 (CUDA) unless ``--out`` says otherwise; without CUDA ``--device cuda`` runs on CPU and says so.
 
 Needs only torch, timm and this package (no hydra, no ortools). Targets (issue 14), as ratios to plain timm:

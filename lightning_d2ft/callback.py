@@ -185,7 +185,8 @@ class D2FTCallback(Callback):
             ones = torch.ones(n, net.num_subnets)  # every pair FULL whatever the scores say: no scoring pass
             schedule = Schedule.solve(
                 scores.backward if scores else ones, scores.forward if scores else ones,
-                placement=placement, column_blocks=net.subnet_blocks(), cost=self.cost, seed=self.seed, **self.settings.solve_kwargs())
+                placement=placement, column_blocks=net.subnet_blocks(), cost=self.cost, seed=self.seed,
+                **self.settings.solve_kwargs())
             schedule.info.update(scores_key=scores.key if scores else None, scoring_seconds=self.scoring_seconds,
                                  scored_micro_batches=self.scored_micro_batches, num_subnets=net.num_subnets,
                                  micro_batch_size=sampler.micro_batch_size, settings=settings)

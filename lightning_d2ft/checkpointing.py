@@ -43,7 +43,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 class FullCheckpoints:
     """The checkpoint half of D2FTStrategy (a mixin before DDPStrategy): gathers shards into the whole model
-    and optimizer state, and cuts a whole checkpoint down to this rank's shard on load."""
+    and optimizer state, and cuts a whole checkpoint down to this rank's shard on load. Before a state is
+    gathered it settles a deferred non-finite check (``GuardedSteps._settle_deferred_check``)."""
 
     # -- checkpoints: whole model in, whole model out -------------------------------------------
     def _gather(self, obj: Any) -> list[Any]:

@@ -28,11 +28,13 @@ class ScheduleExecution:
     schedule: Schedule | None = None
     _epoch_ids: tuple[int, list[int]] = (-1, [])
     _bytes_logged = 0
+    _compute_fractions: list[float] = []
 
     def install_schedule(self, schedule: Schedule) -> None:
         """From now on every training batch runs its micro-batch's row of ``schedule``."""
         self.schedule = schedule
         self._epoch_ids = (-1, [])
+        self._compute_fractions = schedule.micro_batch_compute_fractions.tolist()  # logged per step
 
     def micro_batch_of(self, batch_idx: int) -> int:
         """The micro-batch id training batch ``batch_idx`` of the current epoch holds (-1 if unknown)."""
@@ -77,10 +79,7 @@ class ScheduleExecution:
             mb = self.micro_batch_of(batch_idx)
             net.scheduled_ops = self.schedule.ops[mb] if mb >= 0 else None
             if net.scheduled_ops is not None:
-                s = self.schedule
-                ops = net.scheduled_ops[s.scheduled]
-                fraction = float(s.cost.compute(ops).sum() / (ops.numel() * s.cost.full))
-                self._log_number("d2ft/compute_fraction", fraction, sync_dist=True)
+                self._log_number("d2ft/compute_fraction", self._compute_fractions[mb], sync_dist=True)
 
     def _log_number(self, name: str, value: float, **kwargs: Any) -> None:
         """Log a host number for the epoch, put on the module's device without a host sync: Lightning's own

@@ -77,6 +77,12 @@ class Schedule:
         return float(self.cost.compute(ops).sum() / (ops.numel() * self.cost.full))
 
     @property
+    def micro_batch_compute_fractions(self) -> Tensor:
+        """:attr:`compute_fraction` of each micro-batch's row ``[N]`` (float64)."""
+        ops = self.ops[:, self.scheduled]
+        return self.cost.compute(ops).sum(1) / (ops.shape[1] * self.cost.full)
+
+    @property
     def comm_fraction(self) -> float:
         """Communication units of the scheduled items relative to all FULL (SPEC's per-item cost model)."""
         ops = self.ops[:, self.scheduled]

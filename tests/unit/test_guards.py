@@ -44,7 +44,8 @@ def test_deferred_agreement_answers_for_the_previous_step_and_settles_the_last()
     good, nan = (torch.ones(2), torch.tensor([1])), torch.tensor(float("nan"))
     assert guard.settle() == ("", False, {})
     assert guard.agree_deferred(good, nan, 1, 0, {"global_step": 0}) == ("", False, {})  # nothing queued before
-    assert guard.agree_deferred(good, torch.tensor(1.0), 1, 0, {"global_step": 1}) == ("loss", False, {"global_step": 0})
+    previous = guard.agree_deferred(good, torch.tensor(1.0), 1, 0, {"global_step": 1})
+    assert previous == ("loss", False, {"global_step": 0})
     guard.sigterm_seen = True
     bad = (torch.tensor([float("inf")]), torch.tensor([1]))
     assert guard.agree_deferred(bad, torch.tensor(1.0), 1, 0, {"global_step": 2}) == ("", False, {"global_step": 1})
@@ -62,5 +63,6 @@ def test_deferred_agreement_on_cuda_reads_pinned_flags_after_their_event():
     nan = torch.tensor(float("nan"), device="cuda")
     guard.agree_deferred(good, nan, 1, 0, {"global_step": 0})
     assert guard._pending[0].is_pinned() and guard._pending[1] is not None
-    assert guard.agree_deferred(good, torch.ones((), device="cuda"), 1, 0, {"global_step": 1}) == ("loss", False, {"global_step": 0})
+    previous = guard.agree_deferred(good, torch.ones((), device="cuda"), 1, 0, {"global_step": 1})
+    assert previous == ("loss", False, {"global_step": 0})
     assert guard.settle() == ("", False, {"global_step": 1})

@@ -41,6 +41,8 @@ def test_d2ft_balances_every_step_and_the_epoch_and_moe_does_neither():
     moe = Schedule.solve(back, fwd, budget=0.6, devices=4, method="moe")
     assert d2ft.workload_variance < 1e-4 and moe.workload_variance > 0.005
     assert d2ft.compute_fraction == pytest.approx(0.6, abs=0.01)
+    per_row = d2ft.micro_batch_compute_fractions  # what the strategy logs per step
+    assert per_row.shape == (64,) and float(per_row.mean()) == pytest.approx(d2ft.compute_fraction, abs=1e-12)
     m = d2ft.metrics()
     assert m["step_max_over_mean"] == pytest.approx(1.0) and m["step_max_over_mean_worst"] == pytest.approx(1.0)
     assert m["lockstep_fraction"] == pytest.approx(0.6, abs=0.01)  # 18 subnets per device: 8 FULL + 7 FO
