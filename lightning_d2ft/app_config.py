@@ -123,7 +123,7 @@ def check_config(cfg: DictConfig) -> ScheduleSettings:
     _at_least("trainer.max_epochs", t.max_epochs, 1)
     _at_least("trainer.accumulate_grad_batches", t.accumulate_grad_batches, 1)
     _at_least("trainer.log_every_n_steps", t.log_every_n_steps, 1)
-    _at_least("trainer.progress_refresh_rate", t.progress_refresh_rate, 1)
+    _at_least("trainer.progress_refresh_rate", t.progress_refresh_rate, 0)  # 0: no bar, as in Lightning
     if not isinstance(cfg.data.get("name"), str):
         raise ValueError(f"data.name must name a data set, got {cfg.data.get('name')!r}")
     if t.checkpoint_every_n_steps is not None:

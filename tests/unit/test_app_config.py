@@ -52,7 +52,7 @@ def test_wrong_types_and_unknown_keys_are_refused_when_composed(override, field)
     ("schedule.capacity=week", r"unknown schedule.capacity 'week'; choose one of \['step', 'epoch'\]"),
     ("schedule.forward_score=loss", r"schedule.forward_score: unknown forward score metric 'loss'; choose one of"),
     ("trainer.max_epochs=0", "trainer.max_epochs must be an int >= 1"),
-    ("trainer.progress_refresh_rate=0", "trainer.progress_refresh_rate must be an int >= 1"),
+    ("trainer.progress_refresh_rate=-1", "trainer.progress_refresh_rate must be an int >= 0"),
     ("trainer.tensor_parallel_size=-2", "trainer.tensor_parallel_size must be 'auto' or a positive int"),
     ("+trainer.extra.gradient_clip_vall=1", r"trainer.extra has \['gradient_clip_vall'\], which lightning.Trainer"),
 ])
@@ -121,3 +121,15 @@ def test_an_explicit_damaged_resume_path_is_refused_naming_the_file(tmp_path):
     bad.write_bytes(b"PK\x03\x04" + b"\0" * 64)  # a truncated zip: torch alone says only "miniz ..."
     with pytest.raises(StaleFileError, match="half.ckpt"):
         _resume_path(_compose(f"resume={bad}"), tmp_path)
+
+
+@pytest.mark.parametrize("rate, shown", [(0, False), (50, True)])
+def test_progress_refresh_rate_zero_turns_the_bar_off_as_in_lightning(tmp_path, rate, shown):
+    from lightning_d2ft.app import _trainer
+
+    cfg = _compose("trainer=cpu1", f"trainer.progress_refresh_rate={rate}")
+    check_config(cfg)
+    trainer = _trainer(cfg, tmp_path, [])
+    bar = trainer.progress_bar_callback
+    assert (bar is not None and bar.is_enabled) == shown
+    assert bar is None or bar.refresh_rate == rate
