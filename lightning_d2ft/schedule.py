@@ -135,6 +135,12 @@ class Schedule:
         t = self.step_loads / self.speeds
         return float(t.max(1).values.sum() / (self.num_micro_batches * full.max()))
 
+    @property
+    def distinct_patterns(self) -> int:
+        """Distinct rows of ``ops``. Each costs one CUDA-graph capture on a GPU. With real data nearly every
+        micro-batch gets its own row (19 of 20 on the bundled digits), so this grows with the data set."""
+        return int(torch.unique(self.ops, dim=0).shape[0])
+
     def op_counts(self) -> dict[str, int]:
         ops = self.ops[:, self.scheduled]
         return {op.name: int((ops == op).sum()) for op in Op}
@@ -148,6 +154,7 @@ class Schedule:
             "wire_fraction": self.wire_fraction, "workload_variance": self.workload_variance,
             "step_max_over_mean": float(imbalance.mean()), "step_max_over_mean_worst": float(imbalance.max()),
             "lockstep_fraction": self.lockstep_fraction, "micro_batches_without_full": starved,
+            "distinct_patterns": self.distinct_patterns,
             "solve_seconds": float(self.info.get("solve_seconds", 0.0)),
             "check_seconds": float(self.info.get("check_seconds", 0.0)),
         }
@@ -164,7 +171,8 @@ class Schedule:
             f"wire {m['wire_fraction']:.3f} of all-FULL | {mix} | per step: max/mean load "
             f"{m['step_max_over_mean']:.3f} (worst {m['step_max_over_mean_worst']:.3f}), lockstep time "
             f"{m['lockstep_fraction']:.3f} of all-FULL | epoch workload variance {m['workload_variance']:.4f} | "
-            f"{m['micro_batches_without_full']} micro-batches without FULL | solve {m['solve_seconds']:.3f} s, "
+            f"{m['micro_batches_without_full']} micro-batches without FULL | "
+            f"{m['distinct_patterns']} distinct op patterns | solve {m['solve_seconds']:.3f} s, "
             f"check {m['check_seconds']:.3f} s"
         )
 

@@ -51,6 +51,15 @@ def test_d2ft_balances_every_step_and_the_epoch_and_moe_does_neither():
         assert text in d2ft.summary()
 
 
+def test_distinct_patterns_counts_the_distinct_rows_each_a_cuda_graph_capture():
+    back, fwd = _realistic(16, 26, seed=1)
+    s = Schedule.solve(back, fwd, budget=0.6, devices=1, solver="dp")
+    assert s.distinct_patterns == len({tuple(row) for row in s.ops.tolist()}) > 1
+    assert Schedule.solve(back, fwd, budget=1.0, devices=1).distinct_patterns == 1  # all FULL: one row
+    repeated = Schedule.solve(back[:1].repeat(5, 1), fwd[:1].repeat(5, 1), budget=0.6, devices=1, solver="dp")
+    assert repeated.distinct_patterns == 1 and "1 distinct op patterns" in repeated.summary()
+
+
 def test_epoch_capacity_hides_imbalance_that_step_capacity_removes():
     # scores scaled per micro-batch (like a loss-weighted score): with one pooled capacity per device the
     # high-loss micro-batches take the FULL work, and lockstep ranks wait on every unbalanced step
