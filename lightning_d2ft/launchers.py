@@ -4,15 +4,22 @@
 * A worker whose only error is that a peer went away (gloo's "Connection closed by peer", a timeout)
   waits a moment before it fails, so the launcher reports the peer's real error (for example rank 0's
   ValueError), not the echo of it.
-* SIGTERM is a failure (non-zero exit) that names the last checkpoint, not a clean exit.
+* SIGTERM is a failure (non-zero exit) that names the last checkpoint, not a clean exit; a SIGTERM sent to
+  the launching process is passed on to the workers, which stop together after a step, instead of killing
+  the launcher at once and leaving them to die without a word.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import re
+import signal
 import tempfile
+import threading
 import time
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 from lightning.fabric.utilities.distributed import _destroy_dist_connection
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher, _WorkerOutput
@@ -41,6 +48,17 @@ def is_peer_error(err: BaseException) -> bool:
 
 
 class _WholeModelSpawnLauncher(_MultiProcessingLauncher):
+    @override
+    def launch(self, function: Callable, *args: Any, trainer: Any = None, **kwargs: Any) -> Any:
+        with _sigterm_passed_to_workers() as received:
+            try:
+                return super().launch(function, *args, trainer=trainer, **kwargs)
+            except Exception as err:
+                stopped = _SIGTERM_LINE.search(str(err))
+                if received and stopped:  # as on one process: exit non-zero with the one line
+                    raise SystemExit(stopped.group(0)) from err
+                raise
+
     @override
     def _wrapping_function(self, process_idx: int, trainer: Any, *args: Any, **kwargs: Any) -> None:
         try:
@@ -76,6 +94,38 @@ class _WholeModelSpawnLauncher(_MultiProcessingLauncher):
             state = self._strategy.checkpoint_io.load_checkpoint(worker_output.weights_path)
             match_lora_(find_d2ft(trainer.lightning_module), state)
         super()._recover_results_in_main_process(worker_output, trainer)
+
+
+_SIGTERM_LINE = re.compile(r"D2FT: stopped by SIGTERM[^\n]*")
+
+
+@contextmanager
+def _sigterm_passed_to_workers() -> Iterator[list[int]]:
+    """While the workers run, SIGTERM to this (launching) process is sent on to them: they agree to stop after
+    the step, checkpoint and report. Python's default would kill the launcher at once and orphan them.
+    Yields the signals received (empty: none)."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    launcher, before = os.getpid(), {p.pid for p in multiprocessing.active_children()}
+
+    def pass_on(signum: int, frame: Any) -> None:
+        if os.getpid() != launcher:  # a forked worker that has not installed its own handler yet
+            return
+        received.append(signum)
+        for worker in multiprocessing.active_children():
+            if worker.pid not in before and worker.pid is not None:
+                try:
+                    os.kill(worker.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+
+    previous = signal.signal(signal.SIGTERM, pass_on)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def sigterm_exit(exception: BaseException, trainer: Any) -> None:

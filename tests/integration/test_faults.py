@@ -100,33 +100,44 @@ from lightning_d2ft.data import DigitsDataModule
 from lightning_d2ft.module import ViTClassifier
 
 class Term(Callback):
+    # one process: it signals itself; two: rank 0 signals the launching process, as a scheduler or
+    # `kill <pid of the command>` does (the workers must hear of it from the launcher)
     def on_train_batch_start(self, trainer, *args):
-        if trainer.global_step == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
+        if trainer.global_step == 2 and trainer.global_rank == 0:
+            os.kill(os.getpid() if trainer.world_size == 1 else os.getppid(), signal.SIGTERM)
 
-root = sys.argv[1]
-seed_everything(0)
-module = ViTClassifier(num_classes=10, subnets=14, model_kwargs=dict(img_size=16, patch_size=8, embed_dim=48, depth=2))
-trainer = Trainer(accelerator="cpu", devices=1, strategy=D2FTStrategy(parallel_devices=[torch.device("cpu")]),
-                  callbacks=[D2FTCallback(budget=1.0, progress=False), Term(),
-                             ModelCheckpoint(dirpath=root, save_last=True, every_n_train_steps=1, save_top_k=0)],
-                  max_epochs=1, limit_train_batches=5, limit_val_batches=0, logger=False,
-                  enable_progress_bar=False, default_root_dir=root)
-trainer.fit(module, DigitsDataModule(img_size=16, batch_size=16, seed=0))
-print("finished")
+if __name__ == "__main__":
+    root, devices = sys.argv[1], int(sys.argv[2])
+    seed_everything(0)
+    module = ViTClassifier(num_classes=10, subnets=14,
+                           model_kwargs=dict(img_size=16, patch_size=8, embed_dim=48, depth=2))
+    strategy = D2FTStrategy(parallel_devices=[torch.device("cpu")]) if devices == 1 else \
+        D2FTStrategy(start_method="spawn")
+    trainer = Trainer(accelerator="cpu", devices=devices, strategy=strategy,
+                      callbacks=[D2FTCallback(budget=1.0, progress=False), Term(),
+                                 ModelCheckpoint(dirpath=root, save_last=True, every_n_train_steps=1, save_top_k=0)],
+                      max_epochs=1, limit_train_batches=8, limit_val_batches=0, logger=False,
+                      enable_progress_bar=False, default_root_dir=root)
+    trainer.fit(module, DigitsDataModule(img_size=16, batch_size=16, seed=0))
+    print("finished")
 """
 
 
-def test_sigterm_on_one_process_exits_non_zero_naming_the_last_checkpoint(tmp_path):
+@pytest.mark.parametrize("devices", [1, 2])
+def test_sigterm_exits_non_zero_naming_the_last_checkpoint(tmp_path, devices):
     script = tmp_path / "run.py"
     script.write_text(SIGTERM_SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, str(script), str(tmp_path / "ckpt")], capture_output=True, text=True,
-                          env=env, timeout=300)
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "ckpt"), str(devices)], capture_output=True,
+                          text=True, env=env, timeout=300)
     assert done.returncode != 0, done.stdout + done.stderr
     assert "finished" not in done.stdout
     last_line = done.stderr.strip().splitlines()[-1]
-    assert last_line == f"D2FT: stopped by SIGTERM at global step 3; resume from {tmp_path / 'ckpt' / 'last.ckpt'}"
+    last = tmp_path / "ckpt" / "last.ckpt"
+    # the signal reaches two workers through the launcher, so the step they stop after is not fixed
+    step = torch.load(last, weights_only=False)["global_step"]
+    assert last_line == f"D2FT: stopped by SIGTERM at global step {step}; resume from {last}", done.stderr[-3000:]
+    assert step == 3 if devices == 1 else 3 <= step < 8
 
 
 class PoisonedDigits(DigitsDataModule):
