@@ -141,7 +141,8 @@ def _trainer(cfg: DictConfig, out: Path, callbacks: list) -> Trainer:
     t = cfg.trainer
     speeds = t.get("speeds")
     # one device runs in this process (popen launches nobody for rank 0): no spawned copy of the run
-    start_method = "popen" if t.devices == 1 and t.get("num_nodes", 1) == 1 else t.start_method
+    extra = OmegaConf.to_container(t.extra, resolve=True) if "extra" in t else {}
+    start_method = "popen" if t.devices == 1 and extra.get("num_nodes", 1) == 1 else t.start_method
     strategy = D2FTStrategy(tensor_parallel_size=t.tensor_parallel_size, start_method=start_method,
                             data_parallel=t.get("data_parallel", "sync"),
                             placement=speed_aware(list(speeds)) if speeds else None)
@@ -149,7 +150,6 @@ def _trainer(cfg: DictConfig, out: Path, callbacks: list) -> Trainer:
                   precision=t.precision, accumulate_grad_batches=t.accumulate_grad_batches,
                   limit_train_batches=t.limit_train_batches, log_every_n_steps=t.log_every_n_steps,
                   callbacks=callbacks, default_root_dir=out, logger=CSVLogger(out, name="logs"), deterministic=True)
-    extra = OmegaConf.to_container(t.extra, resolve=True) if "extra" in t else {}
     check_trainer_extra(extra)
     if extra.get("enable_model_summary", True):  # says that its counts are per shard, with the total
         kwargs["callbacks"] = [*kwargs["callbacks"], ShardedModelSummary()]
@@ -171,10 +171,12 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     dm = build_datamodule(cfg)
     ckpt_path = _resume_path(cfg, out)
     check_run_dir(cfg, out, resuming=ckpt_path is not None and cfg.resume in ("auto", "last"))
+    checkpoints = _checkpoints(out, cfg.trainer.get("checkpoint_every_n_steps"))
+    # the Trainer refuses its own bad settings (a tensor-parallel size that does not divide the devices, say)
+    # when it is built: before pretraining, which takes minutes
+    trainer = _trainer(cfg, out, [callback, *checkpoints])
     seed_everything(cfg.seed, workers=True)
     module = _module(cfg, dm, kwargs)
-    checkpoints = _checkpoints(out, cfg.trainer.get("checkpoint_every_n_steps"))
-    trainer = _trainer(cfg, out, [callback, *checkpoints])
     start = time.perf_counter()
     trainer.fit(module, dm, ckpt_path=ckpt_path, weights_only=True)  # a checkpoint cannot run code
     seconds = time.perf_counter() - start

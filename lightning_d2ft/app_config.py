@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, get_args
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from lightning_d2ft.settings import ScheduleSettings
 
@@ -98,6 +98,7 @@ def register_configs() -> None:
 
 # choices of the app's own fields (the schedule's are ScheduleSettings')
 _CHOICES = {
+    "trainer.accelerator": ("cpu", "gpu", "cuda", "auto"),  # D2FTStrategy is a DDP strategy: no TPU, no MPS
     "trainer.data_parallel": ("sync", "lofi"),
     "trainer.start_method": ("spawn", "popen", "fork", "forkserver"),
     "model.optimizer": ("adamw", "sgd"),
@@ -112,8 +113,9 @@ def schedule_settings(cfg: DictConfig) -> ScheduleSettings:
 def check_config(cfg: DictConfig) -> ScheduleSettings:
     """Ranges and choices the types cannot say; each error names the field and what is allowed. Returns the
     schedule's settings (validated by ScheduleSettings itself)."""
+    _check_known_keys(cfg)
     settings = schedule_settings(cfg)
-    for key, allowed in _CHOICES.items():
+    for key, allowed in {**_CHOICES, "trainer.precision": _precisions()}.items():
         group, name = key.split(".")
         value = cfg[group][name]
         if value not in allowed:
@@ -139,6 +141,33 @@ def check_config(cfg: DictConfig) -> ScheduleSettings:
         raise ValueError(f"model.lr must be > 0, got {m.lr}")
     check_trainer_extra(dict(t.extra))
     return settings
+
+
+# the sections whose keys are fixed (model.kwargs, data and trainer.extra take any key, checked by their users)
+_SECTIONS = {"": AppConfig, "model": ModelConfig, "model.pretrain": PretrainConfig, "schedule": ScheduleConfig,
+             "trainer": TrainerConfig}
+
+
+def _precisions() -> tuple[str, ...]:
+    """Lightning's precision strings, its own list (imported here: ``--help`` should not load Lightning)."""
+    from lightning.fabric.connector import _PRECISION_INPUT_STR, _PRECISION_INPUT_STR_ALIAS
+
+    return get_args(_PRECISION_INPUT_STR) + get_args(_PRECISION_INPUT_STR_ALIAS)
+
+
+def _check_known_keys(cfg: DictConfig) -> None:
+    """A key added with Hydra's ``+`` escapes the schema: refuse any the app does not read, so that a typo
+    (``+schedule.budgt=0.4``) fails instead of training at the default."""
+    for section, schema in _SECTIONS.items():
+        node = OmegaConf.select(cfg, section) if section else cfg
+        if not isinstance(node, DictConfig):
+            continue
+        allowed = {f.name for f in fields(schema)}
+        unknown = sorted(set(node.keys()) - allowed)
+        if unknown:
+            names = [f"{section}.{k}" if section else k for k in unknown]
+            extra = " (any other Trainer argument goes under trainer.extra)" if section == "trainer" else ""
+            raise ValueError(f"unknown key {', '.join(names)}; {section or 'the config'} has {sorted(allowed)}{extra}")
 
 
 def check_trainer_extra(extra: dict[str, Any]) -> None:

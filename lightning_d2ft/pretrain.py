@@ -35,11 +35,15 @@ def pretrained_checkpoint(cache_dir: str | Path, model: str, model_kwargs: dict,
     if path.exists():
         return path
     log.warning("pretraining %s on digits %s for %d epochs (cached afterwards at %s)", model, list(classes), epochs, path)
-    torch.manual_seed(seed)
-    dm = DigitsDataModule(img_size=model_kwargs.get("img_size", 32), batch_size=batch_size, classes=classes, seed=seed)
-    dm.setup()
-    vit = train_classifier(dm, model, model_kwargs, epochs, lr)
-    accuracy = held_out_top1(vit, dm.val_dataloader(), len(dm.val_set))
+    # the caller's random state is left as it was: a run that pretrains draws the same numbers afterwards
+    # (its new head, its data order) as the same run that finds the cache
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        dm = DigitsDataModule(img_size=model_kwargs.get("img_size", 32), batch_size=batch_size, classes=classes,
+                              seed=seed)
+        dm.setup()
+        vit = train_classifier(dm, model, model_kwargs, epochs, lr)
+        accuracy = held_out_top1(vit, dm.val_dataloader(), len(dm.val_set))
     log.warning("pretrained: %.1f%% top-1 on held-out images of digits %s", accuracy, list(classes))
     save_state_dict(vit, path)
     return path

@@ -55,6 +55,12 @@ def test_wrong_types_and_unknown_keys_are_refused_when_composed(override, field)
     ("trainer.progress_refresh_rate=-1", "trainer.progress_refresh_rate must be an int >= 0"),
     ("trainer.tensor_parallel_size=-2", "trainer.tensor_parallel_size must be 'auto' or a positive int"),
     ("+trainer.extra.gradient_clip_vall=1", r"trainer.extra has \['gradient_clip_vall'\], which lightning.Trainer"),
+    ("+schedule.budgt=0.4", r"unknown key schedule.budgt; schedule has \[.*'budget'"),
+    ("+foo=1", r"unknown key foo; the config has \["),
+    ("+trainer.num_nodes=2", r"unknown key trainer.num_nodes; .*goes under trainer.extra"),
+    ("+model.pretrain.epoch=3", r"unknown key model.pretrain.epoch; model.pretrain has \[.*'epochs'"),
+    ("trainer.accelerator=tpu", r"trainer.accelerator='tpu' is not allowed; choose one of \['cpu', 'gpu'"),
+    ("trainer.precision=17", r"trainer.precision='17' is not allowed; choose one of \[.*'bf16-mixed'"),
 ])
 def test_ranges_and_choices_are_refused_naming_the_field(override, message):
     with pytest.raises(ValueError, match=message):
@@ -133,3 +139,19 @@ def test_progress_refresh_rate_zero_turns_the_bar_off_as_in_lightning(tmp_path, 
     bar = trainer.progress_bar_callback
     assert (bar is not None and bar.is_enabled) == shown
     assert bar is None or bar.refresh_rate == rate
+
+
+def test_free_sections_take_any_key():
+    """model.kwargs, data and trainer.extra are passed on (and checked) by timm, the data module, Lightning."""
+    check_config(_compose("+model.kwargs.depth=2", "+trainer.extra.max_steps=3", "trainer.precision=bf16-mixed"))
+
+
+def test_a_bad_trainer_setting_is_refused_before_pretraining(tmp_path):
+    """The Trainer (which refuses its own bad settings) is built before the minutes of pretraining."""
+    from lightning_d2ft.app import run
+
+    cfg = _compose("trainer.tensor_parallel_size=3", f"model.pretrain.cache_dir={tmp_path / 'pretrained'}",
+                   "resume=null")
+    with pytest.raises(ValueError, match="tensor_parallel_size=3 does not divide the 2 devices"):
+        run(cfg, tmp_path / "run")
+    assert not (tmp_path / "pretrained").exists()
