@@ -27,7 +27,14 @@ def build_vit(name: str = "vit_small_patch16_224", *, pretrained: bool = False, 
     """A timm model by name. ``pretrained=True`` downloads hub weights (needs a network); ``checkpoint``
     loads a local timm state dict (e.g. one pretrained by this project) without its classifier head, which
     starts fresh for the new task, as timm does for a pretrained model with another ``num_classes``."""
-    vit = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **model_kwargs)
+    try:
+        vit = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **model_kwargs)
+    except OSError as err:  # the hub's download and offline-cache errors are OSErrors
+        if not pretrained:
+            raise
+        raise OSError(f"could not get the pretrained weights of {name} ({type(err).__name__}: {err}). Without a "
+                      "network, start from a local timm state dict instead: pretrained=False, checkpoint=PATH "
+                      "(the app: model.pretrained=false model.checkpoint=PATH)") from err
     if checkpoint is not None:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         state = {k: v for k, v in state.items() if not k.startswith("head.")}

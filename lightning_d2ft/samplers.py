@@ -28,9 +28,13 @@ def with_micro_batches(loader: object, seed: int = 0) -> object:
     if isinstance(loader.sampler, DistributedSampler):
         shuffle = loader.sampler.shuffle
     sampler = MicroBatchSampler(loader.dataset, loader.batch_size, shuffle=shuffle, seed=seed)
+    left_out = len(loader.dataset) % loader.batch_size
+    dropped = (f"; it leaves out {left_out} of the {len(loader.dataset)} samples, the same ones every epoch, so that "
+               "every micro-batch is full") if left_out else ""
     rank_zero_info(f"D2FT: the training DataLoader's {type(loader.sampler).__name__} was replaced by a "
-             f"MicroBatchSampler (batch size {loader.batch_size}, shuffle={shuffle}, seed={seed}): D2FT needs "
-             "micro-batches of fixed composition. Pass D2FTStrategy(use_micro_batch_sampler=False) to opt out.")
+                   f"MicroBatchSampler (batch size {loader.batch_size}, shuffle={shuffle}, seed={seed}){dropped}: "
+                   "D2FT needs micro-batches of fixed composition. Pass D2FTStrategy(use_micro_batch_sampler=False) "
+                   "to opt out.")
     return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler, drop_last=False,
                       num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
                       timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,

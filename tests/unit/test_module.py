@@ -4,6 +4,7 @@ model summary says its counts are per shard."""
 from __future__ import annotations
 
 import pytest
+import timm
 import torch
 
 from lightning_d2ft import ViTClassifier
@@ -35,6 +36,21 @@ def test_a_checkpoint_loads_without_its_classifier_head(tmp_path):
     vit = build_vit("vit_small_patch16_224", num_classes=3, checkpoint=str(tmp_path / "w.pt"), **KW)
     assert torch.equal(vit.blocks[1].mlp.fc2.weight, source.blocks[1].mlp.fc2.weight)
     assert vit.head.out_features == 3
+
+
+def test_pretrained_weights_that_cannot_be_fetched_say_how_to_start_offline(monkeypatch):
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def offline(*args, pretrained=False, **kwargs):
+        if pretrained:  # what timm raises without a network or a filled hub cache
+            raise LocalEntryNotFoundError("check your connection")
+        return real(*args, **kwargs)
+
+    real = timm.create_model
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(OSError, match=r"pretrained weights of vit_small_patch16_224 .*model.checkpoint=PATH"):
+        build_vit("vit_small_patch16_224", pretrained=True, **KW)
+    build_vit("vit_small_patch16_224", pretrained=False, **KW)  # only the download is reworded
 
 
 def test_classifier_knows_its_whole_parameter_count():

@@ -20,6 +20,19 @@ def test_a_shuffled_loader_becomes_micro_batches_of_its_batch_size():
     assert first == [b[1].tolist() for b in loader]  # the same composition every pass (epoch 0 order)
 
 
+def test_the_replacement_says_how_many_samples_it_leaves_out(caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO):
+        sampler = find_micro_batch_sampler(with_micro_batches(DataLoader(DATA, batch_size=6, shuffle=True)))
+    assert sampler.num_micro_batches * 6 == 18
+    assert "leaves out 2 of the 20 samples, the same ones every epoch" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        with_micro_batches(DataLoader(DATA, batch_size=5, shuffle=True))
+    assert "replaced by a MicroBatchSampler" in caplog.text and "leaves out" not in caplog.text
+
+
 def test_a_sequential_loader_keeps_its_order():
     sampler = find_micro_batch_sampler(with_micro_batches(DataLoader(DATA, batch_size=5)))
     assert not sampler.shuffle
