@@ -215,7 +215,8 @@ def print_summary(result: dict[str, Any]) -> None:
               f"({1 - result['wire_fraction']:.0%} saved); per-item cost model {result['comm_fraction']:.3f}")
     if result["val_acc"] is not None:
         print(f"validation top-1 accuracy: {result['val_acc']:.2%}")
-    scoring = result["scoring_seconds"] or 0.0
-    print(f"scoring pass {scoring:.1f} s, fit {result['fit_seconds']:.1f} s")
+    scoring = result["scoring_seconds"]
+    scored = f"scoring pass {scoring:.1f} s" if scoring else "no scoring pass (scores from the cache, or a resumed run)"
+    print(f"{scored}, fit {result['fit_seconds']:.1f} s")
     if result.get("output_dir"):
         print(f"outputs: {result['output_dir']} (results.json, checkpoints/, d2ft/, logs/)")
