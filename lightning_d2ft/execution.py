@@ -12,7 +12,7 @@ import warnings
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
@@ -35,6 +35,11 @@ class ScheduleExecution:
         self.schedule = schedule
         self._epoch_ids = (-1, [])
         self._compute_fractions = schedule.micro_batch_compute_fractions.tolist()  # logged per step
+        graphs = self._scheduled_net().graphs
+        if graphs is not None and schedule.distinct_patterns > graphs.max_patterns:
+            rank_zero_warn(f"D2FT: the schedule has {schedule.distinct_patterns} distinct op patterns, more than the "
+                           f"{graphs.max_patterns} that CUDA graphs capture: the micro-batches of the others run "
+                           "eagerly, each step slower than plain timm (fewer, larger micro-batches give fewer)")
 
     def micro_batch_of(self, batch_idx: int) -> int:
         """The micro-batch id training batch ``batch_idx`` of the current epoch holds (-1 if unknown)."""
