@@ -10,8 +10,9 @@ Both solvers share one prologue (:class:`Rows`) and one epilogue (ops, and per-r
 the float scores). In step mode an item's profit is its score quantised to 2^-Q of the row's largest score
 (Q = 36 for 36 subnets) times K, plus a distinct rank (lower forward score first for FULL, lower index
 first for FORWARD_ONLY), K above every rank sum: both solvers maximise the same integers and so break
-score ties the same way. In epoch mode SCIP sees the float scores; on exact ties it may pick another,
-equally good FULL set, which can change the FORWARD_ONLY objective (then the check fails loudly).
+score ties the same way. In epoch mode SCIP sees the float scores, and a second solve breaks FULL ties the
+DP's way (among the best FULL sets, the most items, then the lowest forward-score sum); where item costs differ the two may still
+pick different tied sets, which can change the FORWARD_ONLY objective (then the check fails loudly).
 
 Solvers (:data:`SOLVERS`): ``ortools`` (step: OR-Tools' dedicated knapsack solver per row and level, the
 64-item solver or branch and bound; epoch: two SCIP MIPs per device) and ``dp`` (ours: items of equal cost
@@ -302,7 +303,10 @@ def _solve_scip(rows: Rows, time_limit: float | None) -> tuple[np.ndarray, np.nd
     fo = np.zeros_like(full)
     b = rows.budget
     for r in range(full.shape[0]):
-        full[r] = _mip(rows.back[r], rows.w_full, b.outer_capacity, rows.full_cap, time_limit, "outer")
+        # ties among the FULL sets go to lower forward scores, as the DP breaks them (the default score,
+        # weight_magnitude, is the same for every micro-batch: the epoch row is full of exact ties)
+        full[r] = _mip(rows.back[r], rows.w_full, b.outer_capacity, rows.full_cap, time_limit, "outer",
+                       tie=rows.tie_out[r])
         rest = np.flatnonzero(~full[r])
         cap = b.capacity - int(rows.w_full[full[r]].sum())
         fo[r, rest] = _mip(rows.fwd[r, rest], rows.w_fo[rest], cap, rows.fo_cap(int(full[r].sum())), time_limit,
@@ -311,7 +315,10 @@ def _solve_scip(rows: Rows, time_limit: float | None) -> tuple[np.ndarray, np.nd
 
 
 def _mip(values: np.ndarray, weights: np.ndarray, capacity: int, max_count: int, time_limit: float | None,
-         level: str) -> np.ndarray:
+         level: str, tie: np.ndarray | None = None) -> np.ndarray:
+    """0/1 knapsack by SCIP: the best ``values`` within ``capacity`` and ``max_count`` items; with ``tie``,
+    a second solve keeps that best value and takes, among the sets that reach it, the most items and then
+    the lowest ``tie`` sum (the DP's order)."""
     from ortools.linear_solver import pywraplp
 
     if values.size == 0 or capacity <= 0 or max_count <= 0:
@@ -324,9 +331,18 @@ def _mip(values: np.ndarray, weights: np.ndarray, capacity: int, max_count: int,
     s.Add(s.Sum([int(w) * xi for w, xi in zip(weights, x)]) <= capacity)
     if max_count < values.size:
         s.Add(s.Sum(x) <= max_count)
-    s.Maximize(s.Sum([float(v) * xi for v, xi in zip(values, x)]))
+    value = s.Sum([float(v) * xi for v, xi in zip(values, x)])
+    s.Maximize(value)
     params = pywraplp.MPSolverParameters()
     params.SetDoubleParam(pywraplp.MPSolverParameters.RELATIVE_MIP_GAP, 0.0)
     if s.Solve(params) != pywraplp.Solver.OPTIMAL:
         raise RuntimeError(f"OR-Tools did not prove the {level} level optimal (SCIP, capacity='epoch')")
+    if tie is not None:
+        best = s.Objective().Value()
+        s.Add(value >= best - 1e-9 * max(1.0, abs(best)))  # float sums: keep every set that ties the best
+        # as the DP: the most items first (zero-valued ones too), then the lowest tie sum
+        per_item = float(np.abs(tie).sum()) + 1.0
+        s.Maximize(s.Sum([(per_item - float(t)) * xi for t, xi in zip(tie, x)]))
+        if s.Solve(params) != pywraplp.Solver.OPTIMAL:
+            raise RuntimeError(f"OR-Tools did not prove the {level} level's tie-break optimal (SCIP, capacity='epoch')")
     return np.array([xi.solution_value() > 0.5 for xi in x])

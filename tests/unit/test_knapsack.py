@@ -59,7 +59,8 @@ instances = st.fixed_dictionaries({
 def _solve_both(inst: dict, capacity: str):
     n_cols = inst["n_cols"] + 2
     devices = min(inst["devices"], inst["n_cols"])
-    ties = inst["ties"] and (capacity == "step")  # see test_epoch_ties_are_documented
+    # epoch mode: SCIP breaks FULL ties the DP's way (lowest forward-score sum) where every item costs the same
+    ties = inst["ties"] and (capacity == "step" or inst["costs"] is None)
     back, fwd = (_tied_scores if ties else _scores)(inst["seed"], inst["n_mb"], n_cols)
     costs = None if inst["costs"] is None or (ties and capacity == "step") else \
         torch.tensor([1.0] + inst["costs"][: n_cols - 2] + [1.0])
@@ -96,6 +97,16 @@ def test_epoch_capacity_dp_matches_ortools_scip(inst):
         assert a == pytest.approx(b, rel=1e-6, abs=1e-9)
     for s in (dp, ort):
         _check_limits(s, unit, comm)
+
+
+def test_epoch_capacity_with_the_default_scores_ties_agrees_with_the_dp():
+    """weight_magnitude (the default backward score) is the same for every micro-batch, so the epoch row is
+    full of exact FULL ties; OR-Tools must break them as the DP does, or the check fails (it always did)."""
+    back, fwd = _scores(3, 8, 20)
+    back = back[:1].repeat(8, 1)
+    ort = Schedule.solve(back, fwd, budget=0.6, devices=2, capacity="epoch", solver="ortools")  # validated
+    dp = Schedule.solve(back, fwd, budget=0.6, devices=2, capacity="epoch", solver="dp")
+    assert torch.equal(ort.ops, dp.ops)
 
 
 @pytest.mark.parametrize("capacity", ["step", "epoch"])
