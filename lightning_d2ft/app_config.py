@@ -137,6 +137,11 @@ def check_config(cfg: DictConfig) -> ScheduleSettings:
         raise ValueError(f"trainer.tensor_parallel_size must be 'auto' or a positive int, got {tp!r}")
     if t.speeds is not None and any(v <= 0 for v in t.speeds):
         raise ValueError(f"trainer.speeds must be positive relative speeds, got {list(t.speeds)}")
+    world = t.devices * int(t.extra.get("num_nodes", 1))
+    ranks = world if tp == "auto" else tp
+    if t.speeds is not None and len(t.speeds) != ranks:
+        raise ValueError(f"trainer.speeds has {len(t.speeds)} entries; it needs one per tensor-parallel rank: {ranks} "
+                         f"(trainer.tensor_parallel_size={tp!r} on {world} devices)")
     if m.lr <= 0:
         raise ValueError(f"model.lr must be > 0, got {m.lr}")
     check_trainer_extra(dict(t.extra))

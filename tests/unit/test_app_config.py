@@ -61,6 +61,7 @@ def test_wrong_types_and_unknown_keys_are_refused_when_composed(override, field)
     ("+model.pretrain.epoch=3", r"unknown key model.pretrain.epoch; model.pretrain has \[.*'epochs'"),
     ("trainer.accelerator=tpu", r"trainer.accelerator='tpu' is not allowed; choose one of \['cpu', 'gpu'"),
     ("trainer.precision=17", r"trainer.precision='17' is not allowed; choose one of \[.*'bf16-mixed'"),
+    ("trainer.speeds=[2.0]", r"trainer.speeds has 1 entries; it needs one per tensor-parallel rank: 2 "),
 ])
 def test_ranges_and_choices_are_refused_naming_the_field(override, message):
     with pytest.raises(ValueError, match=message):
