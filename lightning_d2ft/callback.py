@@ -25,6 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from lightning_d2ft.data import MicroBatchSampler, find_micro_batch_sampler
+from lightning_d2ft.guards import sigterm_stops_at_once
 from lightning_d2ft.lora import add_lora_, check_lora, has_lora
 from lightning_d2ft.ops import CostModel
 from lightning_d2ft.partition import D2FTViT, find_d2ft
@@ -138,11 +139,13 @@ class D2FTCallback(Callback):
     # -- planning: once the strategy has placed and sharded the model --------------------------------
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._plan(trainer)
+        with sigterm_stops_at_once():  # no step to finish together yet: the scoring pass stops at once
+            self._plan(trainer)
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._plan(trainer, placed=True)  # a no-op when on_fit_start planned already; training starts: placed
+        with sigterm_stops_at_once():  # a no-op when on_fit_start planned already; training starts: placed
+            self._plan(trainer, placed=True)
         if trainer.fit_loop.restarted_mid_epoch:  # Lightning skips on_train_epoch_start then
             self._ids = find_micro_batch_sampler(trainer.train_dataloader).micro_batch_ids(trainer.current_epoch)
 

@@ -16,17 +16,19 @@ import socket
 import sys
 import threading
 import time
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
 from lightning.fabric.utilities.apply_func import apply_to_collection
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_d2ft.collectives import named_collective
 
-__all__ = ["GuardedSteps", "StepGuard", "last_checkpoint", "sigterm_message"]
+__all__ = ["GuardedSteps", "StepGuard", "last_checkpoint", "sigterm_message", "sigterm_stops_at_once"]
 log = logging.getLogger(__name__)
 _WHAT = {0: "", 1: "loss", 2: "input"}
 
@@ -205,6 +207,25 @@ def _flag_code(batch: Any, loss: Any, sigterm: bool) -> Tensor:
 
 def _decode(flags: list[int]) -> tuple[str, bool]:
     return _WHAT[int(flags[0])], bool(flags[1])
+
+
+@contextmanager
+def sigterm_stops_at_once() -> Iterator[None]:
+    """Before the first training step (the scoring pass, the solve) there is no step for the ranks to finish
+    together, and Lightning's handler is not installed yet (Python's default would kill the process without
+    a word): SIGTERM raises Lightning's SIGTERMException at once, which ends the run with the one line."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SIGTERMException()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def last_checkpoint(trainer: Any) -> str | None:

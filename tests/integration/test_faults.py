@@ -99,12 +99,32 @@ from lightning_d2ft import D2FTCallback, D2FTStrategy
 from lightning_d2ft.data import DigitsDataModule
 from lightning_d2ft.module import ViTClassifier
 
-class Term(Callback):
+import lightning_d2ft.callback as callback_module
+from lightning_d2ft.scoring_pass import score_shared
+
+WHEN = sys.argv[3]  # module level: spawned workers import this file again, with the same argv
+TRAINER = None
+
+def term(trainer):
     # one process: it signals itself; two: rank 0 signals the launching process, as a scheduler or
     # `kill <pid of the command>` does (the workers must hear of it from the launcher)
+    if trainer.global_rank == 0:
+        os.kill(os.getpid() if trainer.world_size == 1 else os.getppid(), signal.SIGTERM)
+
+class Term(Callback):
+    def setup(self, trainer, *args, **kwargs):
+        global TRAINER
+        TRAINER = trainer
+
     def on_train_batch_start(self, trainer, *args):
-        if trainer.global_step == 2 and trainer.global_rank == 0:
-            os.kill(os.getpid() if trainer.world_size == 1 else os.getppid(), signal.SIGTERM)
+        if trainer.global_step == 2 and WHEN == "step":
+            term(trainer)
+
+def scoring_then_term(*args, **kwargs):
+    term(TRAINER)  # in the middle of the scoring pass, before any step (and any checkpoint)
+    return score_shared(*args, **kwargs)
+
+callback_module.score_shared = scoring_then_term
 
 if __name__ == "__main__":
     root, devices = sys.argv[1], int(sys.argv[2])
@@ -114,7 +134,8 @@ if __name__ == "__main__":
     strategy = D2FTStrategy(parallel_devices=[torch.device("cpu")]) if devices == 1 else \
         D2FTStrategy(start_method="spawn")
     trainer = Trainer(accelerator="cpu", devices=devices, strategy=strategy,
-                      callbacks=[D2FTCallback(budget=1.0, progress=False), Term(),
+                      callbacks=[D2FTCallback(budget=1.0 if WHEN == "step" else 0.6, progress=False,
+                                              cache_dir=os.path.join(root, "cache")), Term(),
                                  ModelCheckpoint(dirpath=root, save_last=True, every_n_train_steps=1, save_top_k=0)],
                       max_epochs=1, limit_train_batches=8, limit_val_batches=0, logger=False,
                       enable_progress_bar=False, default_root_dir=root)
@@ -123,21 +144,32 @@ if __name__ == "__main__":
 """
 
 
-@pytest.mark.parametrize("devices", [1, 2])
-def test_sigterm_exits_non_zero_naming_the_last_checkpoint(tmp_path, devices):
+def _run_sigterm_script(tmp_path: Path, devices: int, when: str) -> tuple[str, Path]:
     script = tmp_path / "run.py"
     script.write_text(SIGTERM_SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, str(script), str(tmp_path / "ckpt"), str(devices)], capture_output=True,
-                          text=True, env=env, timeout=300)
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "ckpt"), str(devices), when],
+                          capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode != 0, done.stdout + done.stderr
     assert "finished" not in done.stdout
-    last_line = done.stderr.strip().splitlines()[-1]
-    last = tmp_path / "ckpt" / "last.ckpt"
+    return done.stderr.strip().splitlines()[-1], tmp_path / "ckpt"
+
+
+@pytest.mark.parametrize("devices", [1, 2])
+def test_sigterm_exits_non_zero_naming_the_last_checkpoint(tmp_path, devices):
+    last_line, ckpt = _run_sigterm_script(tmp_path, devices, "step")
+    last = ckpt / "last.ckpt"
     # the signal reaches two workers through the launcher, so the step they stop after is not fixed
     step = torch.load(last, weights_only=False)["global_step"]
-    assert last_line == f"D2FT: stopped by SIGTERM at global step {step}; resume from {last}", done.stderr[-3000:]
+    assert last_line == f"D2FT: stopped by SIGTERM at global step {step}; resume from {last}"
     assert step == 3 if devices == 1 else 3 <= step < 8
+
+
+def test_sigterm_during_the_scoring_pass_stops_at_once_saying_nothing_can_be_resumed(tmp_path):
+    """Before the first step Lightning has no handler yet: the default action killed the run without a word."""
+    last_line, ckpt = _run_sigterm_script(tmp_path, 1, "scoring")
+    assert last_line == "D2FT: stopped by SIGTERM at global step 0; no checkpoint was written, so nothing can be resumed"
+    assert not (ckpt / "last.ckpt").exists()
 
 
 class PoisonedDigits(DigitsDataModule):
