@@ -6,7 +6,8 @@
   ValueError), not the echo of it.
 * SIGTERM is a failure (non-zero exit) that names the last checkpoint, not a clean exit; a SIGTERM sent to
   the launching process is passed on to the workers, which stop together after a step, instead of killing
-  the launcher at once and leaving them to die without a word.
+  the launcher at once and leaving them to die without a word; a worker whose launcher died (``kill -9``)
+  stops the same way instead of training on alone.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class _WholeModelSpawnLauncher(_MultiProcessingLauncher):
 
     @override
     def _wrapping_function(self, process_idx: int, trainer: Any, *args: Any, **kwargs: Any) -> None:
+        _stop_when_the_launcher_dies()
         try:
             super()._wrapping_function(process_idx, trainer, *args, **kwargs)
         except SIGTERMException as stop:
@@ -126,6 +128,20 @@ def _sigterm_passed_to_workers() -> Iterator[list[int]]:
         yield received
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_when_the_launcher_dies(poll_s: float = 1.0) -> None:
+    """A worker whose launcher died (``kill -9`` of the command, the OOM killer) would train on alone, and
+    race a rerun in the same run directory. When its parent changes, it sends itself SIGTERM: every rank
+    stops after the step with a checkpoint (at once before the first step)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="d2ft-launcher-watch", daemon=True).start()
 
 
 def sigterm_exit(exception: BaseException, trainer: Any) -> None:

@@ -115,13 +115,17 @@ class Term(Callback):
     def setup(self, trainer, *args, **kwargs):
         global TRAINER
         TRAINER = trainer
+        open(os.path.join(sys.argv[1] + "-pids", str(os.getpid())), "w").close()
 
     def on_train_batch_start(self, trainer, *args):
         if trainer.global_step == 2 and WHEN == "step":
             term(trainer)
+        if trainer.global_step == 2 and WHEN == "kill-launcher" and trainer.global_rank == 0:
+            os.kill(os.getppid(), signal.SIGKILL)  # kill -9 of the command, the OOM killer
 
 def scoring_then_term(*args, **kwargs):
-    term(TRAINER)  # in the middle of the scoring pass, before any step (and any checkpoint)
+    if WHEN == "scoring":
+        term(TRAINER)  # in the middle of the scoring pass, before any step (and any checkpoint)
     return score_shared(*args, **kwargs)
 
 callback_module.score_shared = scoring_then_term
@@ -134,10 +138,11 @@ if __name__ == "__main__":
     strategy = D2FTStrategy(parallel_devices=[torch.device("cpu")]) if devices == 1 else \
         D2FTStrategy(start_method="spawn")
     trainer = Trainer(accelerator="cpu", devices=devices, strategy=strategy,
-                      callbacks=[D2FTCallback(budget=1.0 if WHEN == "step" else 0.6, progress=False,
+                      callbacks=[D2FTCallback(budget=0.6 if WHEN == "scoring" else 1.0, progress=False,
                                               cache_dir=os.path.join(root, "cache")), Term(),
                                  ModelCheckpoint(dirpath=root, save_last=True, every_n_train_steps=1, save_top_k=0)],
-                      max_epochs=1, limit_train_batches=8, limit_val_batches=0, logger=False,
+                      max_epochs=1 if WHEN != "kill-launcher" else 20, limit_train_batches=8 if WHEN != "kill-launcher"
+                      else None, limit_val_batches=0, logger=False,
                       enable_progress_bar=False, default_root_dir=root)
     trainer.fit(module, DigitsDataModule(img_size=16, batch_size=16, seed=0))
     print("finished")
@@ -147,10 +152,16 @@ if __name__ == "__main__":
 def _run_sigterm_script(tmp_path: Path, devices: int, when: str) -> tuple[str, Path]:
     script = tmp_path / "run.py"
     script.write_text(SIGTERM_SCRIPT)
+    (tmp_path / "ckpt-pids").mkdir()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # a command started with `&` from a script ignores SIGINT, and so does what it spawns: torch's spawn then
+    # cannot stop orphaned workers (its PR_SET_PDEATHSIG sends SIGINT)
+    in_background = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if when == "kill-launcher" else None
     done = subprocess.run([sys.executable, str(script), str(tmp_path / "ckpt"), str(devices), when],
-                          capture_output=True, text=True, env=env, timeout=300)
+                          capture_output=True, text=True, env=env, timeout=300, preexec_fn=in_background)
     assert done.returncode != 0, done.stdout + done.stderr
+    if when == "kill-launcher":
+        return "", tmp_path / "ckpt"
     assert "finished" not in done.stdout
     return done.stderr.strip().splitlines()[-1], tmp_path / "ckpt"
 
@@ -163,6 +174,29 @@ def test_sigterm_exits_non_zero_naming_the_last_checkpoint(tmp_path, devices):
     step = torch.load(last, weights_only=False)["global_step"]
     assert last_line == f"D2FT: stopped by SIGTERM at global step {step}; resume from {last}"
     assert step == 3 if devices == 1 else 3 <= step < 8
+
+
+def test_workers_whose_launcher_was_killed_stop_with_a_checkpoint_instead_of_training_on(tmp_path):
+    """kill -9 of a 2-process command started in the background: the orphaned workers used to finish the whole
+    fit, racing a rerun in the same run directory."""
+    _, ckpt = _run_sigterm_script(tmp_path, 2, "kill-launcher")
+    workers = [int(p.name) for p in (tmp_path / "ckpt-pids").iterdir()]
+    assert len(workers) == 2
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and any(_alive(pid) for pid in workers):
+        time.sleep(0.5)
+    assert not any(_alive(pid) for pid in workers), "the workers trained on without their launcher"
+    step = torch.load(ckpt / "last.ckpt", weights_only=False)["global_step"]
+    assert 2 <= step < 20 * 60  # they stopped together after a step, long before the 20 epochs' end
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as stat:  # a zombie waiting for init to reap it has stopped too
+        return stat.read().split()[2] != "Z"
 
 
 def test_sigterm_during_the_scoring_pass_stops_at_once_saying_nothing_can_be_resumed(tmp_path):
