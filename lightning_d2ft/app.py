@@ -181,6 +181,7 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     trainer.fit(module, dm, ckpt_path=ckpt_path, weights_only=True)  # a checkpoint cannot run code
     seconds = time.perf_counter() - start
     result = _result(cfg, trainer, callback, out, seconds)
+    result["resumed_from"] = ckpt_path
     if trainer.is_global_zero:
         atomic_write(out / "results.json", json.dumps(result, indent=2).encode())
     return result
@@ -216,7 +217,9 @@ def print_summary(result: dict[str, Any]) -> None:
     if result["val_acc"] is not None:
         print(f"validation top-1 accuracy: {result['val_acc']:.2%}")
     scoring = result["scoring_seconds"]
-    scored = f"scoring pass {scoring:.1f} s" if scoring else "no scoring pass (scores from the cache, or a resumed run)"
+    scored = f"scoring pass {scoring:.1f} s" if scoring else "no scoring pass (scores from the cache)"
+    if result.get("resumed_from"):  # the schedule came with the checkpoint: its scoring ran before the stop
+        scored = f"scoring pass {scoring or 0.0:.1f} s before the resume"
     print(f"{scored}, fit {result['fit_seconds']:.1f} s")
     if result.get("output_dir"):
         print(f"outputs: {result['output_dir']} (results.json, checkpoints/, d2ft/, logs/)")

@@ -156,3 +156,16 @@ def test_a_bad_trainer_setting_is_refused_before_pretraining(tmp_path):
     with pytest.raises(ValueError, match="tensor_parallel_size=3 does not divide the 2 devices"):
         run(cfg, tmp_path / "run")
     assert not (tmp_path / "pretrained").exists()
+
+
+@pytest.mark.parametrize("scoring, resumed, says", [
+    (2.94, None, "scoring pass 2.9 s, fit"),
+    (0.0, None, "no scoring pass (scores from the cache), fit"),
+    (2.94, "last.ckpt", "scoring pass 2.9 s before the resume, fit"),  # not "none" beside a stale figure
+])
+def test_the_summary_says_where_the_scores_came_from(capsys, scoring, resumed, says):
+    from lightning_d2ft.app import print_summary
+
+    print_summary({"method": "d2ft", "budget": 0.6, "subnets": 74, "devices": 1, "compute_fraction": 0.6,
+                   "val_acc": 0.9, "scoring_seconds": scoring, "fit_seconds": 10.0, "resumed_from": resumed})
+    assert says in capsys.readouterr().out
