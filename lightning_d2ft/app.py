@@ -211,7 +211,8 @@ def print_summary(result: dict[str, Any]) -> None:
           f"{result['devices']} devices")
     print(f"compute: {result['compute_fraction']:.3f} of full fine-tuning "
           f"({1 - result['compute_fraction']:.0%} saved)")
-    if (result.get("tensor_parallel_size") or result["devices"]) > 1:  # one tensor-parallel rank: no wire
+    tp = result.get("tensor_parallel_size")
+    if (result["devices"] if tp is None else tp) > 1:  # one tensor-parallel rank: no tensor-parallel wire
         print(f"communication: {result['wire_fraction']:.3f} of full fine-tuning on the wire "
               f"({1 - result['wire_fraction']:.0%} saved); per-item cost model {result['comm_fraction']:.3f}")
     if result["val_acc"] is not None:

@@ -169,3 +169,14 @@ def test_the_summary_says_where_the_scores_came_from(capsys, scoring, resumed, s
     print_summary({"method": "d2ft", "budget": 0.6, "subnets": 74, "devices": 1, "compute_fraction": 0.6,
                    "val_acc": 0.9, "scoring_seconds": scoring, "fit_seconds": 10.0, "resumed_from": resumed})
     assert says in capsys.readouterr().out
+
+
+def test_the_summary_has_no_tensor_parallel_wire_line_without_tensor_parallelism(capsys):
+    from lightning_d2ft.app import print_summary
+
+    base = {"method": "d2ft", "budget": 0.6, "subnets": 74, "devices": 2, "compute_fraction": 0.6, "val_acc": 0.9,
+            "scoring_seconds": 1.0, "fit_seconds": 10.0, "wire_fraction": 0.958, "comm_fraction": 0.6}
+    print_summary({**base, "tensor_parallel_size": 1})  # two data-parallel replicas
+    assert "on the wire" not in capsys.readouterr().out
+    print_summary({**base, "tensor_parallel_size": 2})
+    assert "0.958 of full fine-tuning on the wire" in capsys.readouterr().out
