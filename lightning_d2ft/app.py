@@ -180,14 +180,14 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     start = time.perf_counter()
     trainer.fit(module, dm, ckpt_path=ckpt_path, weights_only=True)  # a checkpoint cannot run code
     seconds = time.perf_counter() - start
-    result = _result(cfg, trainer, callback, out, seconds)
-    result["resumed_from"] = ckpt_path
+    result = _result(cfg, trainer, callback, out, seconds, ckpt_path)
     if trainer.is_global_zero:
         atomic_write(out / "results.json", json.dumps(result, indent=2).encode())
     return result
 
 
-def _result(cfg: DictConfig, trainer: Trainer, callback: D2FTCallback, out: Path, seconds: float) -> dict[str, Any]:
+def _result(cfg: DictConfig, trainer: Trainer, callback: D2FTCallback, out: Path, seconds: float,
+            resumed_from: str | None) -> dict[str, Any]:
     s = cfg.schedule
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     schedule = callback.schedule or Schedule.load(out / "d2ft" / "schedule.pt")
@@ -202,6 +202,7 @@ def _result(cfg: DictConfig, trainer: Trainer, callback: D2FTCallback, out: Path
         "tensor_parallel_size": getattr(trainer.strategy, "tensor_parallel_size", None),
         "last_checkpoint": str(newest) if newest is not None else None,
         "output_dir": str(out),
+        "resumed_from": resumed_from,  # the schedule (and its scoring time) came with this checkpoint
     }
 
 

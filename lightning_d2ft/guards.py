@@ -16,8 +16,8 @@ import socket
 import sys
 import threading
 import time
-from contextlib import contextmanager
-from typing import Any, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -28,7 +28,8 @@ from typing_extensions import override
 
 from lightning_d2ft.collectives import named_collective
 
-__all__ = ["GuardedSteps", "StepGuard", "last_checkpoint", "sigterm_message", "sigterm_stops_at_once"]
+__all__ = ["GuardedSteps", "StepGuard", "last_checkpoint", "sigterm_handled_by", "sigterm_message",
+           "sigterm_stops_at_once"]
 log = logging.getLogger(__name__)
 _WHAT = {0: "", 1: "loss", 2: "input"}
 
@@ -210,22 +211,28 @@ def _decode(flags: list[int]) -> tuple[str, bool]:
 
 
 @contextmanager
-def sigterm_stops_at_once() -> Iterator[None]:
-    """Before the first training step (the scoring pass, the solve) there is no step for the ranks to finish
-    together, and Lightning's handler is not installed yet (Python's default would kill the process without
-    a word): SIGTERM raises Lightning's SIGTERMException at once, which ends the run with the one line."""
+def sigterm_handled_by(handler: Callable[[int, Any], None]) -> Iterator[None]:
+    """``handler`` takes SIGTERM inside the block, the previous handler after it. Only the main thread can
+    install handlers; elsewhere the block runs with whatever is installed."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-
-    def stop(signum: int, frame: Any) -> None:
-        raise SIGTERMException()
-
-    previous = signal.signal(signal.SIGTERM, stop)
+    previous = signal.signal(signal.SIGTERM, handler)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def sigterm_stops_at_once() -> AbstractContextManager[None]:
+    """Before the first training step (the scoring pass, the solve) there is no step for the ranks to finish
+    together, and Lightning's handler is not installed yet (Python's default would kill the process without
+    a word): SIGTERM raises Lightning's SIGTERMException at once, which ends the run with the one line."""
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SIGTERMException()
+
+    return sigterm_handled_by(stop)
 
 
 def last_checkpoint(trainer: Any) -> str | None:

@@ -11,8 +11,9 @@ the float scores). In step mode an item's profit is its score quantised to 2^-Q 
 (Q = 36 for 36 subnets) times K, plus a distinct rank (lower forward score first for FULL, lower index
 first for FORWARD_ONLY), K above every rank sum: both solvers maximise the same integers and so break
 score ties the same way. In epoch mode SCIP sees the float scores, and a second solve breaks FULL ties the
-DP's way (among the best FULL sets, the most items, then the lowest forward-score sum); where item costs differ the two may still
-pick different tied sets, which can change the FORWARD_ONLY objective (then the check fails loudly).
+DP's way (among the best FULL sets, the most items, then the lowest forward-score sum); where item costs
+differ the two may still pick different tied sets, which can change the FORWARD_ONLY objective (then the
+check fails loudly).
 
 Solvers (:data:`SOLVERS`): ``ortools`` (step: OR-Tools' dedicated knapsack solver per row and level, the
 64-item solver or branch and bound; epoch: two SCIP MIPs per device) and ``dp`` (ours: items of equal cost
@@ -344,5 +345,6 @@ def _mip(values: np.ndarray, weights: np.ndarray, capacity: int, max_count: int,
         per_item = float(np.abs(tie).sum()) + 1.0
         s.Maximize(s.Sum([(per_item - float(t)) * xi for t, xi in zip(tie, x)]))
         if s.Solve(params) != pywraplp.Solver.OPTIMAL:
-            raise RuntimeError(f"OR-Tools did not prove the {level} level's tie-break optimal (SCIP, capacity='epoch')")
+            raise RuntimeError(f"OR-Tools did not prove the {level} level's tie-break optimal "
+                               "(SCIP, capacity='epoch')")
     return np.array([xi.solution_value() > 0.5 for xi in x])

@@ -29,7 +29,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
 from lightning_d2ft.collectives import CollectiveError
-from lightning_d2ft.guards import sigterm_message
+from lightning_d2ft.guards import sigterm_handled_by, sigterm_message
 from lightning_d2ft.lora import match_lora_
 from lightning_d2ft.partition import find_d2ft
 
@@ -107,9 +107,6 @@ def _sigterm_passed_to_workers() -> Iterator[list[int]]:
     the step, checkpoint and report. Python's default would kill the launcher at once and orphan them.
     Yields the signals received (empty: none)."""
     received: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield received
-        return
     launcher, before = os.getpid(), {p.pid for p in multiprocessing.active_children()}
 
     def pass_on(signum: int, frame: Any) -> None:
@@ -123,11 +120,8 @@ def _sigterm_passed_to_workers() -> Iterator[list[int]]:
                 except ProcessLookupError:
                     pass
 
-    previous = signal.signal(signal.SIGTERM, pass_on)
-    try:
+    with sigterm_handled_by(pass_on):
         yield received
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _stop_when_the_launcher_dies(poll_s: float = 1.0) -> None:

@@ -202,7 +202,8 @@ def _alive(pid: int) -> bool:
 def test_sigterm_during_the_scoring_pass_stops_at_once_saying_nothing_can_be_resumed(tmp_path):
     """Before the first step Lightning has no handler yet: the default action killed the run without a word."""
     last_line, ckpt = _run_sigterm_script(tmp_path, 1, "scoring")
-    assert last_line == "D2FT: stopped by SIGTERM at global step 0; no checkpoint was written, so nothing can be resumed"
+    assert last_line == ("D2FT: stopped by SIGTERM at global step 0; no checkpoint was written, so nothing can be "
+                         "resumed")
     assert not (ckpt / "last.ckpt").exists()
 
 
