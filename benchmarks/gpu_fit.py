@@ -30,9 +30,9 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import print_table, write_json  # noqa: E402
 from lightning_d2ft.callback import D2FTCallback  # noqa: E402
-from lightning_d2ft.data import micro_batch_loader  # noqa: E402
-from lightning_d2ft.module import ViTClassifier  # noqa: E402
-from lightning_d2ft.strategy import D2FTStrategy  # noqa: E402
+from lightning_d2ft.data.micro_batches import micro_batch_loader  # noqa: E402
+from lightning_d2ft.app.module import ViTClassifier  # noqa: E402
+from lightning_d2ft.strategy.strategy import D2FTStrategy  # noqa: E402
 
 
 class FitTimer(Callback):

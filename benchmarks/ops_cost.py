@@ -35,10 +35,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import print_table, write_json  # noqa: E402
-from lightning_d2ft.cuda_graphs import PatternGraphs  # noqa: E402
+from lightning_d2ft.model.cuda_graphs import PatternGraphs  # noqa: E402
 from lightning_d2ft.ops import Op, count_aten_ops  # noqa: E402
-from lightning_d2ft.partition import D2FTViT  # noqa: E402
-from lightning_d2ft.scheduling import Schedule  # noqa: E402
+from lightning_d2ft.model.vit import D2FTViT  # noqa: E402
+from lightning_d2ft.schedule.schedule import Schedule  # noqa: E402
 
 TARGETS = {
     "cuda": {"all FULL": 1.05, "budget 0.6": 0.70, "half SHORTCUT": 0.60, "all FORWARD_ONLY": 0.45},

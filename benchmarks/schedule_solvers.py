@@ -27,10 +27,10 @@ from timm.models.vision_transformer import VisionTransformer
 
 from _common import RESULTS, machine, print_table, write_json
 from lightning_d2ft import D2FTViT, Schedule
-from lightning_d2ft.capacity import device_budgets
-from lightning_d2ft.knapsack import _knapsack_solvers, _ks, make_rows
+from lightning_d2ft.schedule.capacity import device_budgets
+from lightning_d2ft.schedule.knapsack import _knapsack_solvers, _ks, make_rows
 from lightning_d2ft.ops import CostModel
-from lightning_d2ft.scores import compute_scores
+from lightning_d2ft.scoring.scores import compute_scores
 
 TARGETS = {(1024, 2): 1.0, (16384, 8): 30.0}
 
@@ -84,7 +84,7 @@ def _cpsat(profits: np.ndarray, weights: np.ndarray, capacity: int) -> np.ndarra
 
 
 def _scip(values: np.ndarray, weights: np.ndarray, capacity: int) -> np.ndarray:
-    from lightning_d2ft.knapsack import _mip
+    from lightning_d2ft.schedule.knapsack import _mip
 
     return _mip(values, weights, capacity, values.size, None, "outer")
 

@@ -29,8 +29,9 @@ from timm.models.vision_transformer import VisionTransformer
 
 from _common import print_table, write_json
 from lightning_d2ft import D2FTViT
-from lightning_d2ft.data import DigitsDataModule, micro_batch_loader
-from lightning_d2ft.scoring_pass import score_shared, scoring_loader
+from lightning_d2ft.data.digits import DigitsDataModule
+from lightning_d2ft.data.micro_batches import micro_batch_loader
+from lightning_d2ft.scoring.scoring_pass import score_shared, scoring_loader
 
 
 def demo_setup() -> tuple[D2FTViT, torch.utils.data.DataLoader]:

@@ -9,7 +9,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from lightning_d2ft.app_config import register_configs
+from lightning_d2ft.app.config import register_configs
 
 
 def config_dir() -> str:
@@ -26,7 +26,7 @@ register_configs()
 
 @hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    from lightning_d2ft.app import print_summary, run
+    from lightning_d2ft.app.run import print_summary, run
 
     result = run(cfg, Path(HydraConfig.get().runtime.output_dir))
     print_summary(result)

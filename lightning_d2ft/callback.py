@@ -24,21 +24,21 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from lightning_d2ft.data import MicroBatchSampler, find_micro_batch_sampler
-from lightning_d2ft.guards import sigterm_stops_at_once
-from lightning_d2ft.lora import add_lora_, check_lora, has_lora
+from lightning_d2ft.data.micro_batches import MicroBatchSampler, find_micro_batch_sampler
+from lightning_d2ft.strategy.step_guard import sigterm_stops_at_once
+from lightning_d2ft.model.lora import add_lora_, check_lora, has_lora
 from lightning_d2ft.ops import CostModel
-from lightning_d2ft.partition import D2FTViT, find_d2ft
-from lightning_d2ft.placement import Placement
-from lightning_d2ft.schedule import Schedule
-from lightning_d2ft.schedule_state import check_matches, resumable, run_settings, schedule_from_state, schedule_state
-from lightning_d2ft.settings import ScheduleSettings, check_comm_budget
-from lightning_d2ft.scores import (
+from lightning_d2ft.model.vit import D2FTViT, find_d2ft
+from lightning_d2ft.parallel.placement import Placement
+from lightning_d2ft.schedule.schedule import Schedule
+from lightning_d2ft.schedule.resume import check_matches, resumable, run_settings, schedule_from_state, schedule_state
+from lightning_d2ft.schedule.settings import ScheduleSettings, check_comm_budget
+from lightning_d2ft.scoring.scores import (
     Scores, cache_key, check_cache_dir, check_finite_losses, data_fingerprint, grad_stats,
     load_cached, save_cached, score_tables, weights_digest,
 )
-from lightning_d2ft.scoring_pass import micro_batches_to_train, score_shared
-from lightning_d2ft.strategy import D2FTStrategy
+from lightning_d2ft.scoring.scoring_pass import micro_batches_to_train, score_shared
+from lightning_d2ft.strategy.strategy import D2FTStrategy
 
 __all__ = ["D2FTCallback"]
 log = logging.getLogger(__name__)
@@ -50,23 +50,23 @@ class D2FTCallback(Callback):
     Args:
         budget: compute budget, a fraction of all-FULL in (0, 1].
         subnets: re-cut the model's D2FTViT to this many subnets (or groups per block) before fit.
-        backward_score / forward_score: score metrics (see :mod:`lightning_d2ft.scores`).
+        backward_score / forward_score: score metrics (see :mod:`lightning_d2ft.scoring.scores`).
         solver: "ortools" (default) or "dp". method: "d2ft" or a baseline ("random", "dpruning", "moe", "full").
         comm_budget: optional communication budget in (0, 1]. forward_mix: see :meth:`Schedule.solve`.
         speeds: relative speed of each tensor-parallel rank (default: those of the strategy's
-            :class:`~lightning_d2ft.placement.Placement`, e.g. from ``speed_aware``, else equal).
+            :class:`~lightning_d2ft.parallel.placement.Placement`, e.g. from ``speed_aware``, else equal).
         cache_dir: where scores are cached (default ``<default_root_dir>/d2ft_cache``).
         score_every: score every k-th micro-batch only (cheaper scoring pass).
         data_key: names the training data for the score cache and the schedule's data check (default: a
             fingerprint of the micro-batch index lists and a seeded sample of the data set).
         schedule_path: use this saved schedule instead of solving (checked against the run: model, data,
             settings and world size).
-        capacity / validate: see :class:`~lightning_d2ft.settings.ScheduleSettings`.
-        settings: a :class:`~lightning_d2ft.settings.ScheduleSettings` instead of its fields one by one (it
+        capacity / validate: see :class:`~lightning_d2ft.schedule.settings.ScheduleSettings`.
+        settings: a :class:`~lightning_d2ft.schedule.settings.ScheduleSettings` instead of its fields one by one (it
             then wins over budget, comm_budget, the scores, solver, method, forward_mix, score_every,
             capacity and validate).
         lora_rank / lora_alpha: D2FT-LoRA: add a LoRA adapter per subnet on its ``qkv`` slice in ``setup``
-            and freeze the rest but the classifier head (see :mod:`lightning_d2ft.lora`); the scoring pass
+            and freeze the rest but the classifier head (see :mod:`lightning_d2ft.model.lora`); the scoring pass
             still rates the base subnets.
     """
 

@@ -16,7 +16,8 @@ import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_d2ft.data import DigitsDataModule, MicroBatchSampler
+from lightning_d2ft.data.digits import DigitsDataModule
+from lightning_d2ft.data.micro_batches import MicroBatchSampler
 
 from fits import assert_same, d2ft_callback, digits_data, make_module, make_trainer, vit_state
 
@@ -96,11 +97,11 @@ import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_d2ft import D2FTCallback, D2FTStrategy
-from lightning_d2ft.data import DigitsDataModule
-from lightning_d2ft.module import ViTClassifier
+from lightning_d2ft.data.digits import DigitsDataModule
+from lightning_d2ft.app.module import ViTClassifier
 
 import lightning_d2ft.callback as callback_module
-from lightning_d2ft.scoring_pass import score_shared
+from lightning_d2ft.scoring.scoring_pass import score_shared
 
 WHEN = sys.argv[3]  # module level: spawned workers import this file again, with the same argv
 TRAINER = None
@@ -260,7 +261,7 @@ def test_nonfinite_input_can_be_skipped_on_one_process_with_the_same_guarantees(
 
 
 def test_a_checkpoint_with_nan_weights_is_refused(tmp_path):
-    from lightning_d2ft.strategy import AtomicCheckpointIO
+    from lightning_d2ft.strategy.strategy import AtomicCheckpointIO
 
     io = AtomicCheckpointIO()
     io.save_checkpoint({"state_dict": {"w": torch.ones(2)}}, tmp_path / "last.ckpt")

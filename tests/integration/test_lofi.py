@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_d2ft.data import DigitsDataModule, MicroBatchSampler
+from lightning_d2ft.data.digits import DigitsDataModule
+from lightning_d2ft.data.micro_batches import MicroBatchSampler
 from fits import assert_same, d2ft_callback, digits_data, make_module, make_trainer, plain_timm_reference, vit_state
 
 pytestmark = pytest.mark.timeout(600)

@@ -11,10 +11,10 @@ import torch
 from lightning.pytorch import Trainer, seed_everything
 
 from lightning_d2ft import D2FTCallback, D2FTStrategy, Schedule
-from lightning_d2ft.data import DigitsDataModule
-from lightning_d2ft.files import read_checked
-from lightning_d2ft.module import ViTClassifier
-from lightning_d2ft.scores import _CACHE_VERSION
+from lightning_d2ft.data.digits import DigitsDataModule
+from lightning_d2ft.io import read_checked
+from lightning_d2ft.app.module import ViTClassifier
+from lightning_d2ft.scoring.scores import _CACHE_VERSION
 
 pytestmark = pytest.mark.timeout(600)
 SMALL = dict(img_size=16, patch_size=8, embed_dim=48, depth=2)  # 6 heads: 14 subnets

@@ -14,15 +14,15 @@ from lightning.pytorch import Callback, seed_everything
 from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_d2ft import CostModel, D2FTCallback, Schedule
-from lightning_d2ft.data import MicroBatchSampler
-from lightning_d2ft.module import ViTClassifier
+from lightning_d2ft.data.micro_batches import MicroBatchSampler
+from lightning_d2ft.app.module import ViTClassifier
 from fits import assert_same, d2ft_callback, digits_data, make_module, make_trainer, plain_timm_reference, vit_state
 
 pytestmark = pytest.mark.timeout(600)
 
 
 def test_speed_aware_placement_gives_the_faster_rank_twice_the_work_and_trains_exactly(tmp_path):
-    from lightning_d2ft.placement import speed_aware
+    from lightning_d2ft.parallel.placement import speed_aware
 
     module = make_module(optimizer="sgd")
     trainer = make_trainer(tmp_path, callbacks=[d2ft_callback(1.0, tmp_path)], limit_train_batches=4,

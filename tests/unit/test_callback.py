@@ -11,8 +11,8 @@ import torch
 from lightning.pytorch import Trainer, seed_everything
 
 from lightning_d2ft import D2FTCallback, D2FTStrategy, Schedule
-from lightning_d2ft.data import DigitsDataModule
-from lightning_d2ft.module import ViTClassifier
+from lightning_d2ft.data.digits import DigitsDataModule
+from lightning_d2ft.app.module import ViTClassifier
 
 SMALL = dict(img_size=16, patch_size=8, embed_dim=48, depth=2)  # 6 heads: 4, 8, 14 subnets
 
@@ -177,8 +177,8 @@ def test_planning_does_not_depend_on_which_hook_comes_first(tmp_path):
 
 def test_the_strategy_resolves_one_placement_that_the_model_and_the_callback_share(tmp_path, monkeypatch):
     """Resolved once when the model is sharded, stored once (on the model); Schedule.solve gets that object."""
-    import lightning_d2ft.strategy as strategy_module
-    from lightning_d2ft.placement import Placement
+    import lightning_d2ft.strategy.strategy as strategy_module
+    from lightning_d2ft.parallel.placement import Placement
 
     calls, solved_with = [], []
     resolve, solve = strategy_module.resolve_placement, Schedule.solve.__func__

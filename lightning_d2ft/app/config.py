@@ -1,0 +1,191 @@
+"""Structured configs of the Hydra app: types are checked by Hydra when the config is composed (so
+``schedule.forward_mix=abc`` is refused naming the field before anything runs), ranges and choices by
+:func:`check_config` right after, still before data, pretraining or fit. The schedule section is
+:class:`~lightning_d2ft.schedule.settings.ScheduleSettings` (its defaults, and its checks through
+:func:`schedule_settings`) plus the app's subnets, LoRA and cache fields."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, List, Optional, get_args
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_d2ft.schedule.settings import ScheduleSettings
+
+__all__ = ["AppConfig", "check_config", "register_configs", "schedule_settings"]
+_SETTINGS = {f.name: f.default for f in fields(ScheduleSettings)}  # the one source of the schedule's defaults
+
+
+@dataclass
+class PretrainConfig:
+    classes: List[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    epochs: int = 15
+    lr: float = 1.0e-3
+    cache_dir: str = ".cache/pretrained"
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vit_small_patch16_224"
+    pretrained: bool = False
+    checkpoint: Optional[str] = None
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+    lr: float = 1.0e-3
+    weight_decay: float = 0.05
+    optimizer: str = "adamw"
+    pretrain: Optional[PretrainConfig] = None
+
+
+@dataclass
+class ScheduleConfig:
+    """ScheduleSettings' fields (types for Hydra, defaults read from ScheduleSettings) and the app's own."""
+
+    budget: float = _SETTINGS["budget"]
+    comm_budget: Optional[float] = _SETTINGS["comm_budget"]
+    subnets: Optional[int] = None
+    backward_score: str = _SETTINGS["backward_score"]
+    forward_score: str = _SETTINGS["forward_score"]
+    solver: str = _SETTINGS["solver"]
+    method: str = _SETTINGS["method"]
+    forward_mix: float = _SETTINGS["forward_mix"]
+    score_every: int = _SETTINGS["score_every"]
+    capacity: str = _SETTINGS["capacity"]
+    validate: bool = _SETTINGS["validate"]
+    lora_rank: Optional[int] = None
+    lora_alpha: Optional[float] = None
+    cache_dir: Optional[str] = None
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "cpu"
+    devices: int = 1
+    tensor_parallel_size: Any = "auto"  # "auto" or an int
+    speeds: Optional[List[float]] = None
+    data_parallel: str = "sync"
+    start_method: str = "spawn"
+    max_epochs: int = 3
+    precision: str = "32-true"
+    accumulate_grad_batches: int = 1
+    limit_train_batches: Optional[float] = None
+    log_every_n_steps: int = 10
+    checkpoint_every_n_steps: Optional[int] = None
+    # the progress bar reads the logged loss back at every refresh: on a GPU each read waits for the queue
+    progress_refresh_rate: int = 1
+    extra: Dict[str, Any] = field(default_factory=dict)  # any other lightning.Trainer argument
+
+
+@dataclass
+class AppConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    # ``data.name`` picks a data module (app.DATAMODULES); the other fields are its keyword arguments, so
+    # each data set has its own (the data module checks them, naming the field, before loading anything)
+    data: Dict[str, Any] = field(default_factory=lambda: {"name": "digits"})
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    seed: int = 0
+    resume: Optional[str] = "auto"
+    skip_existing: bool = False
+
+
+def register_configs() -> None:
+    """The schema config.yaml builds on (``defaults: [app_schema, ...]``)."""
+    ConfigStore.instance().store(name="app_schema", node=AppConfig)
+
+
+# choices of the app's own fields (the schedule's are ScheduleSettings')
+_CHOICES = {
+    "trainer.accelerator": ("cpu", "gpu", "cuda", "auto"),  # D2FTStrategy is a DDP strategy: no TPU, no MPS
+    "trainer.data_parallel": ("sync", "lofi"),
+    "trainer.start_method": ("spawn", "popen", "fork", "forkserver"),
+    "model.optimizer": ("adamw", "sgd"),
+}
+
+
+def schedule_settings(cfg: DictConfig) -> ScheduleSettings:
+    """The validated ScheduleSettings of ``cfg.schedule``; errors name the field (``schedule.budget ...``)."""
+    return ScheduleSettings.from_mapping(cfg.schedule, where="schedule.")
+
+
+def check_config(cfg: DictConfig) -> ScheduleSettings:
+    """Ranges and choices the types cannot say; each error names the field and what is allowed. Returns the
+    schedule's settings (validated by ScheduleSettings itself)."""
+    _check_known_keys(cfg)
+    settings = schedule_settings(cfg)
+    for key, allowed in {**_CHOICES, "trainer.precision": _precisions()}.items():
+        group, name = key.split(".")
+        value = cfg[group][name]
+        if value not in allowed:
+            raise ValueError(f"{key}={value!r} is not allowed; choose one of {list(allowed)}")
+    t, m = cfg.trainer, cfg.model
+    _at_least("trainer.devices", t.devices, 1)
+    _at_least("trainer.max_epochs", t.max_epochs, 1)
+    _at_least("trainer.accumulate_grad_batches", t.accumulate_grad_batches, 1)
+    _at_least("trainer.log_every_n_steps", t.log_every_n_steps, 1)
+    _at_least("trainer.progress_refresh_rate", t.progress_refresh_rate, 0)  # 0: no bar, as in Lightning
+    if not isinstance(cfg.data.get("name"), str):
+        raise ValueError(f"data.name must name a data set, got {cfg.data.get('name')!r}")
+    if t.checkpoint_every_n_steps is not None:
+        _at_least("trainer.checkpoint_every_n_steps", t.checkpoint_every_n_steps, 1)
+    if t.limit_train_batches is not None and t.limit_train_batches <= 0:
+        raise ValueError(f"trainer.limit_train_batches must be null or > 0, got {t.limit_train_batches}")
+    tp = t.tensor_parallel_size
+    if tp != "auto" and (not isinstance(tp, int) or isinstance(tp, bool) or tp < 1):
+        raise ValueError(f"trainer.tensor_parallel_size must be 'auto' or a positive int, got {tp!r}")
+    if t.speeds is not None and any(v <= 0 for v in t.speeds):
+        raise ValueError(f"trainer.speeds must be positive relative speeds, got {list(t.speeds)}")
+    world = t.devices * int(t.extra.get("num_nodes", 1))
+    ranks = world if tp == "auto" else tp
+    if t.speeds is not None and len(t.speeds) != ranks:
+        raise ValueError(f"trainer.speeds has {len(t.speeds)} entries; it needs one per tensor-parallel rank: {ranks} "
+                         f"(trainer.tensor_parallel_size={tp!r} on {world} devices)")
+    if m.lr <= 0:
+        raise ValueError(f"model.lr must be > 0, got {m.lr}")
+    check_trainer_extra(dict(t.extra))
+    return settings
+
+
+# the sections whose keys are fixed (model.kwargs, data and trainer.extra take any key, checked by their users)
+_SECTIONS = {"": AppConfig, "model": ModelConfig, "model.pretrain": PretrainConfig, "schedule": ScheduleConfig,
+             "trainer": TrainerConfig}
+
+
+def _precisions() -> tuple[str, ...]:
+    """Lightning's precision strings, its own list (imported here: ``--help`` should not load Lightning)."""
+    from lightning.fabric.connector import _PRECISION_INPUT_STR, _PRECISION_INPUT_STR_ALIAS
+
+    return get_args(_PRECISION_INPUT_STR) + get_args(_PRECISION_INPUT_STR_ALIAS)
+
+
+def _check_known_keys(cfg: DictConfig) -> None:
+    """A key added with Hydra's ``+`` escapes the schema: refuse any the app does not read, so that a typo
+    (``+schedule.budgt=0.4``) fails instead of training at the default."""
+    for section, schema in _SECTIONS.items():
+        node = OmegaConf.select(cfg, section) if section else cfg
+        if not isinstance(node, DictConfig):
+            continue
+        allowed = {f.name for f in fields(schema)}
+        unknown = sorted(set(node.keys()) - allowed)
+        if unknown:
+            names = [f"{section}.{k}" if section else k for k in unknown]
+            extra = " (any other Trainer argument goes under trainer.extra)" if section == "trainer" else ""
+            raise ValueError(f"unknown key {', '.join(names)}; {section or 'the config'} has {sorted(allowed)}{extra}")
+
+
+def check_trainer_extra(extra: dict[str, Any]) -> None:
+    """``trainer.extra`` keys must be lightning.Trainer arguments (e.g. ``+trainer.extra.gradient_clip_val=1``)."""
+    from lightning.pytorch import Trainer
+
+    known = set(inspect.signature(Trainer.__init__).parameters) - {"self"}
+    unknown = sorted(set(extra) - known)
+    if unknown:
+        raise ValueError(f"trainer.extra has {unknown}, which lightning.Trainer does not take; "
+                         f"its arguments are {sorted(known)}")
+
+
+def _at_least(name: str, value: int, low: int) -> None:
+    if value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value}")

@@ -1,0 +1,1 @@
+"""Fixed micro-batches, and the bundled offline data sets (digits, Fashion-MNIST)."""

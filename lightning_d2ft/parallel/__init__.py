@@ -1,0 +1,1 @@
+"""Tensor and data parallelism: mesh, placement, group layout, sharding, collectives, replicas."""

@@ -1,0 +1,1 @@
+"""Contribution scores of every (micro-batch, subnet) pair, computed before fit."""

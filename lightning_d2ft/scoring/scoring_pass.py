@@ -1,0 +1,232 @@
+"""The scoring pass itself: forward + backward per micro-batch, per-subnet sums kept on the device.
+
+Where each parameter element belongs is worked out once (:class:`SubnetIndex`, from the group layout of
+:mod:`lightning_d2ft.parallel.layout`); per micro-batch every statistic of every parameter is reduced by head group
+with a few tensor ops and accumulated on the device, so the pass makes no host sync until it ends.
+
+The pass runs on whatever model it is given: whole on one process, or this rank's shard of a
+tensor-parallel model (the tensor-parallel group runs the sharded forward/backward together, and each rank
+sums only its own head groups; the replicated stem and head are counted by tensor-parallel rank 0 only).
+:func:`sum_over_ranks` then adds the per-rank tables with one all-reduce.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from lightning_d2ft.data.micro_batches import MicroBatchSampler
+from lightning_d2ft.parallel.layout import grouped_dim
+from lightning_d2ft.model.vit import D2FTViT
+
+__all__ = ["GRAD_STATS", "SubnetIndex", "micro_batches_to_train", "score_pass", "score_shared", "scoring_loader", "sum_over_ranks"]
+
+#: per-element statistics of a gradient ``g`` (and weight ``w``) the gradient metrics are built from
+GRAD_STATS = ("abs", "sq", "taylor")
+_STEM = ("patch_embed.", "norm_pre.")
+_STEM_TOKENS = ("cls_token", "reg_token", "pos_embed")
+
+
+class SubnetIndex:
+    """How every scored parameter of ``net`` folds into subnet columns; built once, reused per micro-batch.
+
+    A grouped block tensor (qkv, proj, fc1, fc2) is viewed ``(lead, local groups, per_group)`` along its
+    grouped dim (no copy) and reduced over every other axis, one entry per subnet column; a stem/head tensor goes whole to column 0 / the last column (only when
+    ``count_replicated``: one tensor-parallel rank counts them); shared block tensors (norms, the proj/fc2
+    biases, LayerScale) and LoRA adapters count for nobody.
+    """
+
+    def __init__(self, net: D2FTViT, *, count_replicated: bool = True) -> None:
+        self.num_subnets = net.num_subnets
+        # every base weight takes part in the backward, counted or not, so that every tensor-parallel rank
+        # runs the same backward collectives; LoRA adapters (zero at this point) do not
+        self.base_params = [p for name, p in net.vit.named_parameters() if not name.endswith(("lora_A", "lora_B"))]
+        G = net.groups_per_block
+        owned = net.placement.groups_of(net.tp.rank) if net.tp is not None else [list(range(G))] * net.depth
+        device = next(net.parameters()).device
+        # (name, parameter, a view whose reduction over ``dims`` leaves one entry per column, dims, columns)
+        self.pieces: list[tuple[str, nn.Parameter, Callable[[Tensor], Tensor], tuple[int, ...], Tensor]] = []
+        for name, p in net.vit.named_parameters():
+            if name.endswith(("lora_A", "lora_B")):
+                continue
+            found = grouped_dim(name)
+            if found is not None:
+                block, layout = found
+                groups = owned[block]
+                cols = [net.subnet_index(block, g) for g in groups]
+                fold = (lambda t, d=layout.dim, lead=layout.lead, n=len(groups): t.unflatten(d, (lead, n, -1)))
+                dims = tuple(i for i in range(p.dim() + 2) if i != layout.dim + 1)  # all but the group axis
+            elif name.startswith("blocks.") or not count_replicated:
+                continue
+            else:
+                stem = name.startswith(_STEM) or name in _STEM_TOKENS
+                cols, fold, dims = [0 if stem else net.num_subnets - 1], (lambda t: t.reshape(1, -1)), (1,)
+            self.pieces.append((name, p, fold, dims, torch.tensor(cols, device=device)))
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return [piece[1] for piece in self.pieces]
+
+    @torch.no_grad()
+    def grad_sums(self, stats: Sequence[str]) -> Tensor:
+        """``[len(stats), num_subnets]`` float64 sums of each statistic of the current gradients (on device)."""
+        out = None
+        for _, p, fold, dims, cols in self.pieces:
+            if p.grad is None:
+                continue
+            g = fold(p.grad)
+            rows = []
+            for s in stats:
+                if s == "abs":
+                    rows.append(torch.linalg.vector_norm(g, 1, dim=dims))
+                elif s == "sq":
+                    rows.append(torch.linalg.vector_norm(g, 2, dim=dims).square())
+                else:  # taylor
+                    rows.append((g * fold(p.detach())).abs().sum(dims))
+            if out is None:
+                out = torch.zeros(len(stats), self.num_subnets, dtype=torch.float64, device=p.grad.device)
+            out.index_add_(1, cols, torch.stack(rows).double())
+        return out if out is not None else torch.zeros(len(stats), self.num_subnets, dtype=torch.float64)
+
+    @torch.no_grad()
+    def weight_sums(self) -> Tensor:
+        """``[num_subnets]`` float64 sums of |w| over each subnet's own weights (on device)."""
+        out = None
+        for _, p, fold, dims, cols in self.pieces:
+            if out is None:
+                out = torch.zeros(self.num_subnets, dtype=torch.float64, device=p.device)
+            out.index_add_(0, cols, torch.linalg.vector_norm(fold(p.detach()), 1, dim=dims).double())
+        return out if out is not None else torch.zeros(self.num_subnets, dtype=torch.float64)
+
+
+@contextmanager
+def _scoring_mode(net: D2FTViT, params: Sequence[nn.Parameter]) -> Iterator[None]:
+    """Eval mode (dropout off: the scores describe the model, not one mask), every scored parameter
+    requiring grad (frozen LoRA base weights included), the existing ``.grad`` kept aside; all restored."""
+    was_training = net.training
+    saved_grads = {p: p.grad for p in net.parameters()}
+    saved_flags = {p: p.requires_grad for p in net.parameters()}
+    net.eval()
+    for p in net.parameters():
+        p.grad = None
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        net.train(was_training)
+        for p in net.parameters():
+            p.requires_grad_(saved_flags[p])
+            p.grad = saved_grads[p]
+
+
+def score_pass(net: D2FTViT, batches: Iterable, loss_fn: Callable[[Tensor, Tensor], Tensor],
+               stats: Sequence[str], index: SubnetIndex, *, progress: bool = False,
+               total: int | None = None) -> tuple[Tensor, Tensor]:
+    """Forward + backward of every ``(inputs, targets)`` in ``batches``, no weight update.
+
+    Returns ``([n, len(stats), num_subnets] float64, losses [n] float64)``, both on the model's device;
+    nothing is synced to the host per micro-batch (non-finite losses are for the caller to check).
+    The model's mode, gradients and ``requires_grad`` flags are restored.
+    """
+    from tqdm.auto import tqdm
+
+    device = next(net.parameters()).device
+    rows, losses = [], []
+    with _scoring_mode(net, index.base_params if stats else []):
+        for x, y in tqdm(batches, desc="D2FT scores", disable=not progress, leave=False, total=total):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with torch.set_grad_enabled(bool(stats)):
+                loss = loss_fn(net(x), y)
+            if stats:
+                loss.backward()
+                rows.append(index.grad_sums(stats))
+                for p in index.base_params:
+                    p.grad = None
+            losses.append(loss.detach().double().reshape(1))
+    if not losses:
+        raise ValueError("no micro-batches to score: the dataloader is empty")
+    table = torch.stack(rows) if rows else torch.zeros(len(losses), 0, index.num_subnets, dtype=torch.float64,
+                                                         device=device)
+    return table, torch.cat(losses)
+
+
+def scoring_loader(train_loader: DataLoader, micro_batches: Sequence[Sequence[int]]) -> DataLoader:
+    """A loader over the training loader's dataset that yields exactly ``micro_batches``, one at a time,
+    with the training loader's collate_fn, workers and pin_memory: the data set is streamed, never held."""
+    workers = train_loader.num_workers
+    extra = {"prefetch_factor": train_loader.prefetch_factor} if workers > 0 else {}
+    return DataLoader(train_loader.dataset, batch_sampler=[list(mb) for mb in micro_batches],
+                      collate_fn=train_loader.collate_fn, num_workers=workers, pin_memory=train_loader.pin_memory,
+                      worker_init_fn=train_loader.worker_init_fn,
+                      multiprocessing_context=train_loader.multiprocessing_context if workers > 0 else None,
+                      timeout=train_loader.timeout, **extra)
+
+
+def sum_over_ranks(table: Tensor) -> Tensor:
+    """Element-wise sum of ``table`` over every process (one all-reduce; a no-op on one process)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        table = table.clone()
+        dist.all_reduce(table)
+    return table
+
+
+def score_shared(net: D2FTViT, train_loader: DataLoader, micro_batches: Sequence[Sequence[int]],
+                 ids: Sequence[int], stats: Sequence[str], loss_fn: Callable[[Tensor, Tensor], Tensor], *,
+                 replica: int = 0, replicas: int = 1, count_replicated: bool = True,
+                 progress: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """Score micro-batches ``ids`` with every rank doing its share, and gather once.
+
+    Data-parallel replica ``replica`` of ``replicas`` scores ``ids[replica::replicas]`` (streamed from the
+    training loader's dataset); the ranks of one tensor-parallel group score the same micro-batches together
+    through the sharded model. One all-reduce adds everything up; every rank gets
+    ``(sums [len(ids), len(stats), num_subnets], losses [len(ids)], weight sums [num_subnets])``.
+    """
+    index = SubnetIndex(net, count_replicated=count_replicated)
+    device = next(net.parameters()).device
+    k, S, n = len(stats), net.num_subnets, len(ids)
+    packed = torch.zeros(n + 1, max(k, 1) * S + 1, dtype=torch.float64, device=device)
+    mine = list(range(replica, n, replicas))
+    if mine and stats:
+        loader = scoring_loader(train_loader, [micro_batches[ids[i]] for i in mine])
+        sums, losses = score_pass(net, loader, loss_fn, stats, index, progress=progress, total=len(mine))
+        rows = torch.tensor(mine, device=device)
+        packed[rows, : k * S] = sums.flatten(1)
+        if count_replicated:  # one rank per tensor-parallel group reports the (shared) loss
+            packed[rows, -1] = losses
+    if replica == 0:
+        packed[n, :S] = index.weight_sums()
+    packed = sum_over_ranks(packed)
+    return packed[:n, : k * S].reshape(n, k, S), packed[:n, -1], packed[n, :S]
+
+
+def micro_batches_to_train(trainer: Any, sampler: MicroBatchSampler) -> list[int]:
+    """The micro-batches (over every data-parallel replica) that this fit will train, in id order: all of them
+    unless ``limit_train_batches``, ``max_steps`` or ``max_epochs`` stop it short of covering them."""
+    count, replicas = sampler.num_micro_batches, sampler.num_replicas
+    per_epoch = trainer.num_training_batches
+    per_epoch = count // replicas if math.isinf(per_epoch) else int(per_epoch)
+    batches_left = trainer.max_steps * trainer.accumulate_grad_batches if trainer.max_steps >= 0 else math.inf
+    epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs >= 0 else 1000
+    views = []
+    for r in range(replicas):
+        view = copy.copy(sampler)
+        view.set_replicas(replicas, r)
+        views.append(view)
+    needed: set[int] = set()
+    for epoch in range(trainer.current_epoch, max(epochs, trainer.current_epoch + 1)):
+        take = int(min(per_epoch, batches_left))
+        for view in views:
+            needed.update(view.micro_batch_ids(epoch)[:take])
+        batches_left -= take
+        if batches_left <= 0 or len(needed) == count or not sampler.shuffle:
+            break
+    return sorted(needed)

@@ -1,0 +1,1 @@
+"""D2FTStrategy executes the schedule: sharding, per-step ops, checkpoints, step guards, launchers."""

@@ -1,0 +1,169 @@
+"""Contribution scores: every metric in either role, exact per-subnet sums, state restored, the cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_d2ft import D2FTViT
+from lightning_d2ft.scoring.scores import METRICS, compute_scores, subnet_sums
+
+
+def _data(n: int = 5, batch: int = 4):
+    return [(torch.randn(batch, 3, 32, 32), torch.randint(0, 5, (batch,))) for _ in range(n)]
+
+
+@pytest.mark.parametrize("backward", METRICS)
+@pytest.mark.parametrize("forward", ["fisher", "random"])
+def test_every_metric_in_either_role(backward, forward, make_vit):
+    net = D2FTViT(make_vit("tiny3"))
+    s = compute_scores(net, _data(), backward, forward, progress=False)
+    assert s.backward.shape == s.forward.shape == (5, net.num_subnets)
+    assert torch.isfinite(s.backward).all() and (s.backward >= 0).all()
+    assert s.backward_metric == backward and s.forward_metric == forward and s.seconds > 0
+
+
+def test_gradient_metrics_are_exact_per_subnet_sums(make_vit):
+    net = D2FTViT(make_vit("tiny3"), groups_per_block=3)
+    x, y = _data(1)[0]
+    s = compute_scores(net, [(x, y)], "fisher", "taylor", progress=False)
+    F.cross_entropy(net.vit.eval()(x), y).backward()
+    blk = net.vit.blocks[1]
+    g = 2  # group 2 of block 1 owns rows [32:48) of q, k and v, the same columns of proj, 1/3 of the MLP
+    D, per = 48, 16
+    qkv = blk.attn.qkv.weight
+    rows = torch.cat([torch.arange(c * D + g * per, c * D + (g + 1) * per) for c in range(3)])
+    hid = torch.arange(g * 64, (g + 1) * 64)
+    expected_fisher = (qkv.grad[rows].square().sum() + blk.attn.proj.weight.grad[:, g * per:(g + 1) * per].square().sum()
+                       + blk.mlp.fc1.weight.grad[hid].square().sum() + blk.mlp.fc1.bias.grad[hid].square().sum()
+                       + blk.mlp.fc2.weight.grad[:, hid].square().sum())
+    k = net.subnet_index(1, g)
+    assert s.backward[0, k].item() == pytest.approx(expected_fisher.item(), rel=1e-5)
+    expected_taylor = (qkv.grad * qkv)[rows].abs().sum()
+    assert s.forward[0, k].item() > expected_taylor.item()  # qkv part plus proj and MLP parts
+
+
+def test_every_weight_is_counted_once(make_vit):
+    net = D2FTViT(make_vit("tiny3"))
+    counted = subnet_sums(net, lambda p: torch.ones_like(p)).sum()
+    shared = sum(p.numel() for n, p in net.vit.named_parameters()
+                 if n.startswith("blocks") and any(s in n for s in ("norm", "proj.bias", "fc2.bias", "ls")))
+    assert counted + shared == sum(p.numel() for p in net.parameters())
+
+
+def test_scoring_restores_the_model_exactly(make_vit):
+    net = D2FTViT(make_vit("tiny3"))
+    net.train()
+    marker = [torch.full_like(p, 0.5) for p in net.parameters()]
+    for p, m in zip(net.parameters(), marker):
+        p.grad = m
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    compute_scores(net, _data(), "taylor", "fisher", progress=False)
+    assert net.training
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert all(p.grad is m for p, m in zip(net.parameters(), marker))
+
+
+class _NoIteration(list):
+    def __iter__(self):
+        raise AssertionError("the data was read")
+
+
+def test_weight_magnitude_is_the_same_row_for_every_micro_batch_and_reads_no_data(make_vit):
+    net = D2FTViT(make_vit("tiny3"))
+    s = compute_scores(net, _NoIteration(_data()), "weight_magnitude", "random", progress=False)
+    expected = subnet_sums(net, lambda p: p.abs())
+    assert torch.allclose(s.backward, expected.expand(5, -1))  # no loss scaling (issue 16): no starved rows
+    assert s.scored == 0
+
+
+def _reference(vit, x, y, G):
+    """Per-subnet |g|, g^2 and |w*g| sums of plain timm's gradient, the group layout written out by hand."""
+    vit.zero_grad(set_to_none=True)
+    F.cross_entropy(vit.eval()(x), y).backward()
+    blocks = []
+    for blk in vit.blocks:
+        D, hidden = blk.attn.qkv.in_features, blk.mlp.fc1.out_features
+        per, hper = D // G, hidden // G
+        cols = []
+        for g in range(G):
+            rows = torch.cat([torch.arange(c * D + g * per, c * D + (g + 1) * per) for c in range(3)])
+            hid = torch.arange(g * hper, (g + 1) * hper)
+            parts = [(blk.attn.qkv.weight, (rows,)), (blk.attn.proj.weight, (slice(None), slice(g * per, (g + 1) * per))),
+                     (blk.mlp.fc1.weight, (hid,)), (blk.mlp.fc1.bias, (hid,)), (blk.mlp.fc2.weight, (slice(None), hid))]
+            if blk.attn.qkv.bias is not None:
+                parts.append((blk.attn.qkv.bias, (rows,)))
+            cols.append(parts)
+        blocks.append(cols)
+    stem = [p for n, p in vit.named_parameters() if n.startswith(("patch_embed", "norm_pre")) or n in ("cls_token", "pos_embed")]
+    head = [p for n, p in vit.named_parameters() if not n.startswith("blocks") and all(p is not q for q in stem)]
+    with torch.no_grad():
+        return _sums(stem, blocks, head)
+
+
+def _sums(stem, blocks, head):
+    out = {}
+    for name, f in {"gradient_magnitude": lambda p, i: p.grad[i].abs().sum(), "fisher": lambda p, i: p.grad[i].square().sum(),
+                    "taylor": lambda p, i: (p.grad[i] * p.detach()[i]).abs().sum()}.items():
+        whole = lambda ps: sum(float(f(p, ...)) for p in ps if p.grad is not None)
+        out[name] = torch.tensor([whole(stem)] + [float(sum(f(p, i) for p, i in parts)) for cols in blocks for parts in cols]
+                                 + [whole(head)], dtype=torch.float64)
+    return out
+
+
+def test_every_gradient_metric_equals_a_plain_timm_reference_on_every_shape(vit_shape, make_vit):
+    vit = make_vit(vit_shape)
+    net = D2FTViT(vit)
+    img = vit.patch_embed.img_size[0]
+    data = [(torch.randn(3, 3, img, img), torch.randint(0, 3, (3,))) for _ in range(2)]
+    first = compute_scores(net, data, "gradient_magnitude", "fisher", progress=False)
+    taylor = compute_scores(net, data, "taylor", "random", progress=False).backward
+    for n, (x, y) in enumerate(data):
+        ref = _reference(vit, x, y, net.groups_per_block)
+        for metric, got in (("gradient_magnitude", first.backward), ("fisher", first.forward), ("taylor", taylor)):
+            assert torch.allclose(got[n], ref[metric], rtol=1e-4, atol=1e-9), metric
+
+
+def test_sampling_scores_a_subset(make_vit):
+    net = D2FTViT(make_vit("tiny3"))
+    s = compute_scores(net, _data(6), "fisher", "fisher", sample_every=3, progress=False)
+    assert s.backward.shape[0] == 6
+    assert torch.equal(s.backward[1], s.backward[2])  # unscored micro-batches share the mean row
+
+
+def test_cache_is_used_and_stale_or_corrupt_caches_are_recomputed(tmp_path, make_vit):
+    net = D2FTViT(make_vit("tiny3"))
+    data = _data()
+    first = compute_scores(net, data, "taylor", "fisher", cache_dir=tmp_path, progress=False)
+    again = compute_scores(net, data, "taylor", "fisher", cache_dir=tmp_path, progress=False)
+    assert again.from_cache and torch.equal(again.backward, first.backward)
+    other_metric = compute_scores(net, data, "fisher", "fisher", cache_dir=tmp_path, progress=False)
+    assert not other_metric.from_cache
+    with torch.no_grad():
+        net.vit.head.weight.add_(0.1)  # new weights: the old cache no longer applies
+    assert not compute_scores(net, data, "taylor", "fisher", cache_dir=tmp_path, progress=False).from_cache
+    data2 = _data()
+    other_data = compute_scores(net, data2, "taylor", "fisher", cache_dir=tmp_path, progress=False)
+    assert not other_data.from_cache
+
+    cache = tmp_path / f"scores-{other_data.key[:20]}.pt"
+    raw = cache.read_bytes()
+    for broken in (raw[:-100], raw.replace(b"taylor", b"fisher", 1)):  # truncated, edited
+        cache.write_bytes(broken)
+        with pytest.warns(UserWarning, match="recomputing"):
+            redo = compute_scores(net, data2, "taylor", "fisher", cache_dir=tmp_path, progress=False)
+        assert not redo.from_cache and torch.equal(redo.backward, other_data.backward)
+
+
+def test_unknown_metric_is_rejected(make_vit):
+    with pytest.raises(ValueError, match="unknown backward score metric 'l2'"):
+        compute_scores(D2FTViT(make_vit("tiny3")), _data(1), "l2", "fisher", progress=False)
+
+
+def test_a_micro_batch_with_nan_input_is_named(make_vit):
+    net = D2FTViT(make_vit("tiny3"))
+    batches = [(torch.randn(2, 3, 32, 32), torch.tensor([0, 1])) for _ in range(3)]
+    batches[1][0][0, 0, 0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="micro-batch 1 gives a non-finite loss"):
+        compute_scores(net, batches, "weight_magnitude", "fisher", progress=False)
