@@ -7,7 +7,8 @@ validation + checkpoint, at budget 1.0 and 0.6 on the same data; times the fit w
 
 On a GPU each budget runs twice: with CUDA graphs (the strategy's default there) and eagerly
 (``cuda_graphs=False``); ratios are against budget 1.0 with the same executor. Data are random images with
-random labels (the same tensors for both budgets; speed, not accuracy, is measured here). Fit time is the wall time from the first to the last training batch (``on_train_start`` is
+random labels (the same tensors for both budgets; speed, not accuracy, is measured here). Fit time is the wall
+time from the first to the last training batch (``on_train_start`` is
 after D2FTCallback has scored and solved in ``on_fit_start``) plus validation, synchronised on CUDA.
 Writes ``benchmarks/results/gpu_fit.json`` (or ``--out``). Needs torch, timm, lightning; no hydra/ortools.
 """
@@ -15,6 +16,7 @@ Writes ``benchmarks/results/gpu_fit.json`` (or ``--out``). Needs torch, timm, li
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import tempfile
@@ -28,11 +30,12 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import print_table, write_json  # noqa: E402
-from lightning_d2ft.callback import D2FTCallback  # noqa: E402
-from lightning_d2ft.data.micro_batches import micro_batch_loader  # noqa: E402
-from lightning_d2ft.app.module import ViTClassifier  # noqa: E402
-from lightning_d2ft.strategy.strategy import D2FTStrategy  # noqa: E402
+from _common import print_table, write_json
+
+from lightning_d2ft.app.module import ViTClassifier
+from lightning_d2ft.callback import D2FTCallback
+from lightning_d2ft.data.micro_batches import micro_batch_loader
+from lightning_d2ft.strategy.strategy import D2FTStrategy
 
 
 class FitTimer(Callback):
@@ -156,7 +159,7 @@ def bare_step_ms(module, schedule, loader, precision: str) -> float:
         opt.step()
         opt.zero_grad(set_to_none=True)
     net.scheduled_ops = None
-    steady = [b - a for a, b in zip(starts[3:], starts[4:])]  # after warm-up (allocator, graph replays)
+    steady = [b - a for a, b in itertools.pairwise(starts[3:])]  # after warm-up (allocator, graph replays)
     return 1e3 * statistics.median(steady) if steady else float("nan")
 
 

@@ -29,12 +29,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from _common import print_table, write_json
 from lightning.pytorch import Callback, Trainer, seed_everything
 
-from _common import print_table, write_json
 from lightning_d2ft import D2FTCallback, D2FTStrategy
-from lightning_d2ft.data.digits import DigitsDataModule
 from lightning_d2ft.app.module import ViTClassifier
+from lightning_d2ft.data.digits import DigitsDataModule
 from lightning_d2ft.parallel.placement import speed_aware
 
 VIT = dict(img_size=32, patch_size=8, embed_dim=384, depth=12, num_heads=6)  # ViT-S width and depth: 74 subnets

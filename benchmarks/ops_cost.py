@@ -12,7 +12,8 @@ how much of a ratio comes from the graphs alone). A step is forward, backward an
 The cases are timed interleaved (one step of each case per round); ``seconds`` is the median over
 ``--steps`` rounds and ``time_ratio`` the median over rounds of the case's time in that round over plain
 timm's in the same round (paired, so the drift of a shared machine between rounds cancels). Aten ops are
-counted per forward+backward (TorchDispatchMode, views and detaches not counted) after a warm-up step. Writes ``benchmarks/results/ops_cost.json`` (CPU) or ``ops_cost_cuda.json``
+counted per forward+backward (TorchDispatchMode, views and detaches not counted) after a warm-up step. Writes
+``benchmarks/results/ops_cost.json`` (CPU) or ``ops_cost_cuda.json``
 (CUDA) unless ``--out`` says otherwise; without CUDA ``--device cuda`` runs on CPU and says so.
 
 Needs only torch, timm and this package (no hydra, no ortools). Targets (issue 14), as ratios to plain timm:
@@ -34,11 +35,12 @@ from timm.models.vision_transformer import VisionTransformer
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import print_table, write_json  # noqa: E402
-from lightning_d2ft.model.cuda_graphs import PatternGraphs  # noqa: E402
-from lightning_d2ft.ops import Op, count_aten_ops  # noqa: E402
-from lightning_d2ft.model.vit import D2FTViT  # noqa: E402
-from lightning_d2ft.schedule.schedule import Schedule  # noqa: E402
+from _common import print_table, write_json
+
+from lightning_d2ft.model.cuda_graphs import PatternGraphs
+from lightning_d2ft.model.vit import D2FTViT
+from lightning_d2ft.ops import Op, count_aten_ops
+from lightning_d2ft.schedule.schedule import Schedule
 
 TARGETS = {
     "cuda": {"all FULL": 1.05, "budget 0.6": 0.70, "half SHORTCUT": 0.60, "all FORWARD_ONLY": 0.45},
@@ -138,7 +140,7 @@ def measure(cases, step, fwd_bwd, device, steps) -> list[dict]:
     times = {name: [[] for _ in columns] for name, (columns, _) in cases.items()}
     queued = {name: [[] for _ in columns] for name, (columns, _) in cases.items()}
     for _ in range(2):  # warm-up: allocator, cached index plans, lazy init, graph captures
-        for name, (columns, graphed) in cases.items():
+        for columns, graphed in cases.values():
             for ops in columns:
                 step(ops, graphed)
     for _ in range(steps):
@@ -180,7 +182,8 @@ def measure(cases, step, fwd_bwd, device, steps) -> list[dict]:
 def profile(cases, step, device, top: int = 12) -> None:
     """torch.profiler over one step of plain timm and of the first budget-0.6 column: the top ops by device
     (or CPU) self time and the step's summed kernel time, to tell launch-bound from compute-bound steps."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"

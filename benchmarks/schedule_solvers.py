@@ -17,19 +17,20 @@ measured side by side in one run.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _common import RESULTS, machine, print_table, write_json
 from timm.models.vision_transformer import VisionTransformer
 
-from _common import RESULTS, machine, print_table, write_json
 from lightning_d2ft import D2FTViT, Schedule
+from lightning_d2ft.ops import CostModel
 from lightning_d2ft.schedule.capacity import device_budgets
 from lightning_d2ft.schedule.knapsack import _knapsack_solvers, _ks, make_rows
-from lightning_d2ft.ops import CostModel
 from lightning_d2ft.scoring.scores import compute_scores
 
 TARGETS = {(1024, 2): 1.0, (16384, 8): 30.0}
@@ -52,8 +53,8 @@ def solver_rows(sizes: list[tuple[int, int]]) -> list[dict]:
     rows = []
     for n_mb, d in sizes:
         back, fwd = realistic_scores(n_mb, 74, seed=n_mb)
-        default, default_s = timed(lambda: Schedule.solve(back, fwd, budget=0.6, devices=d))
-        dp, dp_s = timed(lambda: Schedule.solve(back, fwd, budget=0.6, devices=d, solver="dp"))
+        default, default_s = timed(functools.partial(Schedule.solve, back, fwd, budget=0.6, devices=d))
+        dp, dp_s = timed(functools.partial(Schedule.solve, back, fwd, budget=0.6, devices=d, solver="dp"))
         m = default.metrics()
         limit = TARGETS.get((n_mb, d))
         rows.append({
@@ -106,7 +107,7 @@ def formulation_rows(n_rows: int) -> list[dict]:
         ("cp_sat", lambda r: _cpsat(rows.value_out[r], rows.w_full, budget.outer_capacity)),
         ("scip_mip", lambda r: _scip(rows.back[r], rows.w_full, budget.outer_capacity)),
     ]:
-        sel, s = timed(lambda: [solve(r) for r in range(n_rows)])
+        sel, s = timed(lambda solve=solve: [solve(r) for r in range(n_rows)])
         picks[name] = np.array(sel)
         out.append({"formulation": name, "sub_problems": n_rows, "us_per_sub_problem": s / n_rows * 1e6,
                     "same_objective_as_knapsack_solver": bool(np.allclose(

@@ -25,9 +25,9 @@ import time
 
 import torch
 import torch.nn.functional as F
+from _common import print_table, write_json
 from timm.models.vision_transformer import VisionTransformer
 
-from _common import print_table, write_json
 from lightning_d2ft import D2FTViT
 from lightning_d2ft.data.digits import DigitsDataModule
 from lightning_d2ft.data.micro_batches import micro_batch_loader

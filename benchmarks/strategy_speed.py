@@ -31,13 +31,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from _common import print_table, write_json
 from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.strategies import DDPStrategy
 
-from _common import print_table, write_json
 from lightning_d2ft import D2FTCallback, D2FTStrategy, Schedule
-from lightning_d2ft.data.digits import DigitsDataModule
 from lightning_d2ft.app.module import ViTClassifier
+from lightning_d2ft.data.digits import DigitsDataModule
 
 VIT_S = dict(patch_size=8, embed_dim=384, depth=12, num_heads=6)  # ViT-S width and depth, small images
 

@@ -25,19 +25,27 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from lightning_d2ft.data.micro_batches import MicroBatchSampler, find_micro_batch_sampler
-from lightning_d2ft.strategy.step_guard import sigterm_stops_at_once
 from lightning_d2ft.model.lora import add_lora_, check_lora, has_lora
-from lightning_d2ft.ops import CostModel
 from lightning_d2ft.model.vit import D2FTViT, find_d2ft
+from lightning_d2ft.ops import CostModel
 from lightning_d2ft.parallel.placement import Placement
-from lightning_d2ft.schedule.schedule import Schedule
 from lightning_d2ft.schedule.resume import check_matches, resumable, run_settings, schedule_from_state, schedule_state
+from lightning_d2ft.schedule.schedule import Schedule
 from lightning_d2ft.schedule.settings import ScheduleSettings, check_comm_budget
 from lightning_d2ft.scoring.scores import (
-    Scores, cache_key, check_cache_dir, check_finite_losses, data_fingerprint, grad_stats,
-    load_cached, save_cached, score_tables, weights_digest,
+    Scores,
+    cache_key,
+    check_cache_dir,
+    check_finite_losses,
+    data_fingerprint,
+    grad_stats,
+    load_cached,
+    save_cached,
+    score_tables,
+    weights_digest,
 )
 from lightning_d2ft.scoring.scoring_pass import micro_batches_to_train, score_shared
+from lightning_d2ft.strategy.step_guard import sigterm_stops_at_once
 from lightning_d2ft.strategy.strategy import D2FTStrategy
 
 __all__ = ["D2FTCallback"]
@@ -320,7 +328,7 @@ def _on_rank_zero(trainer: Trainer, fn: Callable[[], Any]) -> Any:
     if trainer.is_global_zero:
         try:
             result = fn()
-        except Exception as err:  # noqa: BLE001 - re-raised on every rank just below
+        except Exception as err:
             error = err
     result, error = trainer.strategy.broadcast((result, error), src=0)
     if error is not None:

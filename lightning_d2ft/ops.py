@@ -47,7 +47,7 @@ class CostModel:
             )
 
     @classmethod
-    def flops(cls) -> "CostModel":
+    def flops(cls) -> CostModel:
         """The FLOP-exact model: a forward pass is one third of forward + backward."""
         return cls(forward_only=1.0 / 3.0)
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import yaml  # noqa: E402
+import matplotlib.pyplot as plt
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "accuracy"
 METHODS = ["d2ft", "random", "dpruning", "moe", "full"]
@@ -53,7 +53,8 @@ def load_runs(preset: str, table: str) -> list[dict]:
         cfg = yaml.safe_load((result.parent / ".hydra" / "config.yaml").read_text())
         r = json.loads(result.read_text())
         s = cfg["schedule"]
-        runs.append({**r, "dir": str(result.parent), "seed": cfg["seed"], "comm_budget": s["comm_budget"], "budget": s["budget"],
+        runs.append({**r, "dir": str(result.parent), "seed": cfg["seed"], "comm_budget": s["comm_budget"],
+                     "budget": s["budget"],
                      "subnets": s["subnets"], "method": s["method"], "backward_score": s["backward_score"],
                      "forward_score": s["forward_score"], "epochs": cfg["trainer"]["max_epochs"],
                      "data_parallel": cfg["trainer"].get("data_parallel", "sync"),

@@ -31,10 +31,10 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from lightning_d2ft.data.fashion_mnist import FashionMNISTDataModule  # noqa: E402
 from lightning_d2ft.app.module import ViTClassifier  # noqa: E402
-from lightning_d2ft.ops import Op  # noqa: E402
 from lightning_d2ft.app.pretrain import held_out_top1, save_state_dict, train_classifier  # noqa: E402
+from lightning_d2ft.data.fashion_mnist import FashionMNISTDataModule  # noqa: E402
+from lightning_d2ft.ops import Op  # noqa: E402
 
 OUT = REPO / "benchmarks" / "results" / "accuracy" / "fashion"
 CACHE = REPO / ".cache" / "fashion"

@@ -61,7 +61,8 @@ def table(runs: list[dict], title: str, rows: list[tuple[str, dict]], ref: dict 
         if c is None:
             lines.append(f"| {name} | 0 | not run | | |")
             continue
-        lines.append(f"| {name} | {c['n']} | {c['top1']:.2f} | {c['diff']:+.2f} ± {c['half']:.2f} | {c['worse_seeds']} |")
+        lines.append(f"| {name} | {c['n']} | {c['top1']:.2f} | {c['diff']:+.2f} ± {c['half']:.2f} "
+                     f"| {c['worse_seeds']} |")
         out.append({"table": title, "setting": name, **over, **c})
     return "\n".join(lines) + "\n", out
 
@@ -78,7 +79,8 @@ def tables(runs: list[dict]) -> tuple[str, list[dict]]:
          [(f"{b} / {f}", {"backward_score": b, "forward_score": f}) for b, f in (
              ("weight_magnitude", "fisher"), ("fisher", "fisher"), ("gradient_magnitude", "fisher"),
              ("weight_magnitude", "weight_magnitude"), ("fisher", "random"), ("random", "random"))]),
-        ("Table 6: score_every cost (D2FT, budget 0.6)", [(f"score_every={k}", {"score_every": k}) for k in (1, 4, 10)]),
+        ("Table 6: score_every cost (D2FT, budget 0.6)",
+         [(f"score_every={k}", {"score_every": k}) for k in (1, 4, 10)]),
     ]
     md, rows = [], []
     text, got = table(runs, "Table 1b: each baseline against D2FT at budget 0.6 (baseline - D2FT)",

@@ -17,9 +17,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from lightning_d2ft.app.module import build_vit
 from lightning_d2ft.data.digits import DigitsDataModule
 from lightning_d2ft.io import atomic_write
-from lightning_d2ft.app.module import build_vit
 
 __all__ = ["held_out_top1", "pretrained_checkpoint", "save_state_dict", "train_classifier"]
 log = logging.getLogger(__name__)
@@ -34,7 +34,8 @@ def pretrained_checkpoint(cache_dir: str | Path, model: str, model_kwargs: dict,
     path = Path(cache_dir) / f"pretrained-{key}.pt"
     if path.exists():
         return path
-    log.warning("pretraining %s on digits %s for %d epochs (cached afterwards at %s)", model, list(classes), epochs, path)
+    log.warning("pretraining %s on digits %s for %d epochs (cached afterwards at %s)", model, list(classes), epochs,
+                path)
     # the caller's random state is left as it was: a run that pretrains draws the same numbers afterwards
     # (its new head, its data order) as the same run that finds the cache
     with torch.random.fork_rng(devices=[]):

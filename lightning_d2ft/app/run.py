@@ -15,16 +15,16 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_d2ft.app.checkpoints import RunCheckpoint
 from lightning_d2ft.app.config import check_config, check_trainer_extra
+from lightning_d2ft.app.module import ShardedModelSummary, ViTClassifier, build_vit
+from lightning_d2ft.app.pretrain import pretrained_checkpoint
 from lightning_d2ft.callback import D2FTCallback
 from lightning_d2ft.data.digits import DigitsDataModule
 from lightning_d2ft.data.fashion_mnist import FashionMNISTDataModule
-from lightning_d2ft.app.checkpoints import RunCheckpoint
 from lightning_d2ft.io import atomic_write, checked_checkpoint, newest_checkpoint
-from lightning_d2ft.app.module import ShardedModelSummary, ViTClassifier, build_vit
 from lightning_d2ft.model.vit import D2FTViT
 from lightning_d2ft.parallel.placement import speed_aware
-from lightning_d2ft.app.pretrain import pretrained_checkpoint
 from lightning_d2ft.schedule.schedule import Schedule
 from lightning_d2ft.schedule.settings import ScheduleSettings
 from lightning_d2ft.strategy.strategy import D2FTStrategy

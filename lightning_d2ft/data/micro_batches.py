@@ -13,7 +13,15 @@ from typing import Iterator, Sequence
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, IterableDataset, RandomSampler, SequentialSampler
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    IterableDataset,
+    RandomSampler,
+    SequentialSampler,
+)
 
 __all__ = ["MicroBatchSampler", "find_micro_batch_sampler", "micro_batch_loader", "with_micro_batches"]
 
@@ -31,7 +39,8 @@ class MicroBatchSampler(DistributedSampler):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
         n = len(dataset)
         if micro_batch_size < 1 or micro_batch_size > n:
-            raise ValueError(f"micro_batch_size must be in [1, {n}] for a data set of {n} samples, got {micro_batch_size}")
+            raise ValueError(f"micro_batch_size must be in [1, {n}] for a data set of {n} samples, "
+                             f"got {micro_batch_size}")
         self.micro_batch_size = micro_batch_size
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(n)
         count = n // micro_batch_size

@@ -49,7 +49,7 @@ class _Replay(torch.autograd.Function):
     """One autograd node: forward replays the pattern's forward graph, backward its backward graph."""
 
     @staticmethod
-    def forward(ctx, graphs: "PatternGraphs", cap: _Captured, *params: Tensor) -> Tensor:
+    def forward(ctx, graphs: PatternGraphs, cap: _Captured, *params: Tensor) -> Tensor:
         cap.fwd.replay()  # reads the static input, which ``run`` has filled
         ctx.graphs, ctx.cap = graphs, cap
         graphs._pending = weakref.ref(ctx)
@@ -87,7 +87,7 @@ class PatternGraphs:
         self._stream: torch.cuda.Stream | None = None
         self._grad_out: Tensor | None = None
 
-    def __deepcopy__(self, memo: dict) -> "PatternGraphs":
+    def __deepcopy__(self, memo: dict) -> PatternGraphs:
         return PatternGraphs(self.max_patterns)  # graphs belong to one model's memory: a copy captures anew
 
     def __reduce__(self):
@@ -117,7 +117,8 @@ class PatternGraphs:
             except Exception as err:  # a capture-unsafe op: say so once and run eagerly from now on
                 self.failure = f"{type(err).__name__}: {err}"
                 self.max_patterns = 0
-                warnings.warn(f"D2FT: CUDA-graph capture failed ({self.failure}); training steps run eagerly")
+                warnings.warn(f"D2FT: CUDA-graph capture failed ({self.failure}); training steps run eagerly",
+                              stacklevel=2)
                 return None
             self._graphs[key] = cap
         return _Replay.apply(self, cap, *params)

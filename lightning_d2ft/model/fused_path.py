@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_d2ft.parallel.layout import GROUPED
 from lightning_d2ft.ops import Op
+from lightning_d2ft.parallel.layout import GROUPED
 
 __all__ = ["AttentionGroups", "BlockPlan", "MlpGroups", "block_plan", "cached_plan", "fast_path_ok", "fused_block"]
 

@@ -32,11 +32,15 @@ import torch
 from torch import Tensor, nn
 
 from lightning_d2ft.model.cuda_graphs import PatternGraphs
-from lightning_d2ft.model.granularity import (
-    _NUM_EXTRA_SUBNETS, check_supported, resolve_groups_per_block, valid_groups_per_block, valid_subnet_counts,
-)
-from lightning_d2ft.model.general_path import attention_groups, mlp_groups
 from lightning_d2ft.model.fused_path import cached_plan, fast_path_ok, fused_block
+from lightning_d2ft.model.general_path import attention_groups, mlp_groups
+from lightning_d2ft.model.granularity import (
+    _NUM_EXTRA_SUBNETS,
+    check_supported,
+    resolve_groups_per_block,
+    valid_groups_per_block,
+    valid_subnet_counts,
+)
 from lightning_d2ft.ops import Op
 from lightning_d2ft.parallel.placement import Placement
 from lightning_d2ft.parallel.sharding import shard_state_dict, shard_vit, unshard_state_dict

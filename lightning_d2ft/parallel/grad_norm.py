@@ -8,13 +8,16 @@ counts the replicated parameters once, so every rank scales its gradients by the
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
 
 from lightning_d2ft.parallel.collectives import named_collective
-from lightning_d2ft.model.vit import D2FTViT
+
+if TYPE_CHECKING:  # the model sits above this layer: types only
+    from lightning_d2ft.model.vit import D2FTViT
 
 __all__ = ["clip_grad_by_global_norm", "sharded_parameter_ids"]
 

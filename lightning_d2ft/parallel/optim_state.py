@@ -8,14 +8,16 @@ same tensor-parallel size restores every rank exactly; on another size the first
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch.nn import Module
 from torch.optim import Optimizer
 
-from lightning_d2ft.model.vit import D2FTViT
 from lightning_d2ft.parallel.sharding import shard_index, shard_state_dict, unshard_state_dict
+
+if TYPE_CHECKING:  # the model sits above this layer: types only
+    from lightning_d2ft.model.vit import D2FTViT
 
 __all__ = ["full_optimizer_state", "load_full_optimizer_state"]
 Gather = Callable[[Any], list[Any]]  # all_gather_object over the tensor-parallel group

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence, Union
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -73,11 +73,11 @@ class Placement:
 
     @classmethod
     def round_robin(cls, depth: int, groups_per_block: int, tp: int,
-                    speeds: Sequence[float] | None = None) -> "Placement":
+                    speeds: Sequence[float] | None = None) -> Placement:
         return cls(round_robin(depth, groups_per_block, tp), tuple(speeds or ()))
 
     @classmethod
-    def from_any(cls, placement: "Placement | Tensor", speeds: Sequence[float] | None = None) -> "Placement":
+    def from_any(cls, placement: Placement | Tensor, speeds: Sequence[float] | None = None) -> Placement:
         """A Placement as is, or one built from an owner table ``[depth, G]``."""
         if isinstance(placement, Placement):
             return placement
@@ -95,7 +95,7 @@ class Placement:
     def groups_per_block(self) -> int:
         return self.owner.shape[1]
 
-    def with_speeds(self, speeds: Sequence[float]) -> "Placement":
+    def with_speeds(self, speeds: Sequence[float]) -> Placement:
         """The same owner table with other rank speeds (validated)."""
         return Placement(self.owner, tuple(speeds))
 
@@ -111,7 +111,7 @@ class Placement:
 
 
 # -- what D2FTStrategy(placement=...) takes --------------------------------------------------------
-def resolve_placement(arg: "PlacementArg", depth: int, groups_per_block: int, tp: int) -> Placement:
+def resolve_placement(arg: PlacementArg, depth: int, groups_per_block: int, tp: int) -> Placement:
     """The one Placement for ``depth`` blocks x ``groups_per_block`` head groups on ``tp`` ranks, from what
     ``D2FTStrategy(placement=...)`` was given: None (round robin), an owner table ``[depth, G]``, a callable
     ``(depth, G, tp) -> owner``, a :func:`speed_aware` result (which also sets the speeds) or a Placement."""
@@ -245,4 +245,4 @@ def speed_aware(speeds: Sequence[float], memory: Sequence[float] | None = None,
                                bytes_per_group)
 
 
-PlacementArg = Union[None, Placement, Tensor, Sequence[Sequence[int]], Callable[[int, int, int], Tensor]]
+PlacementArg = Placement | Tensor | Sequence[Sequence[int]] | Callable[[int, int, int], Tensor] | None

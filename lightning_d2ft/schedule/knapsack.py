@@ -34,8 +34,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_d2ft.schedule.capacity import DeviceBudget, Rows, epilogue, make_rows
 from lightning_d2ft.ops import CostModel, Op
+from lightning_d2ft.schedule.capacity import DeviceBudget, Rows, epilogue, make_rows
 
 _MAX_DP_CELLS = 50_000_000
 _RTOL, _ATOL = 1e-6, 1e-9

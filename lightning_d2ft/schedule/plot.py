@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from lightning_d2ft.schedule.schedule import Schedule
 
 
-def plot_schedule(schedule: "Schedule", path: str | os.PathLike) -> Path:
+def plot_schedule(schedule: Schedule, path: str | os.PathLike) -> Path:
     """Three panels with integer ticks and legends outside the data: ops (subnets x micro-batches), time per
     device per step (lockstep ranks wait for the slowest line), and time per device over the epoch."""
     import matplotlib

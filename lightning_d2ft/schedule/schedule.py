@@ -19,12 +19,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_d2ft.schedule.baselines import BASELINES
-from lightning_d2ft.schedule.capacity import RESOLUTION, device_budgets
 from lightning_d2ft.io import read_checked, write_checked
-from lightning_d2ft.schedule.knapsack import solve_devices
 from lightning_d2ft.ops import CostModel, Op
 from lightning_d2ft.parallel.placement import Placement, round_robin
+from lightning_d2ft.schedule.baselines import BASELINES
+from lightning_d2ft.schedule.capacity import RESOLUTION, device_budgets
+from lightning_d2ft.schedule.knapsack import solve_devices
 from lightning_d2ft.schedule.settings import METHODS, SOLVERS, ScheduleSettings, check_comm_budget
 
 __all__ = ["METHODS", "SOLVERS", "Schedule"]
@@ -103,7 +103,8 @@ class Schedule:
         ops = self.ops[:, cols]
         sent = 0.0
         for wanted in (Op.FORWARD_ONLY, Op.FULL):  # forward partial sum, then backward input gradient
-            hit = torch.zeros(ops.shape[0], n_groups, dtype=torch.float64).index_add_(1, groups, (ops >= wanted).double()) > 0
+            runs = (ops >= wanted).double()
+            hit = torch.zeros(ops.shape[0], n_groups, dtype=torch.float64).index_add_(1, groups, runs) > 0
             sent += float(hit.sum())
         return sent / (2.0 * ops.shape[0] * n_groups) if n_groups else 0.0
 
@@ -184,7 +185,7 @@ class Schedule:
                 "info": self.info}
 
     @classmethod
-    def from_state(cls, state: dict) -> "Schedule":
+    def from_state(cls, state: dict) -> Schedule:
         return cls(ops=state["ops"].long(), placement=state["placement"], speeds=state["speeds"],
                    cost=CostModel(**state["cost"]), column_blocks=state["column_blocks"], method=state["method"],
                    info=state["info"])
@@ -194,7 +195,7 @@ class Schedule:
         return write_checked(path, self.state(), _FORMAT_VERSION)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Schedule":
+    def load(cls, path: str | os.PathLike) -> Schedule:
         """Read a schedule; raises :class:`StaleFileError` for a corrupt, edited or outdated file."""
         return cls.from_state(read_checked(path, _FORMAT_VERSION, "schedule file"))
 
@@ -227,7 +228,7 @@ class Schedule:
         ortools_time_limit: float | None = None,
         capacity: str = "step",
         validate: bool = True,
-    ) -> "Schedule":
+    ) -> Schedule:
         """Solve the schedule for scores ``[micro_batches, subnets]`` (see :mod:`lightning_d2ft.schedule.knapsack`).
 
         ``placement``: a :class:`Placement` (or its owner table ``[depth, G]``), whose column devices and
@@ -292,7 +293,8 @@ def _check_scores(backward: Tensor | np.ndarray, forward: Tensor | np.ndarray) -
             raise ValueError(f"{name} must be >= 0 (contribution scores are magnitudes), min is {a.min()}")
         out.append(torch.from_numpy(np.ascontiguousarray(a)))
     if out[0].shape != out[1].shape:
-        raise ValueError(f"backward_scores {tuple(out[0].shape)} and forward_scores {tuple(out[1].shape)} differ in shape")
+        raise ValueError(f"backward_scores {tuple(out[0].shape)} and forward_scores {tuple(out[1].shape)} differ in "
+                         "shape")
     return out[0], out[1]
 
 

@@ -101,7 +101,7 @@ class ScheduleSettings:
                 raise ValueError(f"{where}{name}: {err}") from None
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any], where: str = "") -> "ScheduleSettings":
+    def from_mapping(cls, values: Mapping[str, Any], where: str = "") -> ScheduleSettings:
         """The settings among ``values`` (a config section may hold more keys), validated; errors name each
         field as ``where + name`` (``where="schedule."`` for the app's ``schedule.budget``)."""
         return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values}, where=where)

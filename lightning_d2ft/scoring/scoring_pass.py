@@ -13,6 +13,7 @@ sums only its own head groups; the replicated stem and head are counted by tenso
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -23,10 +24,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lightning_d2ft.data.micro_batches import MicroBatchSampler
-from lightning_d2ft.parallel.layout import grouped_dim
 from lightning_d2ft.model.vit import D2FTViT
+from lightning_d2ft.parallel.layout import grouped_dim
 
-__all__ = ["GRAD_STATS", "SubnetIndex", "micro_batches_to_train", "score_pass", "score_shared", "scoring_loader", "sum_over_ranks"]
+__all__ = ["GRAD_STATS", "SubnetIndex", "micro_batches_to_train", "score_pass", "score_shared", "scoring_loader",
+           "sum_over_ranks"]
 
 #: per-element statistics of a gradient ``g`` (and weight ``w``) the gradient metrics are built from
 GRAD_STATS = ("abs", "sq", "taylor")
@@ -34,11 +36,17 @@ _STEM = ("patch_embed.", "norm_pre.")
 _STEM_TOKENS = ("cls_token", "reg_token", "pos_embed")
 
 
+def _by_group(t: Tensor, dim: int, lead: int, groups: int) -> Tensor:
+    """``t`` viewed ``(lead, groups, per_group)`` along its grouped ``dim`` (no copy)."""
+    return t.unflatten(dim, (lead, groups, -1))
+
+
 class SubnetIndex:
     """How every scored parameter of ``net`` folds into subnet columns; built once, reused per micro-batch.
 
     A grouped block tensor (qkv, proj, fc1, fc2) is viewed ``(lead, local groups, per_group)`` along its
-    grouped dim (no copy) and reduced over every other axis, one entry per subnet column; a stem/head tensor goes whole to column 0 / the last column (only when
+    grouped dim (no copy) and reduced over every other axis, one entry per subnet column; a stem/head tensor
+    goes whole to column 0 / the last column (only when
     ``count_replicated``: one tensor-parallel rank counts them); shared block tensors (norms, the proj/fc2
     biases, LayerScale) and LoRA adapters count for nobody.
     """
@@ -61,7 +69,7 @@ class SubnetIndex:
                 block, layout = found
                 groups = owned[block]
                 cols = [net.subnet_index(block, g) for g in groups]
-                fold = (lambda t, d=layout.dim, lead=layout.lead, n=len(groups): t.unflatten(d, (lead, n, -1)))
+                fold = functools.partial(_by_group, dim=layout.dim, lead=layout.lead, groups=len(groups))
                 dims = tuple(i for i in range(p.dim() + 2) if i != layout.dim + 1)  # all but the group axis
             elif name.startswith("blocks.") or not count_replicated:
                 continue

@@ -15,11 +15,11 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_d2ft.parallel.collectives import named_collective
 from lightning_d2ft.io import atomic_write
 from lightning_d2ft.model.lora import match_lora_
-from lightning_d2ft.parallel.optim_state import full_optimizer_state, load_full_optimizer_state
 from lightning_d2ft.model.vit import D2FTViT, find_d2ft
+from lightning_d2ft.parallel.collectives import named_collective
+from lightning_d2ft.parallel.optim_state import full_optimizer_state, load_full_optimizer_state
 from lightning_d2ft.parallel.sharding import shard_state_dict, unshard_state_dict
 
 __all__ = ["AtomicCheckpointIO", "FullCheckpoints"]

@@ -28,10 +28,10 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
-from lightning_d2ft.parallel.collectives import CollectiveError
-from lightning_d2ft.strategy.step_guard import sigterm_handled_by, sigterm_message
 from lightning_d2ft.model.lora import match_lora_
 from lightning_d2ft.model.vit import find_d2ft
+from lightning_d2ft.parallel.collectives import CollectiveError
+from lightning_d2ft.strategy.step_guard import sigterm_handled_by, sigterm_message
 
 __all__ = ["PEER_ERROR_GRACE_S", "is_peer_error"]
 PEER_ERROR_GRACE_S = 3.0

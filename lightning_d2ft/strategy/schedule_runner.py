@@ -28,7 +28,7 @@ class ScheduleExecution:
     schedule: Schedule | None = None
     _epoch_ids: tuple[int, list[int]] = (-1, [])
     _bytes_logged = 0
-    _compute_fractions: list[float] = []
+    _compute_fractions: tuple[float, ...] = ()
 
     def install_schedule(self, schedule: Schedule) -> None:
         """From now on every training batch runs its micro-batch's row of ``schedule``."""

@@ -35,18 +35,17 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_d2ft.parallel.collectives import CommStats, SparseTensorParallel
-from lightning_d2ft.data.micro_batches import MicroBatchSampler
-from lightning_d2ft.strategy.checkpointing import AtomicCheckpointIO, FullCheckpoints
-from lightning_d2ft.strategy.schedule_runner import ScheduleExecution
-from lightning_d2ft.parallel.grad_norm import clip_grad_by_global_norm, sharded_parameter_ids
-from lightning_d2ft.strategy.step_guard import GuardedSteps, StepGuard
-from lightning_d2ft.strategy.launchers import _WholeModelSpawnLauncher, sigterm_exit
-from lightning_d2ft.parallel.mesh import check_tensor_parallel_size, mesh_groups, tensor_parallel_size_for
+from lightning_d2ft.data.micro_batches import MicroBatchSampler, with_micro_batches
 from lightning_d2ft.model.vit import find_d2ft
+from lightning_d2ft.parallel.collectives import CommStats, SparseTensorParallel
+from lightning_d2ft.parallel.grad_norm import clip_grad_by_global_norm, sharded_parameter_ids
+from lightning_d2ft.parallel.mesh import check_tensor_parallel_size, mesh_groups, tensor_parallel_size_for
 from lightning_d2ft.parallel.placement import Placement, PlacementArg, check_placement_arg, resolve_placement
 from lightning_d2ft.parallel.replicas import Replicas, make_replicas
-from lightning_d2ft.data.micro_batches import with_micro_batches
+from lightning_d2ft.strategy.checkpointing import AtomicCheckpointIO, FullCheckpoints
+from lightning_d2ft.strategy.launchers import _WholeModelSpawnLauncher, sigterm_exit
+from lightning_d2ft.strategy.schedule_runner import ScheduleExecution
+from lightning_d2ft.strategy.step_guard import GuardedSteps, StepGuard
 
 __all__ = ["AtomicCheckpointIO", "D2FTStrategy"]
 log = logging.getLogger(__name__)

@@ -1,4 +1,5 @@
-"""Every test here is a multi-process or end-to-end run: marked ``integration`` (``-m "not integration"`` skips them)."""
+"""Every test here is a multi-process or end-to-end run: marked ``integration`` (``-m "not integration"`` skips
+them)."""
 
 import pytest
 

@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from lightning.pytorch import Trainer, seed_everything
 
 from lightning_d2ft import D2FTCallback, D2FTStrategy
+from lightning_d2ft.app.module import ViTClassifier
 from lightning_d2ft.data.digits import DigitsDataModule
 from lightning_d2ft.data.micro_batches import MicroBatchSampler
 from lightning_d2ft.model.lora import add_lora_
-from lightning_d2ft.app.module import ViTClassifier
 
 SMALL = dict(img_size=16, patch_size=8, embed_dim=48, depth=2)  # 6 heads of width 8, 5 tokens
 

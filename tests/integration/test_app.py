@@ -39,7 +39,8 @@ def test_single_run_prints_savings_and_accuracy(tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
 
     # the same command again (here asking for one more epoch) continues from the run's last checkpoint
-    again = _run([*TINY, "trainer.max_epochs=2", f"hydra.run.dir={tmp_path}/run", f"schedule.cache_dir={tmp_path}/cache",
+    again = _run([*TINY, "trainer.max_epochs=2", f"hydra.run.dir={tmp_path}/run",
+                  f"schedule.cache_dir={tmp_path}/cache",
                   f"model.pretrain.cache_dir={tmp_path}/pretrained"], tmp_path)
     assert "resuming from" in again.stdout + again.stderr
     last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
@@ -68,7 +69,8 @@ def test_help_lists_config_groups(tmp_path):
 
 
 def test_bad_subnets_fail_before_any_data_or_pretraining(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "lightning_d2ft", "schedule.subnets=27", f"hydra.run.dir={tmp_path}/run",
+    proc = subprocess.run([sys.executable, "-m", "lightning_d2ft", "schedule.subnets=27",
+                           f"hydra.run.dir={tmp_path}/run",
                            f"model.pretrain.cache_dir={tmp_path}/pretrained"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300, env=ENV)
     assert proc.returncode != 0

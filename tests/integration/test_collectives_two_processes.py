@@ -11,8 +11,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from lightning_d2ft import D2FTViT, Op, Schedule
-from lightning_d2ft.parallel.collectives import SparseTensorParallel
 from lightning_d2ft.model.vit import unshard_state_dict
+from lightning_d2ft.parallel.collectives import SparseTensorParallel
 from lightning_d2ft.parallel.placement import groups_of_rank, round_robin, subnet_devices
 
 

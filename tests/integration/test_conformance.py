@@ -31,9 +31,9 @@ from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
 from lightning_d2ft import D2FTCallback, D2FTStrategy
+from lightning_d2ft.app.module import ViTClassifier
 from lightning_d2ft.data.digits import DigitsDataModule
 from lightning_d2ft.data.micro_batches import MicroBatchSampler
-from lightning_d2ft.app.module import ViTClassifier
 
 pytestmark = pytest.mark.timeout(900)
 SMALL = dict(img_size=16, patch_size=8, embed_dim=48, depth=2)  # 6 heads of width 8, 5 tokens
@@ -91,7 +91,8 @@ def _flow_resume(root: Path, world: int, kw: dict) -> dict:
     straight.fit(_module(optimizer="adamw"), DigitsDataModule(**DATA))
     reference = _full_state(straight)
     resumed = _trainer(root / "resumed", world, kw, [_d2ft(0.3, root)], limit_train_batches=BATCHES)
-    resumed.fit(_module(seed=123, optimizer="adamw"), DigitsDataModule(**DATA), ckpt_path=root / "steps" / "step=2.ckpt")
+    resumed.fit(_module(seed=123, optimizer="adamw"), DigitsDataModule(**DATA),
+                ckpt_path=root / "steps" / "step=2.ckpt")
     return {"straight": reference, "resumed": _full_state(resumed),
             "checkpoints": sorted(p.name for p in (root / "steps").glob("*.ckpt"))}
 

@@ -13,13 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from fits import assert_same, d2ft_callback, digits_data, make_module, make_trainer, vit_state
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_d2ft.data.digits import DigitsDataModule
 from lightning_d2ft.data.micro_batches import MicroBatchSampler
-
-from fits import assert_same, d2ft_callback, digits_data, make_module, make_trainer, vit_state
 
 pytestmark = pytest.mark.timeout(600)
 REPO = Path(__file__).resolve().parents[2]

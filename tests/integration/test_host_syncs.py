@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from fits import make_module, make_trainer
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch.utils.data import TensorDataset
 
-from fits import make_module, make_trainer
 from lightning_d2ft import D2FTCallback, D2FTStrategy
 from lightning_d2ft.data.micro_batches import micro_batch_loader
 from lightning_d2ft.model.vit import find_d2ft

@@ -120,7 +120,8 @@ def test_a_rerun_with_another_budget_or_method_is_refused_naming_both(tmp_path):
     out = tmp_path / "run"
     _run(tmp_path, out, "trainer.max_epochs=1", "trainer.checkpoint_every_n_steps=null")
     for change, before, after in [("schedule.budget=0.8", "0.6", "0.8"), ("schedule.method=moe", "d2ft", "moe")]:
-        with pytest.raises(ValueError, match=rf"{before}.* in this run directory, .*{after}.* asked.*hydra.run.dir.*resume=null"):
+        with pytest.raises(ValueError,
+                           match=rf"{before}.* in this run directory, .*{after}.* asked.*hydra.run.dir.*resume=null"):
             _run(tmp_path, out, change)
     # starting fresh in the same directory is allowed, and names the new settings
     assert _run(tmp_path, out, "schedule.budget=0.8", "resume=null")["budget"] == 0.8

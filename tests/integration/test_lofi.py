@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from fits import assert_same, d2ft_callback, digits_data, make_module, make_trainer, plain_timm_reference, vit_state
 
 from lightning_d2ft.data.digits import DigitsDataModule
 from lightning_d2ft.data.micro_batches import MicroBatchSampler
-from fits import assert_same, d2ft_callback, digits_data, make_module, make_trainer, plain_timm_reference, vit_state
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -53,7 +53,8 @@ def test_lofi_two_replicas_equal_the_average_of_two_independent_runs_on_the_data
     module = make_module(optimizer="sgd")
     # validation after every 2 steps evaluates the average but must not change what the replicas train
     make_trainer(tmp_path, callbacks=[d2ft_callback(1.0, tmp_path)], limit_train_batches=4, limit_val_batches=2,
-             val_check_interval=2, strategy_kw=dict(tensor_parallel_size=1, data_parallel="lofi")).fit(module, digits_data())
+             val_check_interval=2,
+             strategy_kw=dict(tensor_parallel_size=1, data_parallel="lofi")).fit(module, digits_data())
     halves = [plain_timm_reference(steps=4, optimizer="sgd", replica=(2, r)) for r in range(2)]
     assert_same(vit_state(module), {k: (halves[0][k] + halves[1][k]) / 2 for k in halves[0]})
     # the replicas really drifted apart, so matching their mean is not a trivial check

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fits import assert_same, digits_data, make_module, make_trainer, plain_timm_reference, vit_state
 
 from lightning_d2ft import D2FTCallback
 from lightning_d2ft.model.lora import merge_lora
-from fits import assert_same, digits_data, make_module, make_trainer, plain_timm_reference, vit_state
 
 pytestmark = pytest.mark.timeout(600)
 

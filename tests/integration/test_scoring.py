@@ -11,9 +11,9 @@ import torch
 from lightning.pytorch import Trainer, seed_everything
 
 from lightning_d2ft import D2FTCallback, D2FTStrategy, Schedule
+from lightning_d2ft.app.module import ViTClassifier
 from lightning_d2ft.data.digits import DigitsDataModule
 from lightning_d2ft.io import read_checked
-from lightning_d2ft.app.module import ViTClassifier
 from lightning_d2ft.scoring.scores import _CACHE_VERSION
 
 pytestmark = pytest.mark.timeout(600)

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from fits import assert_same, d2ft_callback, digits_data, make_module, make_trainer, plain_timm_reference, vit_state
 from lightning.pytorch import Callback, seed_everything
 from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_d2ft import CostModel, D2FTCallback, Schedule
-from lightning_d2ft.data.micro_batches import MicroBatchSampler
 from lightning_d2ft.app.module import ViTClassifier
-from fits import assert_same, d2ft_callback, digits_data, make_module, make_trainer, plain_timm_reference, vit_state
+from lightning_d2ft.data.micro_batches import MicroBatchSampler
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -72,7 +72,8 @@ def _measure(tmp_path: Path, budget: float) -> tuple[list[dict], Schedule]:
     seed_everything(0)
     module = ViTClassifier(num_classes=10, subnets=26, model_kwargs=dict(img_size=32, patch_size=8, embed_dim=96,
                                                                          depth=4))
-    trainer = make_trainer(tmp_path, callbacks=[d2ft_callback(budget, tmp_path), MeasureStep(out)], limit_train_batches=8)
+    trainer = make_trainer(tmp_path, callbacks=[d2ft_callback(budget, tmp_path), MeasureStep(out)],
+                           limit_train_batches=8)
     trainer.fit(module, digits_data(img=32))
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)], Schedule.load(out / "schedule.pt")
 
@@ -100,7 +101,8 @@ def test_budget_0_6_cuts_flops_and_bytes_per_rank_as_the_schedule_predicts(tmp_p
 
 def test_save_and_resume_reaches_the_same_weights_on_the_same_or_another_world_size(tmp_path):
     straight = make_module()
-    make_trainer(tmp_path / "a", callbacks=[d2ft_callback(1.0, tmp_path)], max_epochs=2, limit_train_batches=3).fit(straight, digits_data())
+    make_trainer(tmp_path / "a", callbacks=[d2ft_callback(1.0, tmp_path)], max_epochs=2,
+                 limit_train_batches=3).fit(straight, digits_data())
 
     first = make_module()
     t1 = make_trainer(tmp_path / "b", callbacks=[d2ft_callback(1.0, tmp_path)], max_epochs=1, limit_train_batches=3)
@@ -114,7 +116,8 @@ def test_save_and_resume_reaches_the_same_weights_on_the_same_or_another_world_s
 
     for devices in (2, 1):
         resumed = make_module(seed=123)  # different init: everything must come from the checkpoint
-        t2 = make_trainer(tmp_path / f"c{devices}", callbacks=[d2ft_callback(1.0, tmp_path)], max_epochs=2, limit_train_batches=3)
+        t2 = make_trainer(tmp_path / f"c{devices}", callbacks=[d2ft_callback(1.0, tmp_path)], max_epochs=2,
+                          limit_train_batches=3)
         t2.fit(resumed, digits_data(), ckpt_path=ckpt)
         assert_same(vit_state(resumed), vit_state(straight), atol=1e-4)
 

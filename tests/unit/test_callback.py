@@ -11,8 +11,8 @@ import torch
 from lightning.pytorch import Trainer, seed_everything
 
 from lightning_d2ft import D2FTCallback, D2FTStrategy, Schedule
-from lightning_d2ft.data.digits import DigitsDataModule
 from lightning_d2ft.app.module import ViTClassifier
+from lightning_d2ft.data.digits import DigitsDataModule
 
 SMALL = dict(img_size=16, patch_size=8, embed_dim=48, depth=2)  # 6 heads: 4, 8, 14 subnets
 

@@ -13,7 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_d2ft.io import StaleFileError, atomic_write, checked_checkpoint, newest_checkpoint, read_checked, write_checked
+from lightning_d2ft.io import (
+    StaleFileError,
+    atomic_write,
+    checked_checkpoint,
+    newest_checkpoint,
+    read_checked,
+    write_checked,
+)
 
 
 class _Payload:

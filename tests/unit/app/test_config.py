@@ -12,8 +12,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
 from lightning_d2ft.__main__ import config_dir
-from lightning_d2ft.app.run import check_model
 from lightning_d2ft.app.config import check_config, register_configs
+from lightning_d2ft.app.run import check_model
 from lightning_d2ft.app.sweep_summary import summarize_sweep
 
 PATHS = ["schedule.cache_dir=/tmp/x", "model.pretrain.cache_dir=/tmp/y"]

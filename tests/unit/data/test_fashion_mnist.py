@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_d2ft.data.micro_batches import MicroBatchSampler
 from lightning_d2ft.data.fashion_mnist import DEBIAN_DIR, FashionMNISTDataModule, load_fashion_mnist
+from lightning_d2ft.data.micro_batches import MicroBatchSampler
 
 
 def _write_idx(path: Path, array: np.ndarray) -> None:
@@ -105,7 +105,8 @@ def test_missing_data_set_names_the_apt_command(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, field", [({"channels": 2}, "channels"), ({"classes": [3, 10]}, "classes"),
-                                           ({"classes": [1, 1]}, "classes"), ({"train_per_class": 0}, "train_per_class")])
+                                           ({"classes": [1, 1]}, "classes"),
+                                           ({"train_per_class": 0}, "train_per_class")])
 def test_bad_settings_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         FashionMNISTDataModule(**kwargs)

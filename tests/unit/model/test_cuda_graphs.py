@@ -12,8 +12,8 @@ import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from lightning_d2ft.ops import Op
 from lightning_d2ft.model.vit import D2FTViT
+from lightning_d2ft.ops import Op
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

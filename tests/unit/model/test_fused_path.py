@@ -32,7 +32,7 @@ def _tensors(blk):
 
 def _attn_group_ref(blk, h, W, b, Wp, g):
     """Head group g's attention output through its proj columns, written out from timm's layout."""
-    B, N, D = h.shape
+    B, N, _ = h.shape
     per = W.shape[0] // (3 * G)
     rows = [t * G * per + g * per + i for t in range(3) for i in range(per)]
     y = F.linear(h, W[rows], None if b is None else b[rows])
@@ -69,7 +69,7 @@ def test_gradcheck_every_op_pattern_of_a_block(fused, bias):
         bp = blk.attn.proj.bias.detach().clone().requires_grad_()
         b2 = blk.mlp.fc2.bias.detach().clone().requires_grad_()
 
-        def f(h1, h2, bp, b2, *ps):
+        def f(h1, h2, bp, b2, *ps, plan=plan, ops=ops):
             run = _BlockRun(plan, _gather(plan, list(ps)))
             a = AttentionGroups.apply(h1, bp, run, blk.attn, *ps)
             m = MlpGroups.apply(h2 + 0 * a, b2, run, "none")  # 0 * a: the MLP's backward runs first

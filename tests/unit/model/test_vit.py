@@ -60,7 +60,7 @@ def test_all_shortcut_block_is_identity(vit_shape, make_vit):
     reference.blocks[block] = nn.Identity()
     y_ref, g_ref = _run(reference, x)
     torch.testing.assert_close(y, y_ref, **TOL)
-    for name, p in vit.blocks[block].named_parameters():
+    for name, _ in vit.blocks[block].named_parameters():
         assert grads[f"vit.blocks.{block}.{name}"] is None, f"SHORTCUT block parameter {name} got a gradient"
     for name, ref in g_ref.items():
         torch.testing.assert_close(grads["vit." + name], ref, **TOL)
@@ -210,7 +210,8 @@ def _fuzz_vits(draw):
     class_token = draw(st.booleans())
     kw = dict(img_size=patch * draw(st.integers(1, 3)), patch_size=patch, depth=draw(st.integers(1, 3)),
               num_heads=heads, embed_dim=heads * draw(st.sampled_from([2, 4, 8])), num_classes=draw(st.integers(1, 6)),
-              qkv_bias=draw(st.booleans()), qk_norm=draw(st.booleans()), mlp_ratio=draw(st.sampled_from([1.0, 2.0, 4.0])),
+              qkv_bias=draw(st.booleans()), qk_norm=draw(st.booleans()),
+              mlp_ratio=draw(st.sampled_from([1.0, 2.0, 4.0])),
               init_values=draw(st.none() | st.just(0.3)), class_token=class_token,
               global_pool=draw(st.sampled_from(["token", "avg"])) if class_token else "avg",
               drop_path_rate=draw(st.sampled_from([0.0, 0.0, 0.0, 0.1])))

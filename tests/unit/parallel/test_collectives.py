@@ -5,8 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_d2ft.parallel.collectives import (CollectiveError, CommStats, SparseTensorParallel, named_collective,
-                                        ring_allreduce_bytes)
+from lightning_d2ft.parallel.collectives import (
+    CollectiveError,
+    CommStats,
+    SparseTensorParallel,
+    named_collective,
+    ring_allreduce_bytes,
+)
 
 
 def test_ring_allreduce_bytes_is_2_n_minus_1_over_n():

@@ -6,9 +6,9 @@ import copy
 
 import torch
 
+from lightning_d2ft.model.vit import D2FTViT
 from lightning_d2ft.parallel.collectives import SparseTensorParallel
 from lightning_d2ft.parallel.optim_state import full_optimizer_state, load_full_optimizer_state
-from lightning_d2ft.model.vit import D2FTViT
 from lightning_d2ft.parallel.placement import groups_of_rank, round_robin
 
 

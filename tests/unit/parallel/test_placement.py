@@ -10,8 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightning_d2ft.parallel.placement import (DeviceSpec, group_counts, groups_of_rank, layout, round_robin,
-                                      speed_aware)
+from lightning_d2ft.parallel.placement import DeviceSpec, group_counts, groups_of_rank, layout, round_robin, speed_aware
 
 
 def _makespan(counts, devices) -> float:

@@ -8,8 +8,7 @@ import torch
 
 from lightning_d2ft import Schedule
 from lightning_d2ft.parallel.placement import Placement
-from lightning_d2ft.schedule.resume import (check_matches, resumable, run_settings, schedule_from_state,
-                                           schedule_state)
+from lightning_d2ft.schedule.resume import check_matches, resumable, run_settings, schedule_from_state, schedule_state
 from lightning_d2ft.schedule.settings import ScheduleSettings
 
 OLD_KEYS = {"ops", "placement", "speeds", "cost", "column_blocks", "method", "info", "scoring_seconds"}

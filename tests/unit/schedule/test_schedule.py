@@ -16,7 +16,8 @@ from lightning_d2ft.parallel.placement import Placement
 
 def _scores(seed: int, n_mb: int, n_cols: int) -> tuple[torch.Tensor, torch.Tensor]:
     rng = np.random.default_rng(seed)  # continuous values: ties have probability zero
-    return torch.from_numpy(rng.uniform(0.01, 10, (n_mb, n_cols))), torch.from_numpy(rng.uniform(0.01, 10, (n_mb, n_cols)))
+    return torch.from_numpy(rng.uniform(0.01, 10, (n_mb, n_cols))), torch.from_numpy(rng.uniform(0.01, 10, (n_mb,
+                                                                                                            n_cols)))
 
 
 @given(st.integers(0, 1000), st.integers(1, 6), st.integers(1, 4), st.floats(0.0, 1.0))
@@ -189,7 +190,8 @@ def test_bad_inputs_give_clear_errors():
     assert ((Schedule.solve(back, fwd, devices=2, comm_budget=1 / 3).ops == Op.FULL).sum(1) >= 2 + 2).all()
     with pytest.raises(ValueError, match=r"comm_budget=0.05 is below 0.0833.*\[0.0833, 1\]"):
         Schedule.solve(back, fwd, devices=2, comm_budget=0.05, capacity="epoch")
-    assert (Schedule.solve(back, fwd, devices=2, comm_budget=1 / 12, capacity="epoch").ops == Op.FULL).sum() >= 2 + 2 * 4
+    assert (Schedule.solve(back, fwd, devices=2, comm_budget=1 / 12,
+                           capacity="epoch").ops == Op.FULL).sum() >= 2 + 2 * 4
     with pytest.raises(ValueError, match=r"unknown capacity 'batch'; choose one of \['step', 'epoch'\]"):
         Schedule.solve(back, fwd, capacity="batch")
     with pytest.raises(ValueError, match="(?i)validate must be true or false"):

@@ -35,7 +35,8 @@ def test_gradient_metrics_are_exact_per_subnet_sums(make_vit):
     qkv = blk.attn.qkv.weight
     rows = torch.cat([torch.arange(c * D + g * per, c * D + (g + 1) * per) for c in range(3)])
     hid = torch.arange(g * 64, (g + 1) * 64)
-    expected_fisher = (qkv.grad[rows].square().sum() + blk.attn.proj.weight.grad[:, g * per:(g + 1) * per].square().sum()
+    expected_fisher = (qkv.grad[rows].square().sum() + blk.attn.proj.weight.grad[:,
+                                                                                 g * per:(g + 1) * per].square().sum()
                        + blk.mlp.fc1.weight.grad[hid].square().sum() + blk.mlp.fc1.bias.grad[hid].square().sum()
                        + blk.mlp.fc2.weight.grad[:, hid].square().sum())
     k = net.subnet_index(1, g)
@@ -90,13 +91,15 @@ def _reference(vit, x, y, G):
         for g in range(G):
             rows = torch.cat([torch.arange(c * D + g * per, c * D + (g + 1) * per) for c in range(3)])
             hid = torch.arange(g * hper, (g + 1) * hper)
-            parts = [(blk.attn.qkv.weight, (rows,)), (blk.attn.proj.weight, (slice(None), slice(g * per, (g + 1) * per))),
+            parts = [(blk.attn.qkv.weight, (rows,)), (blk.attn.proj.weight, (slice(None), slice(g * per,
+                                                                                                (g + 1) * per))),
                      (blk.mlp.fc1.weight, (hid,)), (blk.mlp.fc1.bias, (hid,)), (blk.mlp.fc2.weight, (slice(None), hid))]
             if blk.attn.qkv.bias is not None:
                 parts.append((blk.attn.qkv.bias, (rows,)))
             cols.append(parts)
         blocks.append(cols)
-    stem = [p for n, p in vit.named_parameters() if n.startswith(("patch_embed", "norm_pre")) or n in ("cls_token", "pos_embed")]
+    stem = [p for n, p in vit.named_parameters()
+            if n.startswith(("patch_embed", "norm_pre")) or n in ("cls_token", "pos_embed")]
     head = [p for n, p in vit.named_parameters() if not n.startswith("blocks") and all(p is not q for q in stem)]
     with torch.no_grad():
         return _sums(stem, blocks, head)
@@ -104,11 +107,15 @@ def _reference(vit, x, y, G):
 
 def _sums(stem, blocks, head):
     out = {}
-    for name, f in {"gradient_magnitude": lambda p, i: p.grad[i].abs().sum(), "fisher": lambda p, i: p.grad[i].square().sum(),
-                    "taylor": lambda p, i: (p.grad[i] * p.detach()[i]).abs().sum()}.items():
-        whole = lambda ps: sum(float(f(p, ...)) for p in ps if p.grad is not None)
-        out[name] = torch.tensor([whole(stem)] + [float(sum(f(p, i) for p, i in parts)) for cols in blocks for parts in cols]
-                                 + [whole(head)], dtype=torch.float64)
+    stats = {"gradient_magnitude": lambda p, i: p.grad[i].abs().sum(),
+             "fisher": lambda p, i: p.grad[i].square().sum(),
+             "taylor": lambda p, i: (p.grad[i] * p.detach()[i]).abs().sum()}
+    for name, f in stats.items():
+        def whole(ps, f=f):
+            return sum(float(f(p, ...)) for p in ps if p.grad is not None)
+
+        groups = [float(sum(f(p, i) for p, i in parts)) for cols in blocks for parts in cols]
+        out[name] = torch.tensor([whole(stem), *groups, whole(head)], dtype=torch.float64)
     return out
 
 
