@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,9 +21,11 @@ from lightning_d2ft.model.lora import match_lora_
 from lightning_d2ft.model.vit import D2FTViT, find_d2ft
 from lightning_d2ft.parallel.collectives import named_collective
 from lightning_d2ft.parallel.optim_state import full_optimizer_state, load_full_optimizer_state
+from lightning_d2ft.parallel.placement import Placement
+from lightning_d2ft.parallel.replicas import Replicas
 from lightning_d2ft.parallel.sharding import shard_state_dict, unshard_state_dict
 
-__all__ = ["AtomicCheckpointIO", "FullCheckpoints"]
+__all__ = ["AtomicCheckpointIO", "ShardedCheckpoints"]
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -41,33 +44,38 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_write(path, buffer.getvalue())
 
 
-class FullCheckpoints:
-    """The checkpoint half of D2FTStrategy (a mixin before DDPStrategy): gathers shards into the whole model
-    and optimizer state, and cuts a whole checkpoint down to this rank's shard on load. Before a state is
-    gathered it settles a deferred non-finite check (``GuardedSteps._settle_deferred_check``)."""
+@dataclass(frozen=True)
+class ShardedCheckpoints:
+    """Whole-model checkpoints of one tensor-parallel rank's shard: gathered on save (every rank of the
+    tensor-parallel group takes part), cut down to this rank's head groups on load. ``placement`` None or
+    ``tp_size`` 1: nothing is sharded, states pass through."""
 
-    # -- checkpoints: whole model in, whole model out -------------------------------------------
+    placement: Placement | None
+    tp_rank: int
+    tp_size: int
+    global_rank: int
+    group: dist.ProcessGroup | None
+
+    def _sharded(self, net: D2FTViT) -> bool:
+        return net.tp is not None and self.tp_size > 1
+
     def _gather(self, obj: Any) -> list[Any]:
-        out: list[Any] = [None] * self.tensor_parallel_size
+        out: list[Any] = [None] * self.tp_size
         named_collective("tensor-parallel all_gather_object (checkpoint shards)", self.global_rank,
-                         dist.all_gather_object, out, obj, group=self.tp.group)
+                         dist.all_gather_object, out, obj, group=self.group)
         return out
 
     def _rank_groups(self) -> list[list[list[int]]]:
-        return [self.placement.groups_of(r) for r in range(self.tensor_parallel_size)]
+        return [self.placement.groups_of(r) for r in range(self.tp_size)]
 
-    def _is_sharded(self, net: D2FTViT) -> bool:
-        return net.tp is not None and self.tensor_parallel_size > 1
-
-    @override
-    def lightning_module_state_dict(self) -> dict[str, Any]:
-        self._settle_deferred_check()  # a step found non-finite late raises before any checkpoint holds it
-        module = self.lightning_module
+    def model_state(self, module: torch.nn.Module, replicas: Replicas) -> dict[str, Any]:
+        """The whole model's state dict (plain timm keys under the module's prefix); a lo-fi model is the mean
+        of its replicas (every replica takes part)."""
         net = find_d2ft(module)
         state = module.state_dict()
-        if self.replicas.differ:  # the lo-fi model is the replicas' mean (every rank takes part)
-            state = {k: self.replicas.mean(v) if v.is_floating_point() else v for k, v in state.items()}
-        if not self._is_sharded(net):
+        if replicas.differ:
+            state = {k: replicas.mean(v) if v.is_floating_point() else v for k, v in state.items()}
+        if not self._sharded(net):
             return state
         prefix = _prefix_of(module, net)
         vit_keys = {k for k in state if k.startswith(prefix)}
@@ -76,32 +84,26 @@ class FullCheckpoints:
         full = unshard_state_dict(shapes, net.groups_per_block, list(zip(self._rank_groups(), shards)))
         return {**{k: v for k, v in state.items() if k not in vit_keys}, **full}
 
-    @override
-    def load_model_state_dict(self, checkpoint: dict[str, Any], strict: bool = True) -> None:
-        module = self.lightning_module
+    def load_model_state(self, module: torch.nn.Module, state: dict[str, Any], strict: bool = True) -> None:
+        """Load a whole-model state dict into this rank's shard (LoRA adapters added first if it has them)."""
         net = find_d2ft(module)
-        state = checkpoint["state_dict"]
         match_lora_(net, state)
-        if self._is_sharded(net):
-            state = shard_state_dict(state, net.groups_per_block, self.placement.groups_of(self.tensor_parallel_rank))
+        if self._sharded(net):
+            state = shard_state_dict(state, net.groups_per_block, self.placement.groups_of(self.tp_rank))
         module.load_state_dict(state, strict=strict)
 
-    @override
-    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+    def optimizer_state(self, optimizer: Optimizer, module: torch.nn.Module) -> dict[str, Any]:
         """Optimizer state with full-size tensors keyed by parameter name: independent of the world size."""
-        module = self.lightning_module
         net = find_d2ft(module)
-        groups = self._rank_groups() if self._is_sharded(net) else None
+        groups = self._rank_groups() if self._sharded(net) else None
         return full_optimizer_state(optimizer, module, net, _prefix_of(module, net), groups, self._gather)
 
-    @override
-    def load_optimizer_state_dict(self, checkpoint: dict[str, Any]) -> None:
-        module = self.lightning_module
+    def load_optimizer_states(self, optimizers: list[Optimizer], saved: list[dict[str, Any]],
+                              module: torch.nn.Module) -> None:
         net = find_d2ft(module)
-        groups = self.placement.groups_of(self.tensor_parallel_rank) if self._is_sharded(net) else None
-        for optimizer, saved in zip(self.optimizers, checkpoint["optimizer_states"]):
-            load_full_optimizer_state(optimizer, saved, module, net, groups, self.tensor_parallel_rank,
-                                      self.tensor_parallel_size)
+        groups = self.placement.groups_of(self.tp_rank) if self._sharded(net) else None
+        for optimizer, state in zip(optimizers, saved):
+            load_full_optimizer_state(optimizer, state, module, net, groups, self.tp_rank, self.tp_size)
 
 
 def _prefix_of(module: torch.nn.Module, net: D2FTViT) -> str:

@@ -1,49 +1,53 @@
-"""The strategy executes the schedule: each training batch gets its micro-batch's row of ops, and what
-that costs (compute fraction, bytes on the wire) is counted and logged without Lightning warnings.
+"""The schedule runner: each training batch gets its micro-batch's row of ops, and what that costs (compute
+fraction, bytes on the wire) is logged without Lightning warnings.
 
 The batch index maps to a micro-batch id through the loader's MicroBatchSampler (the epoch's order), and a
 run resumed mid-epoch skips the micro-batches the epoch already trained, so it sees the same ops as an
-uninterrupted run. A mixin before DDPStrategy in D2FTStrategy.
+uninterrupted run. :class:`~lightning_d2ft.strategy.strategy.D2FTStrategy` holds one runner and hands it
+its training hooks; the runner reads the trainer and the module it is given, and nothing of the strategy.
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch import Tensor
-from torch.optim import Optimizer
-from typing_extensions import override
 
 from lightning_d2ft.data.micro_batches import find_micro_batch_sampler
-from lightning_d2ft.model.vit import find_d2ft
-from lightning_d2ft.schedule.schedule import Schedule
+from lightning_d2ft.model.vit import D2FTViT, find_d2ft
 
-__all__ = ["ScheduleExecution"]
+if TYPE_CHECKING:
+    from lightning_d2ft.schedule.schedule import Schedule
+
+__all__ = ["ScheduleRunner"]
 
 
-class ScheduleExecution:
-    schedule: Schedule | None = None
-    _epoch_ids: tuple[int, list[int]] = (-1, [])
-    _bytes_logged = 0
-    _compute_fractions: tuple[float, ...] = ()
+class ScheduleRunner:
+    """Executes one installed :class:`~lightning_d2ft.Schedule` (none: every subnet runs FULL)."""
 
-    def install_schedule(self, schedule: Schedule) -> None:
+    def __init__(self) -> None:
+        self.schedule: Schedule | None = None
+        self._fractions: list[float] = []  # each micro-batch's compute fraction, logged per step
+        self._epoch_ids: tuple[int, list[int]] = (-1, [])  # (epoch, its micro-batch order)
+        self._bytes_logged = 0
+        self._net_of: tuple[LightningModule, D2FTViT] | None = None
+
+    def install(self, schedule: Schedule, net: D2FTViT) -> None:
         """From now on every training batch runs its micro-batch's row of ``schedule``."""
         self.schedule = schedule
         self._epoch_ids = (-1, [])
-        self._compute_fractions = schedule.micro_batch_compute_fractions.tolist()  # logged per step
-        graphs = self._scheduled_net().graphs
+        self._fractions = schedule.micro_batch_compute_fractions.tolist()
+        graphs = net.graphs
         if graphs is not None and schedule.distinct_patterns > graphs.max_patterns:
             rank_zero_warn(f"D2FT: the schedule has {schedule.distinct_patterns} distinct op patterns, more than the "
                            f"{graphs.max_patterns} that CUDA graphs capture: the micro-batches of the others run "
                            "eagerly, each step slower than plain timm (fewer, larger micro-batches give fewer)")
 
-    def micro_batch_of(self, batch_idx: int) -> int:
+    def micro_batch_of(self, trainer: Trainer, batch_idx: int) -> int:
         """The micro-batch id training batch ``batch_idx`` of the current epoch holds (-1 if unknown)."""
-        trainer = self.lightning_module.trainer
         epoch = trainer.current_epoch
         if self._epoch_ids[0] != epoch:
             try:
@@ -54,52 +58,49 @@ class ScheduleExecution:
         ids = self._epoch_ids[1]
         return int(ids[batch_idx]) if 0 <= batch_idx < len(ids) else -1
 
-    @override
-    def on_train_start(self) -> None:
-        super().on_train_start()
-        trainer = self.lightning_module.trainer
+    def resume_mid_epoch(self, trainer: Trainer) -> None:
+        """A run restarted mid-epoch skips the micro-batches the epoch already trained, so the rest of the epoch
+        sees the micro-batches (and ops) it would have seen."""
         loop = trainer.fit_loop
-        if loop.restarted_mid_epoch:  # the rest of the epoch sees the micro-batches (and ops) it would have
-            sampler = find_micro_batch_sampler(trainer.train_dataloader)
-            # ``processed``, not ``completed``: a checkpoint saved in on_train_batch_end has the batch
-            # processed but not yet marked completed (Lightning marks it when its loop resets)
-            sampler.skip = loop.epoch_loop.batch_progress.current.processed
-            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
-            rank_zero_info(f"D2FT: resuming epoch {trainer.current_epoch} after micro-batch {sampler.skip}")
+        if not loop.restarted_mid_epoch:
+            return
+        sampler = find_micro_batch_sampler(trainer.train_dataloader)
+        # ``processed``, not ``completed``: a checkpoint saved in on_train_batch_end has the batch processed but
+        # not yet marked completed (Lightning marks it when its loop resets)
+        sampler.skip = loop.epoch_loop.batch_progress.current.processed
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
+        rank_zero_info(f"D2FT: resuming epoch {trainer.current_epoch} after micro-batch {sampler.skip}")
 
-    def _scheduled_net(self):
+    def start_batch(self, module: LightningModule, batch_idx: int) -> None:
+        """Point the model at this batch's row of ops (none without a schedule) and log its compute fraction."""
+        net = self.net(module)
+        net.scheduled_ops = None
+        if self.schedule is None:
+            return
+        mb = self.micro_batch_of(module.trainer, batch_idx)
+        if mb >= 0:
+            net.scheduled_ops = self.schedule.ops[mb]
+            _log_number(module, "d2ft/compute_fraction", self._fractions[mb], sync_dist=True)
+
+    def log_bytes(self, module: LightningModule, total_bytes: int) -> None:
+        """Log the bytes every rank sent since the last call (summed over ranks once per epoch)."""
+        _log_number(module, "d2ft/bytes_sent", total_bytes - self._bytes_logged, sync_dist=True, reduce_fx="sum")
+        self._bytes_logged = total_bytes
+
+    def stop(self, module: LightningModule) -> None:
+        """Training ended: evaluation and inference run the whole model."""
+        self.net(module).scheduled_ops = None
+
+    def net(self, module: LightningModule) -> D2FTViT:
         """The module's D2FTViT, looked up once per LightningModule (a modules() walk costs ~1 ms a step)."""
-        module = self.lightning_module
-        cached = getattr(self, "_net_of", None)
-        if cached is None or cached[0] is not module:
+        if self._net_of is None or self._net_of[0] is not module:
             self._net_of = (module, find_d2ft(module))
         return self._net_of[1]
 
-    @override
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        super().on_train_batch_start(batch, batch_idx)
-        net = self._scheduled_net()
-        net.scheduled_ops = None
-        if self.schedule is not None:
-            mb = self.micro_batch_of(batch_idx)
-            net.scheduled_ops = self.schedule.ops[mb] if mb >= 0 else None
-            if net.scheduled_ops is not None:
-                self._log_number("d2ft/compute_fraction", self._compute_fractions[mb], sync_dist=True)
 
-    def _log_number(self, name: str, value: float, **kwargs: Any) -> None:
-        """Log a host number for the epoch, put on the module's device without a host sync: Lightning's own
-        conversion (``torch.tensor(value, device=...)``) waits for the whole GPU queue (pytorch#120996), which
-        twice a step kept the host from running ahead of the GPU."""
-        module = self.lightning_module
-        module.log(name, torch.full((), float(value), device=module.device), on_step=False, on_epoch=True,
-                   batch_size=1, **kwargs)
-
-    @override
-    def backward(self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Tensor:
-        out = super().backward(closure_loss, optimizer, *args, **kwargs)
-        total = self.comm_stats.total_bytes + self.dp_bytes
-        # bytes every rank sent for this micro-batch, summed over the ranks (Lightning reduces once per epoch)
-        self._log_number("d2ft/bytes_sent", total - self._bytes_logged, sync_dist=True, reduce_fx="sum")
-        self._bytes_logged = total
-        return out
-
+def _log_number(module: LightningModule, name: str, value: float, **kwargs: Any) -> None:
+    """Log a host number for the epoch, put on the module's device without a host sync: Lightning's own
+    conversion (``torch.tensor(value, device=...)``) waits for the whole GPU queue (pytorch#120996), which
+    twice a step kept the host from running ahead of the GPU."""
+    module.log(name, torch.full((), float(value), device=module.device), on_step=False, on_epoch=True,
+               batch_size=1, **kwargs)

@@ -24,26 +24,33 @@ import torch.distributed as dist
 from lightning.fabric.utilities.apply_func import apply_to_collection
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
-from typing_extensions import override
 
 from lightning_d2ft.parallel.collectives import named_collective
 
-__all__ = ["GuardedSteps", "StepGuard", "last_checkpoint", "sigterm_handled_by", "sigterm_message",
-           "sigterm_stops_at_once"]
+__all__ = ["StepGuard", "last_checkpoint", "sigterm_handled_by", "sigterm_message", "sigterm_stops_at_once"]
 log = logging.getLogger(__name__)
 _WHAT = {0: "", 1: "loss", 2: "input"}
 
 
 class StepGuard:
-    """Notes SIGTERM, and agrees once per step on (non-finite input/loss, any rank got SIGTERM).
+    """Notes SIGTERM, and agrees once per step on (non-finite input/loss, any rank got SIGTERM); then raises on
+    non-finite data (``on_nonfinite="raise"``) or says to skip the step (``"skip"``), read at once or a step late
+    (``defer``; None: late on CUDA with "raise", where reading at once idles the GPU every step).
 
     A rank stuck in a collective (a peer hung) never returns to Python, so no Python signal handler runs
     there; a watchdog thread, woken by the signal itself (``signal.set_wakeup_fd``), ends the process when
     it has not stopped ``grace_s`` seconds after SIGTERM."""
 
-    def __init__(self, grace_s: float = 60.0) -> None:
+    def __init__(self, grace_s: float = 60.0, on_nonfinite: str = "raise", defer: bool | None = None) -> None:
+        if on_nonfinite not in ("raise", "skip"):
+            raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
+        if defer not in (None, True, False) or (defer and on_nonfinite == "skip"):
+            raise ValueError(f"defer_nonfinite_check must be None, True or False, and not True with on_nonfinite="
+                             f"'skip' (a skip must be known before the update); got {defer!r}")
         self.sigterm_seen = False
         self.grace_s = grace_s
+        self.on_nonfinite, self.defer = on_nonfinite, defer
+        self.skipped_steps: list[dict[str, int]] = []  # where each skipped step was (on_nonfinite="skip")
         self._wakeup: tuple[socket.socket, socket.socket] | None = None
         self._pending: tuple[Tensor, Any, dict[str, int]] | None = None  # a deferred step's flags
 
@@ -130,49 +137,29 @@ class StepGuard:
         """Forget a queued step (a new fit, or the run already failed)."""
         self._pending = None
 
-    def _reduced_flags(self, batch: Any, loss: Any, world_size: int, rank: int) -> Tensor:
-        code = _flag_code(batch, loss, self.sigterm_seen)
-        if world_size > 1 and dist.is_initialized():
-            named_collective("step agreement all_reduce (NaN/SIGTERM flags)", rank, dist.all_reduce, code,
-                             op=dist.ReduceOp.MAX)
-        return code
+    def check(self, batch: Any, loss: Any, where: dict[str, int], world_size: int, rank: int) -> tuple[bool, bool]:
+        """After a training step: (skip this step, any rank got SIGTERM), agreed by every rank. Raises on
+        non-finite data with "raise" (deferred: the previous step's, found now)."""
+        if self._defers(loss):
+            what, sigterm, previous = self.agree_deferred(batch, loss, world_size, rank, where)
+            return self._act_on(what, previous, late=True), sigterm
+        what, sigterm = self.agree(batch, loss, world_size, rank)
+        return self._act_on(what, where, late=False), sigterm
 
+    def settle_deferred(self) -> bool:
+        """Act on a deferred step's flags now (before a checkpoint is written, validation, the end of fit): raise
+        if that step was non-finite; returns whether a rank got SIGTERM."""
+        what, sigterm, where = self.settle()
+        self._act_on(what, where, late=True)
+        return sigterm
 
-class GuardedSteps:
-    """The guard half of D2FTStrategy (a mixin before DDPStrategy): after each training step, act on the
-    agreed flags (raise on non-finite data, or skip the step; note a SIGTERM). Needs ``guard``,
-    ``on_nonfinite``, ``defer_nonfinite_check``, ``skipped_steps`` and ``micro_batch_of``."""
-
-    @override
-    def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        out = super().training_step(*args, **kwargs)
-        batch = args[0] if args else kwargs.get("batch")
-        batch_idx = args[1] if len(args) > 1 else kwargs.get("batch_idx", -1)
-        loss = out["loss"] if isinstance(out, dict) else out
-        where = self._where(batch_idx)
-        if self._defers_check(loss):  # acts on the previous step's flags; this step's are read at the next
-            skip = self._act_on(*self.guard.agree_deferred(batch, loss, self.world_size, self.global_rank, where),
-                                late=True)
-        else:
-            skip = self._act_on(*self.guard.agree(batch, loss, self.world_size, self.global_rank), where, late=False)
-        # not None (Lightning refuses that on several processes): a zero loss outside the model, so the
-        # backward runs no collective on any rank and adds no gradient (the optimizer skips None grads)
-        return torch.zeros((), requires_grad=True) if skip else out
-
-    def _defers_check(self, loss: Any) -> bool:
-        if self.defer_nonfinite_check is not None:
-            return self.defer_nonfinite_check
+    def _defers(self, loss: Any) -> bool:
+        if self.defer is not None:
+            return self.defer
         return self.on_nonfinite == "raise" and torch.is_tensor(loss) and loss.device.type == "cuda"
 
-    def _where(self, batch_idx: int) -> dict[str, int]:
-        trainer = self.lightning_module.trainer
-        return {"global_step": trainer.global_step, "epoch": trainer.current_epoch, "batch_idx": batch_idx,
-                "micro_batch": self.micro_batch_of(batch_idx)}
-
-    def _act_on(self, what: str, sigterm: bool, where: dict[str, int], late: bool) -> bool:
-        """Note a SIGTERM, raise on non-finite data (``late``: found a step after it), or say to skip the step."""
-        if sigterm:  # Lightning's next-batch broadcast then stops every rank together (SIGTERMException)
-            self.lightning_module.trainer._signal_connector.received_sigterm = True
+    def _act_on(self, what: str, where: dict[str, int], late: bool) -> bool:
+        """Raise on non-finite data (``late``: found a step after it), or say to skip the step."""
         if not what:
             return False
         message = (f"non-finite {what} at global step {where['global_step']} (epoch {where['epoch']}, batch "
@@ -187,9 +174,12 @@ class GuardedSteps:
         raise FloatingPointError(f"{message}. {applied}; the last checkpoint is intact. Fix the data, or pass "
                                  "D2FTStrategy(on_nonfinite='skip').")
 
-    def _settle_deferred_check(self) -> None:
-        """Act on a deferred step's flags now: before a checkpoint is written, validation, the end of fit."""
-        self._act_on(*self.guard.settle(), late=True)
+    def _reduced_flags(self, batch: Any, loss: Any, world_size: int, rank: int) -> Tensor:
+        code = _flag_code(batch, loss, self.sigterm_seen)
+        if world_size > 1 and dist.is_initialized():
+            named_collective("step agreement all_reduce (NaN/SIGTERM flags)", rank, dist.all_reduce, code,
+                             op=dist.ReduceOp.MAX)
+        return code
 
 
 def _flag_code(batch: Any, loss: Any, sigterm: bool) -> Tensor:

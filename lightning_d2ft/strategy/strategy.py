@@ -11,6 +11,11 @@ for unused parameters is needed: the schedule decides which gradients exist.
 
 Checkpoints hold the whole unsharded model (plain timm keys under the module's prefix) and unsharded
 optimizer state keyed by parameter name, so a run resumes on the same or a different world size.
+
+Every Lightning hook the strategy touches is in this file, and each hands its work to one composed object
+or function: the :class:`ScheduleRunner` (ops per batch, logging), :class:`ShardedCheckpoints` (gather on
+save, cut on load), the :class:`StepGuard` (non-finite data, SIGTERM), the :class:`Replicas` (data-parallel
+sync or lo-fi averaging) and :func:`clip_grad_by_global_norm`. No mixin of ours is in its MRO.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import atexit
 import logging
 import os
 from datetime import timedelta
-from typing import Any, Callable, Iterator, Literal
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal
 
 import torch
 import torch.distributed as dist
@@ -42,16 +47,19 @@ from lightning_d2ft.parallel.grad_norm import clip_grad_by_global_norm, sharded_
 from lightning_d2ft.parallel.mesh import check_tensor_parallel_size, mesh_groups, tensor_parallel_size_for
 from lightning_d2ft.parallel.placement import Placement, PlacementArg, check_placement_arg, resolve_placement
 from lightning_d2ft.parallel.replicas import Replicas, make_replicas
-from lightning_d2ft.strategy.checkpointing import AtomicCheckpointIO, FullCheckpoints
+from lightning_d2ft.strategy.checkpointing import AtomicCheckpointIO, ShardedCheckpoints
 from lightning_d2ft.strategy.launchers import _WholeModelSpawnLauncher, sigterm_exit
-from lightning_d2ft.strategy.schedule_runner import ScheduleExecution
-from lightning_d2ft.strategy.step_guard import GuardedSteps, StepGuard
+from lightning_d2ft.strategy.schedule_runner import ScheduleRunner
+from lightning_d2ft.strategy.step_guard import StepGuard
+
+if TYPE_CHECKING:
+    from lightning_d2ft.schedule.schedule import Schedule
 
 __all__ = ["AtomicCheckpointIO", "D2FTStrategy"]
 log = logging.getLogger(__name__)
 
 
-class D2FTStrategy(ScheduleExecution, FullCheckpoints, GuardedSteps, DDPStrategy):
+class D2FTStrategy(DDPStrategy):
     """Shard a D2FTViT over tensor-parallel ranks and execute the D2FT schedule.
 
     Args:
@@ -116,36 +124,30 @@ class D2FTStrategy(ScheduleExecution, FullCheckpoints, GuardedSteps, DDPStrategy
         )
         check_tensor_parallel_size(tensor_parallel_size)
         check_placement_arg(placement)
-        if on_nonfinite not in ("raise", "skip"):
-            raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
-        if defer_nonfinite_check not in (None, True, False) or (defer_nonfinite_check and on_nonfinite == "skip"):
-            raise ValueError(f"defer_nonfinite_check must be None, True or False, and not True with on_nonfinite="
-                             f"'skip' (a skip must be known before the update); got {defer_nonfinite_check!r}")
-        self.defer_nonfinite_check = defer_nonfinite_check
         if data_parallel not in ("sync", "lofi"):
             raise ValueError(f"data_parallel must be 'sync' (all-reduce gradients every step) or 'lofi' "
                              f"(independent replicas, weights averaged at the end), got {data_parallel!r}")
         if lofi_average_every_n_steps is not None and (data_parallel != "lofi" or lofi_average_every_n_steps < 1):
             raise ValueError(f"lofi_average_every_n_steps must be a positive int and needs data_parallel='lofi', "
                              f"got {lofi_average_every_n_steps!r} with data_parallel={data_parallel!r}")
+        if cuda_graphs not in (None, True, False):
+            raise ValueError(f"cuda_graphs must be None (on for CUDA without tensor parallelism), True or False, "
+                             f"got {cuda_graphs!r}")
         self._tp_size_arg, self._placement_arg = tensor_parallel_size, placement
         if parallel_devices is not None:
             self._check_tp_divides(len(parallel_devices))
         self.data_parallel, self.lofi_every = data_parallel, lofi_average_every_n_steps
-        self.on_nonfinite, self.use_micro_batch_sampler = on_nonfinite, use_micro_batch_sampler
-        self.skipped_steps: list[dict[str, int]] = []
-        self.guard = StepGuard(grace_s=sigterm_grace_s)
+        self.use_micro_batch_sampler, self.cuda_graphs = use_micro_batch_sampler, cuda_graphs
+        # the composed parts: each Lightning hook below hands its work to one of them
+        self.runner = ScheduleRunner()
+        self.guard = StepGuard(grace_s=sigterm_grace_s, on_nonfinite=on_nonfinite, defer=defer_nonfinite_check)
+        self.replicas: Replicas = Replicas(None, 1, 0)
         self.tp: SparseTensorParallel | None = None
         self.tensor_parallel_group: dist.ProcessGroup | None = None
         self.data_parallel_group: dist.ProcessGroup | None = None
-        self.replicas: Replicas = Replicas(None, 1, 0)
         self._sharded_ids: set[int] = set()
-        if cuda_graphs not in (None, True, False):
-            raise ValueError(f"cuda_graphs must be None (on for CUDA without tensor parallelism), True or False, "
-                             f"got {cuda_graphs!r}")
-        self.cuda_graphs = cuda_graphs
 
-    # -- mesh -----------------------------------------------------------------------------------
+    # -- the mesh ---------------------------------------------------------------------------------
     def _check_tp_divides(self, world: int) -> int:
         return tensor_parallel_size_for(world, self._tp_size_arg)
 
@@ -166,10 +168,42 @@ class D2FTStrategy(ScheduleExecution, FullCheckpoints, GuardedSteps, DDPStrategy
         return self.global_rank // self.tensor_parallel_size
 
     @property
+    def placement(self) -> Placement | None:
+        """Which rank holds which head group (owner table, speeds, column devices): the one :class:`Placement`
+        resolved when the model was sharded, stored on the model; None before."""
+        module = self.lightning_module
+        return find_d2ft(module).placement if module is not None else None
+
+    # -- what the parts expose --------------------------------------------------------------------
+    @property
+    def schedule(self) -> Schedule | None:
+        """The schedule being executed (None: every subnet runs FULL)."""
+        return self.runner.schedule
+
+    def install_schedule(self, schedule: Schedule) -> None:
+        """From now on every training batch runs its micro-batch's row of ``schedule`` (D2FTCallback calls it)."""
+        self.runner.install(schedule, find_d2ft(self.lightning_module))
+
+    def micro_batch_of(self, batch_idx: int) -> int:
+        """The micro-batch id training batch ``batch_idx`` of the current epoch holds (-1 if unknown)."""
+        return self.runner.micro_batch_of(self.lightning_module.trainer, batch_idx)
+
+    @property
+    def skipped_steps(self) -> list[dict[str, int]]:
+        """Where each step skipped for non-finite data was (``on_nonfinite="skip"``)."""
+        return self.guard.skipped_steps
+
+    @property
+    def comm_stats(self) -> CommStats:
+        """Bytes this rank sent through the tensor-parallel collectives."""
+        return self.tp.stats if self.tp is not None else CommStats()
+
+    @property
     def dp_bytes(self) -> int:
         """Bytes this rank sent for data-parallel sync (gradients, or lo-fi weight averages)."""
         return self.replicas.bytes_sent
 
+    # -- processes and data ---------------------------------------------------------------------
     @override
     def _configure_launcher(self) -> None:
         # refuse a bad size here, before any process starts (the accelerator connector knows the devices)
@@ -191,7 +225,7 @@ class D2FTStrategy(ScheduleExecution, FullCheckpoints, GuardedSteps, DDPStrategy
         Lightning measures the loader (the epoch length, and so when validation runs, depend on it)."""
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
         if trainer is not None and trainer.state.stage == RunningStage.TRAINING and self.use_micro_batch_sampler:
-            dataloader = with_micro_batches(dataloader, seed=_seed_of(trainer))
+            dataloader = with_micro_batches(dataloader, seed=int(os.environ.get("PL_GLOBAL_SEED", 0)))
         sampler = getattr(dataloader, "sampler", None)
         if isinstance(sampler, MicroBatchSampler):
             sampler.set_replicas(self.data_parallel_size, self.data_parallel_rank)
@@ -209,11 +243,7 @@ class D2FTStrategy(ScheduleExecution, FullCheckpoints, GuardedSteps, DDPStrategy
         self.replicas = make_replicas(self.data_parallel, self.data_parallel_group, dp, self.data_parallel_rank,
                                       self.lofi_every)
 
-    @property
-    def comm_stats(self) -> CommStats:
-        return self.tp.stats if self.tp is not None else CommStats()
-
-    # -- model ----------------------------------------------------------------------------------
+    # -- the model --------------------------------------------------------------------------------
     @override
     def setup(self, trainer: Any) -> None:
         """DDPStrategy.setup, except that outside fit a sharded model is not overwritten by rank 0's shard
@@ -244,24 +274,65 @@ class D2FTStrategy(ScheduleExecution, FullCheckpoints, GuardedSteps, DDPStrategy
             rank_zero_warn("cuda_graphs=True needs a CUDA device and tensor_parallel_size 1; running eagerly")
         net.use_cuda_graphs(graphs)
 
-    @property
-    def placement(self) -> Placement | None:
-        """Which rank holds which head group (owner table, speeds, column devices): the one :class:`Placement`
-        resolved when the model was sharded, stored on the model; None before."""
-        module = self.lightning_module
-        return find_d2ft(module).placement if module is not None else None
-
     def _clip_grad_by_global_norm(self, optimizer: Optimizer, clip_val: float) -> None:
         """clip_grad_norm_ over the whole sharded model (see :mod:`lightning_d2ft.parallel.grad_norm`)."""
         clip_grad_by_global_norm(optimizer, clip_val, self._sharded_ids, self.tp.group if self.tp is not None else None,
                                  self.global_rank, self.tensor_parallel_size)
 
+    # -- training: the runner sets each batch's ops, the guard checks each step ----------------------
     @override
     def on_train_start(self) -> None:
         super().on_train_start()
+        trainer = self.lightning_module.trainer
+        if self.runner.schedule is None:
+            _warn_no_schedule()
+        self.runner.resume_mid_epoch(trainer)
         self.guard.discard()
         if self.world_size > 1:
             self.guard.install_sigterm_handler(self.global_rank)
+
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
+        self.runner.start_batch(self.lightning_module, batch_idx)
+
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        """Lightning's step, then the step guard: every rank agrees on non-finite data and SIGTERM."""
+        out = super().training_step(*args, **kwargs)
+        batch = args[0] if args else kwargs.get("batch")
+        batch_idx = args[1] if len(args) > 1 else kwargs.get("batch_idx", -1)
+        loss = out["loss"] if isinstance(out, dict) else out
+        skip, sigterm = self.guard.check(batch, loss, self._where(batch_idx), self.world_size, self.global_rank)
+        self._note_sigterm(sigterm)
+        # not None (Lightning refuses that on several processes): a zero loss outside the model, so the
+        # backward runs no collective on any rank and adds no gradient (the optimizer skips None grads)
+        return torch.zeros((), requires_grad=True) if skip else out
+
+    @override
+    def backward(self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Tensor:
+        out = super().backward(closure_loss, optimizer, *args, **kwargs)
+        self.runner.log_bytes(self.lightning_module, self.comm_stats.total_bytes + self.dp_bytes)
+        return out
+
+    @override
+    def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
+        def closure_then_sync() -> Any:
+            out = closure()
+            self.replicas.after_backward(optimizer)
+            return out
+
+        out = super().optimizer_step(optimizer, closure_then_sync, model, **kwargs)
+        self.replicas.after_step(_lazy(self._replica_tensors))  # walked only when replicas average
+        return out
+
+    @override
+    def on_train_end(self) -> None:
+        self._settle_deferred_check()
+        super().on_train_end()
+        self.runner.stop(self.lightning_module)
+        if self.replicas.differ:  # lo-fi: the replicas' mean is the model
+            self.replicas.average_(self._replica_tensors())
 
     @override
     def teardown(self) -> None:
@@ -276,26 +347,21 @@ class D2FTStrategy(ScheduleExecution, FullCheckpoints, GuardedSteps, DDPStrategy
         if module is not None and module._trainer is not None:
             sigterm_exit(exception, module.trainer)
 
-    @override
-    def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
-        def closure_then_sync() -> Any:
-            out = closure()
-            self.replicas.after_backward(optimizer)
-            return out
+    def _where(self, batch_idx: int) -> dict[str, int]:
+        trainer = self.lightning_module.trainer
+        return {"global_step": trainer.global_step, "epoch": trainer.current_epoch, "batch_idx": batch_idx,
+                "micro_batch": self.micro_batch_of(batch_idx)}
 
-        out = super().optimizer_step(optimizer, closure_then_sync, model, **kwargs)
-        self.replicas.after_step(_lazy(self._replica_tensors))  # walked only when replicas average
-        return out
+    def _note_sigterm(self, sigterm: bool) -> None:
+        """Lightning's next-batch broadcast then stops every rank together (SIGTERMException)."""
+        if sigterm:
+            self.lightning_module.trainer._signal_connector.received_sigterm = True
 
-    # -- lo-fi: the replicas' mean is the model ---------------------------------------------------
-    @override
-    def on_train_end(self) -> None:
-        self._settle_deferred_check()
-        super().on_train_end()
-        find_d2ft(self.lightning_module).scheduled_ops = None
-        if self.replicas.differ:
-            self.replicas.average_(self._replica_tensors())
+    def _settle_deferred_check(self) -> None:
+        """A step found non-finite a step late raises before any checkpoint, validation or the end of fit."""
+        self._note_sigterm(self.guard.settle_deferred())
 
+    # -- evaluation sees the lo-fi replicas' mean ------------------------------------------------------
     @override
     def on_validation_start(self) -> None:
         self._settle_deferred_check()
@@ -311,6 +377,30 @@ class D2FTStrategy(ScheduleExecution, FullCheckpoints, GuardedSteps, DDPStrategy
         module = self.lightning_module
         return [*module.parameters(), *(b for b in module.buffers() if b.is_floating_point())]
 
+    # -- checkpoints: the whole model in, the whole model out ---------------------------------------
+    def _checkpoints(self) -> ShardedCheckpoints:
+        return ShardedCheckpoints(self.placement, self.tensor_parallel_rank, self.tensor_parallel_size,
+                                  self.global_rank, self.tp.group if self.tp is not None else None)
+
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        self._settle_deferred_check()  # a step found non-finite late raises before any checkpoint holds it
+        return self._checkpoints().model_state(self.lightning_module, self.replicas)
+
+    @override
+    def load_model_state_dict(self, checkpoint: dict[str, Any], strict: bool = True) -> None:
+        self._checkpoints().load_model_state(self.lightning_module, checkpoint["state_dict"], strict)
+
+    @override
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        """Optimizer state with full-size tensors keyed by parameter name: independent of the world size."""
+        return self._checkpoints().optimizer_state(optimizer, self.lightning_module)
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint: dict[str, Any]) -> None:
+        self._checkpoints().load_optimizer_states(self.optimizers, checkpoint["optimizer_states"],
+                                                  self.lightning_module)
+
     # -- registry -------------------------------------------------------------------------------
     @classmethod
     @override
@@ -323,8 +413,10 @@ def _lazy(tensors: Callable[[], list[Tensor]]) -> Iterator[Tensor]:
     yield from tensors()
 
 
-def _seed_of(trainer: Any) -> int:
-    return int(os.environ.get("PL_GLOBAL_SEED", 0))
+def _warn_no_schedule() -> None:
+    """Once per process: a fit with no schedule installed is plain fine-tuning, every subnet FULL."""
+    rank_zero_warn("D2FT: no schedule was installed, so every subnet runs FULL (plain fine-tuning, no savings). "
+                   "Add the planner: Trainer(..., callbacks=[D2FTCallback(budget=0.6)]).", category=UserWarning)
 
 
 def _register() -> None:

@@ -62,3 +62,43 @@ def test_a_schedule_with_more_op_patterns_than_cuda_graphs_capture_is_warned_abo
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         strategy.install_schedule(schedule)
+
+
+def test_the_strategy_is_composed_not_assembled_from_mixins():
+    """Every Lightning hook it touches is in strategy.py and hands its work to a composed part."""
+    ours = [c for c in D2FTStrategy.__mro__ if c.__module__.startswith("lightning_d2ft")]
+    assert ours == [D2FTStrategy]
+    strategy = D2FTStrategy()
+    assert type(strategy.runner).__name__ == "ScheduleRunner" and type(strategy.guard).__name__ == "StepGuard"
+    assert D2FTStrategy.__dict__.keys() >= {"on_train_start", "on_train_batch_start", "training_step", "backward",
+                                            "optimizer_step", "lightning_module_state_dict", "load_model_state_dict",
+                                            "optimizer_state", "load_optimizer_state_dict"}
+    fresh = D2FTStrategy()
+    assert fresh.runner is not strategy.runner and fresh.skipped_steps is not strategy.skipped_steps  # no shared state
+
+
+def test_a_fit_without_the_callback_says_once_that_every_subnet_ran_full(tmp_path, make_vit):
+    """D2FTStrategy alone is plain fine-tuning: a user must not believe they ran D2FT (issue 28.1)."""
+    from lightning.pytorch import LightningModule
+    from torch.utils.data import TensorDataset
+
+    from lightning_d2ft import D2FTViT, micro_batch_loader
+
+    class Tiny(LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = D2FTViT(make_vit("tiny3"), subnets=None)
+
+        def training_step(self, batch, batch_idx):
+            return torch.nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = TensorDataset(torch.randn(8, 3, 32, 32), torch.randint(0, 5, (8,)))
+    trainer = Trainer(accelerator="cpu", devices=1, strategy=D2FTStrategy(parallel_devices=[torch.device("cpu")]),
+                      max_steps=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      enable_checkpointing=False, default_root_dir=tmp_path)
+    with pytest.warns(UserWarning, match=r"no schedule was installed.*every subnet runs FULL.*D2FTCallback") as seen:
+        trainer.fit(Tiny(), micro_batch_loader(data, 4))
+    assert sum("no schedule was installed" in str(w.message) for w in seen) == 1
