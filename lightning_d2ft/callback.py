@@ -14,7 +14,6 @@ Everything configurable is checked when the callback is built, before any heavy 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -28,10 +27,11 @@ from lightning_d2ft.data.micro_batches import MicroBatchSampler, find_micro_batc
 from lightning_d2ft.model.lora import add_lora_, check_lora, has_lora
 from lightning_d2ft.model.vit import D2FTViT, find_d2ft
 from lightning_d2ft.ops import CostModel
-from lightning_d2ft.parallel.placement import Placement
+from lightning_d2ft.parallel.placement import Placement, check_speeds
+from lightning_d2ft.schedule.problem import ScheduleProblem
 from lightning_d2ft.schedule.resume import check_matches, resumable, run_settings, schedule_from_state, schedule_state
 from lightning_d2ft.schedule.schedule import Schedule
-from lightning_d2ft.schedule.settings import ScheduleSettings, check_comm_budget
+from lightning_d2ft.schedule.settings import ScheduleSettings
 from lightning_d2ft.scoring.scores import (
     Scores,
     cache_key,
@@ -56,68 +56,49 @@ class D2FTCallback(Callback):
     """Score the micro-batches, solve the schedule and hand it to the strategy, once the model is placed.
 
     Args:
-        budget: compute budget, a fraction of all-FULL in (0, 1].
+        settings: a :class:`~lightning_d2ft.schedule.settings.ScheduleSettings`, or its fields as keyword
+            arguments: ``budget``, ``comm_budget``, ``backward_score``, ``forward_score``, ``solver``, ``method``,
+            ``forward_mix``, ``score_every``, ``capacity``, ``validate`` (see there; the rest at their defaults).
         subnets: re-cut the model's D2FTViT to this many subnets (or groups per block) before fit.
-        backward_score / forward_score: score metrics (see :mod:`lightning_d2ft.scoring.scores`).
-        solver: "ortools" (default) or "dp". method: "d2ft" or a baseline ("random", "dpruning", "moe", "full").
-        comm_budget: optional communication budget in (0, 1]. forward_mix: see :meth:`Schedule.solve`.
+        cost: the :class:`~lightning_d2ft.ops.CostModel` of the ops (default: FORWARD_ONLY 0.4 of FULL).
         speeds: relative speed of each tensor-parallel rank (default: those of the strategy's
             :class:`~lightning_d2ft.parallel.placement.Placement`, e.g. from ``speed_aware``, else equal).
         cache_dir: where scores are cached (default ``<default_root_dir>/d2ft_cache``).
-        score_every: score every k-th micro-batch only (cheaper scoring pass).
-        data_key: names the training data for the score cache and the schedule's data check (default: a
-            fingerprint of the micro-batch index lists and a seeded sample of the data set).
         schedule_path: use this saved schedule instead of solving (checked against the run: model, data,
             settings and world size).
-        capacity / validate: see :class:`~lightning_d2ft.schedule.settings.ScheduleSettings`.
-        settings: a :class:`~lightning_d2ft.schedule.settings.ScheduleSettings` instead of its fields one by one (it
-            then wins over budget, comm_budget, the scores, solver, method, forward_mix, score_every,
-            capacity and validate).
+        seed: for the random score and baselines, and the data fingerprint's sample.
+        progress: a progress bar over the scoring pass.
         lora_rank / lora_alpha: D2FT-LoRA: add a LoRA adapter per subnet on its ``qkv`` slice in ``setup``
             and freeze the rest but the classifier head (see :mod:`lightning_d2ft.model.lora`); the scoring pass
             still rates the base subnets.
+        data_key: names the training data for the score cache and the schedule's data check (default: a
+            fingerprint of the micro-batch index lists and a seeded sample of the data set).
     """
 
     def __init__(
         self,
-        budget: float = 0.6,
+        settings: ScheduleSettings | None = None,
+        *,
         subnets: int | None = None,
-        backward_score: str = "weight_magnitude",
-        forward_score: str = "fisher",
-        solver: str = "ortools",
-        method: str = "d2ft",
-        comm_budget: float | None = None,
-        forward_mix: float = 0.5,
         cost: CostModel | None = None,
         speeds: Sequence[float] | None = None,
         cache_dir: str | Path | None = None,
-        score_every: int = 1,
         schedule_path: str | Path | None = None,
         seed: int = 0,
         progress: bool = True,
         lora_rank: int | None = None,
         lora_alpha: float | None = None,
         data_key: str | None = None,
-        capacity: str = "step",
-        validate: bool = True,
-        settings: ScheduleSettings | None = None,
+        **fields: Any,
     ) -> None:
-        if settings is None:  # validates every field, naming it and what it allows
-            settings = ScheduleSettings(
-                budget=budget, comm_budget=comm_budget, backward_score=backward_score, forward_score=forward_score,
-                solver=solver, method=method, forward_mix=forward_mix, score_every=score_every, capacity=capacity,
-                validate=validate)
+        self.settings = ScheduleSettings.build(settings, **fields)  # validates every field, naming it
         check_lora(lora_rank, lora_alpha, rank_optional=True)
-        _check_speeds(speeds)
+        if speeds is not None:
+            check_speeds(speeds)
         if schedule_path is not None and not Path(schedule_path).is_file():
             raise FileNotFoundError(f"schedule_path {schedule_path} is not a file: give a schedule saved by an earlier "
                                     "run (<run dir>/d2ft/schedule.pt), or drop schedule_path to solve one")
-        self.settings = s = settings
         self.lora_rank, self.lora_alpha, self.subnets = lora_rank, lora_alpha, subnets
-        self.budget, self.comm_budget, self.forward_mix, self.score_every = s.budget, s.comm_budget, s.forward_mix, \
-            s.score_every
-        self.backward_score, self.forward_score, self.solver, self.method = s.backward_score, s.forward_score, \
-            s.solver, s.method
         self.cost, self.speeds, self.cache_dir = cost or CostModel(), speeds, cache_dir
         self.schedule_path, self.seed, self.progress, self.data_key = schedule_path, seed, progress, data_key
         self.schedule: Schedule | None = None
@@ -125,7 +106,6 @@ class D2FTCallback(Callback):
         self.scored_micro_batches = 0
         self._weights: str | None = None  # digest of the weights as setup saw them (the score cache key)
         self._planned = False
-        self._ids: list[int] = []
         self._batch_seconds, self._batches, self._t0 = 0.0, 0, 0.0
         self._restored: Schedule | None = None  # the schedule of a checkpoint being resumed
 
@@ -154,8 +134,6 @@ class D2FTCallback(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         with sigterm_stops_at_once():  # a no-op when on_fit_start planned already; training starts: placed
             self._plan(trainer, placed=True)
-        if trainer.fit_loop.restarted_mid_epoch:  # Lightning skips on_train_epoch_start then
-            self._ids = find_micro_batch_sampler(trainer.train_dataloader).micro_batch_ids(trainer.current_epoch)
 
     def _plan(self, trainer: Trainer, placed: bool = False) -> None:
         """Score, solve (or restore / load) and install the schedule, once the strategy has placed and sharded
@@ -186,21 +164,19 @@ class D2FTCallback(Callback):
 
     def _solve(self, trainer: Trainer, net: D2FTViT, sampler: MicroBatchSampler, placement: Placement,
                settings: dict[str, Any]) -> Schedule:
-        if self.comm_budget is not None:  # before the scoring pass, not after it
-            check_comm_budget(self.comm_budget, sampler.num_micro_batches, placement.column_devices(),
-                              placement.num_devices, self.settings.capacity)
+        # everything but the scores is resolved and checked now, before the scoring pass
+        problem = ScheduleProblem.build(self.settings, sampler.num_micro_batches, net.num_subnets, placement,
+                                        column_blocks=net.subnet_blocks(), cost=self.cost)
         scores = self._scores(trainer, net, sampler, settings["data"]) if self._needs_scores() else None
 
         def solve() -> Schedule:
-            n = sampler.num_micro_batches
-            ones = torch.ones(n, net.num_subnets)  # every pair FULL whatever the scores say: no scoring pass
-            schedule = Schedule.solve(
-                scores.backward if scores else ones, scores.forward if scores else ones,
-                placement=placement, column_blocks=net.subnet_blocks(), cost=self.cost, seed=self.seed,
-                **self.settings.solve_kwargs())
+            ones = torch.ones(sampler.num_micro_batches, net.num_subnets)  # all FULL: no scoring pass needed
+            schedule = Schedule.from_problem(problem, scores.backward if scores else ones,
+                                             scores.forward if scores else ones, seed=self.seed)
+            schedule.info["settings"].update(settings)  # the run's identity, the data fingerprint included
             schedule.info.update(scores_key=scores.key if scores else None, scoring_seconds=self.scoring_seconds,
                                  scored_micro_batches=self.scored_micro_batches, num_subnets=net.num_subnets,
-                                 micro_batch_size=sampler.micro_batch_size, settings=settings)
+                                 micro_batch_size=sampler.micro_batch_size)
             out = Path(trainer.default_root_dir) / "d2ft"
             schedule.save(out / "schedule.pt")
             schedule.plot(out / "schedule.png")
@@ -209,7 +185,8 @@ class D2FTCallback(Callback):
         return _on_rank_zero(trainer, solve)
 
     def _needs_scores(self) -> bool:
-        return self.method != "full" and (self.budget < 1.0 or self.comm_budget is not None)
+        s = self.settings
+        return s.method != "full" and (s.budget < 1.0 or s.comm_budget is not None)
 
     def _scores(self, trainer: Trainer, net: D2FTViT, sampler: MicroBatchSampler, data: str) -> Scores:
         """Load the scores from the cache (rank 0) or score the micro-batches that will run, on every rank."""
@@ -217,13 +194,13 @@ class D2FTCallback(Callback):
         check_cache_dir(cache)  # every rank, before any work: a read-only dir fails here, not after the pass
         start = time.perf_counter()
         total = sampler.num_micro_batches
-        ids = micro_batches_to_train(trainer, sampler)[:: self.score_every]
-        metrics = (self.backward_score, self.forward_score)
+        ids = micro_batches_to_train(trainer, sampler)[:: self.settings.score_every]
+        metrics = (self.settings.backward_score, self.settings.forward_score)
         key = cache_key(self._weights or "", data, *metrics, ids, total, self.seed) if self._weights else None
         cached = trainer.strategy.broadcast(load_cached(cache, key) if key and trainer.is_global_zero else None, src=0)
         if cached is not None:
             self.scoring_seconds, self.scored_micro_batches = 0.0, 0
-            rank_zero_info(f"D2FT scores ({self.backward_score} / {self.forward_score}) loaded from the cache")
+            rank_zero_info(f"D2FT scores ({metrics[0]} / {metrics[1]}) loaded from the cache")
             return cached
         stats = grad_stats(metrics)
         replica, replicas, tp_rank = _replica_of(trainer)
@@ -239,20 +216,11 @@ class D2FTCallback(Callback):
                         scored=self.scored_micro_batches)
         if trainer.is_global_zero and key:
             save_cached(cache, scores)
-        rank_zero_info(f"D2FT scores ({self.backward_score} / {self.forward_score}) computed in "
+        rank_zero_info(f"D2FT scores ({metrics[0]} / {metrics[1]}) computed in "
                        f"{self.scoring_seconds:.1f} s over {self.scored_micro_batches} of {total} micro-batches")
         return scores
 
-    # -- during fit: timing for the summary; ops per batch only while the strategy cannot install them ----
-    @override
-    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # the epoch's micro-batch order, for micro_batch_of (benchmarks and tests read it)
-        self._ids = find_micro_batch_sampler(trainer.train_dataloader).micro_batch_ids(trainer.current_epoch)
-
-    def micro_batch_of(self, batch_idx: int) -> int:
-        """The micro-batch that training batch ``batch_idx`` of the current epoch holds (-1 if unknown)."""
-        return int(self._ids[batch_idx]) if 0 <= batch_idx < len(self._ids) else -1
-
+    # -- during fit: timing for the summary ------------------------------------------------------
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         self._t0 = time.perf_counter()
@@ -334,12 +302,3 @@ def _on_rank_zero(trainer: Trainer, fn: Callable[[], Any]) -> Any:
     if error is not None:
         raise error
     return result
-
-
-def _check_speeds(speeds: Sequence[float] | None) -> None:
-    if speeds is None:
-        return
-    values = list(speeds)
-    if not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0
-                         for v in values):
-        raise ValueError(f"speeds must be positive finite numbers, one per tensor-parallel rank, got {values!r}")

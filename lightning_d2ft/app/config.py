@@ -1,14 +1,16 @@
 """Structured configs of the Hydra app: types are checked by Hydra when the config is composed (so
 ``schedule.forward_mix=abc`` is refused naming the field before anything runs), ranges and choices by
-:func:`check_config` right after, still before data, pretraining or fit. The schedule section is
-:class:`~lightning_d2ft.schedule.settings.ScheduleSettings` (its defaults, and its checks through
-:func:`schedule_settings`) plus the app's subnets, LoRA and cache fields."""
+:func:`check_config` right after, still before data, pretraining or fit. The schedule section is generated
+from :class:`~lightning_d2ft.schedule.settings.ScheduleSettings` (its fields, types and defaults, written
+once there, and its checks through :func:`schedule_settings`) plus the app's LoRA and cache fields. The
+subnet count is the model's (``model.subnets``); ``schedule.subnets`` still works, with a deprecation note."""
 
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field, fields
-from typing import Any, Dict, List, Optional, get_args
+import logging
+from dataclasses import dataclass, field, fields, make_dataclass
+from typing import Any, get_args, get_type_hints
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -16,12 +18,12 @@ from omegaconf import DictConfig, OmegaConf
 from lightning_d2ft.schedule.settings import ScheduleSettings
 
 __all__ = ["AppConfig", "check_config", "register_configs", "schedule_settings"]
-_SETTINGS = {f.name: f.default for f in fields(ScheduleSettings)}  # the one source of the schedule's defaults
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class PretrainConfig:
-    classes: List[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    classes: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
     epochs: int = 15
     lr: float = 1.0e-3
     cache_dir: str = ".cache/pretrained"
@@ -30,33 +32,29 @@ class PretrainConfig:
 @dataclass
 class ModelConfig:
     name: str = "vit_small_patch16_224"
+    subnets: int | None = None  # total count (26/38/74 for ViT-S) or groups per block; None: one head per subnet
     pretrained: bool = False
-    checkpoint: Optional[str] = None
-    kwargs: Dict[str, Any] = field(default_factory=dict)
+    checkpoint: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
     lr: float = 1.0e-3
     weight_decay: float = 0.05
     optimizer: str = "adamw"
-    pretrain: Optional[PretrainConfig] = None
+    pretrain: PretrainConfig | None = None
 
 
-@dataclass
-class ScheduleConfig:
-    """ScheduleSettings' fields (types for Hydra, defaults read from ScheduleSettings) and the app's own."""
+def _schedule_config() -> type:
+    """ScheduleSettings' fields with their types and defaults (read from it, so written once) and the app's
+    own: LoRA, the score cache, and ``subnets`` (deprecated: ``model.subnets``)."""
+    hints = get_type_hints(ScheduleSettings)
+    own = [(f.name, hints[f.name], field(default=f.default)) for f in fields(ScheduleSettings)]
+    app = [("lora_rank", int | None, field(default=None)), ("lora_alpha", float | None, field(default=None)),
+           ("cache_dir", str | None, field(default=None)), ("subnets", int | None, field(default=None))]
+    cls = make_dataclass("ScheduleConfig", own + app)
+    cls.__module__ = __name__  # pickles and prints like a class written here
+    return cls
 
-    budget: float = _SETTINGS["budget"]
-    comm_budget: Optional[float] = _SETTINGS["comm_budget"]
-    subnets: Optional[int] = None
-    backward_score: str = _SETTINGS["backward_score"]
-    forward_score: str = _SETTINGS["forward_score"]
-    solver: str = _SETTINGS["solver"]
-    method: str = _SETTINGS["method"]
-    forward_mix: float = _SETTINGS["forward_mix"]
-    score_every: int = _SETTINGS["score_every"]
-    capacity: str = _SETTINGS["capacity"]
-    validate: bool = _SETTINGS["validate"]
-    lora_rank: Optional[int] = None
-    lora_alpha: Optional[float] = None
-    cache_dir: Optional[str] = None
+
+ScheduleConfig = _schedule_config()
 
 
 @dataclass
@@ -64,18 +62,18 @@ class TrainerConfig:
     accelerator: str = "cpu"
     devices: int = 1
     tensor_parallel_size: Any = "auto"  # "auto" or an int
-    speeds: Optional[List[float]] = None
+    speeds: list[float] | None = None
     data_parallel: str = "sync"
     start_method: str = "spawn"
     max_epochs: int = 3
     precision: str = "32-true"
     accumulate_grad_batches: int = 1
-    limit_train_batches: Optional[float] = None
+    limit_train_batches: float | None = None
     log_every_n_steps: int = 10
-    checkpoint_every_n_steps: Optional[int] = None
+    checkpoint_every_n_steps: int | None = None
     # the progress bar reads the logged loss back at every refresh: on a GPU each read waits for the queue
     progress_refresh_rate: int = 1
-    extra: Dict[str, Any] = field(default_factory=dict)  # any other lightning.Trainer argument
+    extra: dict[str, Any] = field(default_factory=dict)  # any other lightning.Trainer argument
 
 
 @dataclass
@@ -83,11 +81,11 @@ class AppConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     # ``data.name`` picks a data module (app.DATAMODULES); the other fields are its keyword arguments, so
     # each data set has its own (the data module checks them, naming the field, before loading anything)
-    data: Dict[str, Any] = field(default_factory=lambda: {"name": "digits"})
+    data: dict[str, Any] = field(default_factory=lambda: {"name": "digits"})
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     seed: int = 0
-    resume: Optional[str] = "auto"
+    resume: str | None = "auto"
     skip_existing: bool = False
 
 
@@ -112,8 +110,12 @@ def schedule_settings(cfg: DictConfig) -> ScheduleSettings:
 
 def check_config(cfg: DictConfig) -> ScheduleSettings:
     """Ranges and choices the types cannot say; each error names the field and what is allowed. Returns the
-    schedule's settings (validated by ScheduleSettings itself)."""
+    schedule's settings (validated by ScheduleSettings itself). A ``schedule.subnets`` is moved to
+    ``model.subnets``, with a deprecation note."""
+    from lightning_d2ft.parallel.placement import check_speeds  # here, not at import: --help loads no torch
+
     _check_known_keys(cfg)
+    _move_deprecated_subnets(cfg)
     settings = schedule_settings(cfg)
     for key, allowed in {**_CHOICES, "trainer.precision": _precisions()}.items():
         group, name = key.split(".")
@@ -135,17 +137,29 @@ def check_config(cfg: DictConfig) -> ScheduleSettings:
     tp = t.tensor_parallel_size
     if tp != "auto" and (not isinstance(tp, int) or isinstance(tp, bool) or tp < 1):
         raise ValueError(f"trainer.tensor_parallel_size must be 'auto' or a positive int, got {tp!r}")
-    if t.speeds is not None and any(v <= 0 for v in t.speeds):
-        raise ValueError(f"trainer.speeds must be positive relative speeds, got {list(t.speeds)}")
     world = t.devices * int(t.extra.get("num_nodes", 1))
     ranks = world if tp == "auto" else tp
-    if t.speeds is not None and len(t.speeds) != ranks:
-        raise ValueError(f"trainer.speeds has {len(t.speeds)} entries; it needs one per tensor-parallel rank: {ranks} "
-                         f"(trainer.tensor_parallel_size={tp!r} on {world} devices)")
+    if t.speeds is not None:
+        try:
+            check_speeds(list(t.speeds), ranks, "trainer.speeds")
+        except ValueError as err:
+            raise ValueError(f"{err} (trainer.tensor_parallel_size={tp!r} on {world} devices)") from None
     if m.lr <= 0:
         raise ValueError(f"model.lr must be > 0, got {m.lr}")
     check_trainer_extra(dict(t.extra))
     return settings
+
+
+def _move_deprecated_subnets(cfg: DictConfig) -> None:
+    """``schedule.subnets`` (before the subnet count moved to the model group) still works, and says so."""
+    old, new = cfg.schedule.get("subnets"), cfg.model.get("subnets")
+    if old is None:
+        return
+    if new is not None and new != old:
+        raise ValueError(f"schedule.subnets={old} and model.subnets={new} disagree; give model.subnets only "
+                         "(schedule.subnets is deprecated)")
+    log.warning(f"schedule.subnets is deprecated: the subnet count is the model's; use model.subnets={old}")
+    cfg.model.subnets, cfg.schedule.subnets = old, None
 
 
 # the sections whose keys are fixed (model.kwargs, data and trainer.extra take any key, checked by their users)

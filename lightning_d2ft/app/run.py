@@ -23,7 +23,7 @@ from lightning_d2ft.callback import D2FTCallback
 from lightning_d2ft.data.digits import DigitsDataModule
 from lightning_d2ft.data.fashion_mnist import FashionMNISTDataModule
 from lightning_d2ft.io import atomic_write, checked_checkpoint, newest_checkpoint
-from lightning_d2ft.model.vit import D2FTViT
+from lightning_d2ft.model.vit import D2FTViT, find_d2ft
 from lightning_d2ft.parallel.placement import speed_aware
 from lightning_d2ft.schedule.schedule import Schedule
 from lightning_d2ft.schedule.settings import ScheduleSettings
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 DATAMODULES: dict[str, Callable[..., LightningDataModule]] = {"digits": DigitsDataModule,
                                                                "fashion_mnist": FashionMNISTDataModule}
 # the settings a run directory's checkpoints and schedule belong to: a rerun there must not change them
-RUN_IDENTITY = ("schedule", "model.name", "model.kwargs", "data", "seed")
+RUN_IDENTITY = ("schedule", "model.name", "model.subnets", "model.kwargs", "data", "seed")
 
 
 def build_datamodule(cfg: DictConfig) -> LightningDataModule:
@@ -76,9 +76,11 @@ def check_run_dir(cfg: DictConfig, out: Path, resuming: bool) -> None:
     identity = {key: OmegaConf.to_container(OmegaConf.select(cfg, key), resolve=True)
                 if isinstance(OmegaConf.select(cfg, key), DictConfig) else OmegaConf.select(cfg, key)
                 for key in RUN_IDENTITY}
-    identity["schedule"] = {k: v for k, v in identity["schedule"].items() if k != "cache_dir"}
+    identity["schedule"] = {k: v for k, v in identity["schedule"].items() if k not in ("cache_dir", "subnets")}
     if resuming and record.exists():
         before = _flatten(json.loads(record.read_text()))
+        if "schedule.subnets" in before:  # a record written before the subnet count moved to the model
+            before.setdefault("model.subnets", before.pop("schedule.subnets"))
         changed = [f"{k}: {before.get(k)!r} in this run directory, {v!r} asked"
                    for k, v in _flatten(identity).items() if before.get(k) != v]
         if changed:
@@ -131,7 +133,7 @@ def _module(cfg: DictConfig, dm: LightningDataModule, kwargs: dict) -> ViTClassi
         p = m.pretrain
         checkpoint = str(pretrained_checkpoint(p.cache_dir, m.name, kwargs, list(p.classes), epochs=p.epochs,
                                                lr=p.lr, seed=cfg.seed))
-    return ViTClassifier(model=m.name, num_classes=dm.num_classes, subnets=cfg.schedule.subnets,
+    return ViTClassifier(model=m.name, num_classes=dm.num_classes, subnets=m.subnets,
                          pretrained=m.pretrained, checkpoint=checkpoint, lr=m.lr, weight_decay=m.weight_decay,
                          optimizer=m.optimizer, model_kwargs=kwargs)
 
@@ -168,7 +170,7 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     settings = check_config(cfg)  # the schedule's settings, validated by ScheduleSettings
     callback = _callback(cfg, settings)
     kwargs = OmegaConf.to_container(cfg.model.kwargs, resolve=True)
-    check_model(cfg.model.name, kwargs, cfg.schedule.subnets)
+    check_model(cfg.model.name, kwargs, cfg.model.subnets)
     dm = build_datamodule(cfg)
     ckpt_path = _resume_path(cfg, out)
     check_run_dir(cfg, out, resuming=ckpt_path is not None and cfg.resume in ("auto", "last"))
@@ -199,7 +201,8 @@ def _result(cfg: DictConfig, trainer: Trainer, callback: D2FTCallback, out: Path
         "bytes_sent_all_ranks_last_epoch": metrics.get("d2ft/bytes_sent"),
         "scoring_seconds": schedule.info.get("scoring_seconds"),
         "fit_seconds": seconds,
-        "budget": s.budget, "subnets": s.subnets, "method": s.method, "devices": cfg.trainer.devices,
+        "budget": s.budget, "subnets": find_d2ft(trainer.lightning_module).num_subnets, "method": s.method,
+        "devices": cfg.trainer.devices,
         "tensor_parallel_size": getattr(trainer.strategy, "tensor_parallel_size", None),
         "last_checkpoint": str(newest) if newest is not None else None,
         "output_dir": str(out),

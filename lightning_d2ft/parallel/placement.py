@@ -17,8 +17,23 @@ import torch
 from torch import Tensor
 
 
-def round_robin(depth: int, groups_per_block: int, world: int) -> Tensor:  # the one round-robin rule
-    """``owner[l, g] = (l*G + g) % world``: every rank holds at least one group of every block."""
+def check_speeds(speeds: Sequence[float] | Tensor, count: int | None = None, name: str = "speeds") -> list[float]:
+    """Relative device speeds (2.0 = twice as fast) as floats: positive and finite, ``count`` of them (one per
+    tensor-parallel rank) when given. The one speeds check of the package."""
+    values = torch.as_tensor(speeds, dtype=torch.float64).flatten().tolist() if speeds is not None else None
+    if not values or (count is not None and len(values) != count) \
+            or not all(math.isfinite(v) and v > 0 for v in values):
+        got = list(speeds) if speeds is not None and not isinstance(speeds, (int, float)) else speeds
+        if count == 1:
+            raise ValueError(f"{name} must be a positive finite number, got {got[0] if got else got!r}")
+        many = f"{count} " if count is not None else ""
+        raise ValueError(f"{name} must be {many}positive finite numbers, one per tensor-parallel rank, got {got!r}")
+    return values
+
+
+def check_ranks_fit(world: int, groups_per_block: int) -> None:
+    """Every rank must hold at least one head group of every block (a rank without part of a block could not
+    join its collectives): at least 1 and at most ``groups_per_block`` ranks."""
     if world < 1:
         raise ValueError(f"tensor-parallel size must be >= 1, got {world}")
     if world > groups_per_block:
@@ -26,6 +41,11 @@ def round_robin(depth: int, groups_per_block: int, world: int) -> Tensor:  # the
             f"tensor-parallel size {world} is larger than the {groups_per_block} head groups per block, so some "
             f"rank would hold no part of a block; use at most {groups_per_block} ranks or more subnets"
         )
+
+
+def round_robin(depth: int, groups_per_block: int, world: int) -> Tensor:  # the one round-robin rule
+    """``owner[l, g] = (l*G + g) % world``: every rank holds at least one group of every block."""
+    check_ranks_fit(world, groups_per_block)
     return (torch.arange(depth * groups_per_block) % world).view(depth, groups_per_block)
 
 
@@ -65,9 +85,7 @@ class Placement:
             if missing:
                 raise ValueError(f"Placement: rank {rank} holds no head group of block(s) {missing}; every rank "
                                  f"needs one group of every block (use at most {owner.shape[1]} ranks)")
-        speeds = tuple(float(s) for s in self.speeds) if self.speeds else (1.0,) * tp
-        if len(speeds) != tp or not all(math.isfinite(s) and s > 0 for s in speeds):
-            raise ValueError(f"Placement.speeds must be {tp} positive numbers (one per rank), got {list(speeds)}")
+        speeds = tuple(check_speeds(self.speeds, tp, "Placement.speeds")) if self.speeds else (1.0,) * tp
         object.__setattr__(self, "owner", owner)
         object.__setattr__(self, "speeds", speeds)
 
@@ -158,8 +176,7 @@ class DeviceSpec:
     memory: float = math.inf
 
     def __post_init__(self) -> None:
-        if not (self.speed > 0 and math.isfinite(self.speed)):
-            raise ValueError(f"DeviceSpec.speed must be a positive number, got {self.speed!r}")
+        check_speeds([self.speed], 1, "DeviceSpec.speed")
         if not self.memory > 0:
             raise ValueError(f"DeviceSpec.memory must be positive bytes (or inf), got {self.memory!r}")
 
@@ -177,9 +194,7 @@ def group_counts(depth: int, groups_per_block: int, devices: Sequence[DeviceSpec
     tp, units = len(devices), depth * groups_per_block
     if tp < 1:
         raise ValueError("give at least one DeviceSpec")
-    if tp > groups_per_block:
-        raise ValueError(f"{tp} ranks but only {groups_per_block} head groups per block: every rank needs one "
-                         f"group of every block; use at most {groups_per_block} ranks or more subnets")
+    check_ranks_fit(tp, groups_per_block)
     room = [units if bytes_per_group <= 0 or math.isinf(d.memory) else int(d.memory // bytes_per_group)
             for d in devices]
     for rank, r in enumerate(room):

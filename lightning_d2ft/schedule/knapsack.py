@@ -157,9 +157,10 @@ def _solve_one(solvers: dict, profits: list[int], weights: list[int], caps: list
     return np.fromiter((solver.best_solution_contains(i) for i in range(n)), dtype=bool, count=n)
 
 
+#: the solvers by name (``ScheduleSettings.solver`` takes these): a new solver is a function plus one line
 SOLVERS: dict[str, Callable[[Rows, float | None], tuple[np.ndarray, np.ndarray]]] = {
-    "ortools": solve_ortools,
     "dp": solve_dp,
+    "ortools": solve_ortools,
 }
 
 

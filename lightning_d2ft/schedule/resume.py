@@ -21,10 +21,9 @@ __all__ = ["check_matches", "resumable", "run_settings", "schedule_from_state", 
 
 
 def run_settings(settings: ScheduleSettings, data: str) -> dict[str, Any]:
-    """What a schedule must have been solved for to be used by this run (stored in ``schedule.info``)."""
-    s = settings
-    return {"data": data, "budget": s.budget, "comm_budget": s.comm_budget, "method": s.method,
-            "backward_score": s.backward_score, "forward_score": s.forward_score, "capacity": s.capacity}
+    """What a schedule must have been solved for to be used by this run (stored in ``schedule.info``): the
+    data fingerprint and the settings that decide the ops (:meth:`ScheduleSettings.identity`)."""
+    return {"data": data, **settings.identity()}
 
 
 def check_matches(schedule: Schedule, num_micro_batches: int, num_subnets: int, placement: Placement | None,

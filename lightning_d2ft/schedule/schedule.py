@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -21,15 +21,14 @@ from torch import Tensor
 
 from lightning_d2ft.io import read_checked, write_checked
 from lightning_d2ft.ops import CostModel, Op
-from lightning_d2ft.parallel.placement import Placement, round_robin
-from lightning_d2ft.schedule.baselines import BASELINES
-from lightning_d2ft.schedule.capacity import RESOLUTION, device_budgets
-from lightning_d2ft.schedule.knapsack import solve_devices
-from lightning_d2ft.schedule.settings import METHODS, SOLVERS, ScheduleSettings, check_comm_budget
+from lightning_d2ft.schedule.problem import ColumnPlacement, ScheduleProblem, check_scores
+from lightning_d2ft.schedule.settings import ScheduleSettings
 
-__all__ = ["METHODS", "SOLVERS", "Schedule"]
+__all__ = ["Schedule"]
 
-_FORMAT_VERSION = 2  # 2: info gained capacity, validate, check_seconds; capacity="step" is the default
+# 2: info gained capacity, validate, check_seconds; capacity="step" is the default. Since then info["settings"]
+# holds every ScheduleSettings field (files that hold only some still load: see ``Schedule.settings``)
+_FORMAT_VERSION = 2
 
 
 @dataclass
@@ -206,19 +205,22 @@ class Schedule:
         return plot_schedule(self, path)
 
     # -- solving --------------------------------------------------------------------------------
+    @property
+    def settings(self) -> ScheduleSettings:
+        """The settings this schedule was solved for (a file written before they were stored whole gives the
+        ones it recorded, the others at their defaults)."""
+        info = self.info
+        return ScheduleSettings.from_mapping({**info, **(info.get("settings") or {}), "method": self.method})
+
     @classmethod
     def solve(
         cls,
         backward_scores: Tensor | np.ndarray,
         forward_scores: Tensor | np.ndarray,
-        budget: float = 0.6,
-        devices: int | None = None,
+        settings: ScheduleSettings | None = None,
+        placement: ColumnPlacement = None,
         *,
-        solver: str = "ortools",
-        method: str = "d2ft",
-        comm_budget: float | None = None,
-        forward_mix: float = 0.5,
-        placement: Placement | Tensor | Sequence[int] | None = None,
+        devices: int | None = None,
         speeds: Sequence[float] | Tensor | None = None,
         subnet_costs: Sequence[float] | Tensor | None = None,
         always_full: str | Sequence[int] = "ends",
@@ -226,130 +228,27 @@ class Schedule:
         cost: CostModel | None = None,
         seed: int = 0,
         ortools_time_limit: float | None = None,
-        capacity: str = "step",
-        validate: bool = True,
+        **fields: Any,
     ) -> Schedule:
         """Solve the schedule for scores ``[micro_batches, subnets]`` (see :mod:`lightning_d2ft.schedule.knapsack`).
 
-        ``placement``: a :class:`Placement` (or its owner table ``[depth, G]``), whose column devices and
-        speeds are used; or each column's device (-1 = always FULL); by default the ``always_full`` columns
-        ("ends": stem and head) are replicated and the rest dealt round-robin over ``devices`` (default 2).
-        ``subnet_costs``: relative FULL cost per column (default all 1). ``capacity``: "step" (per device and
-        micro-batch) or "epoch" (per device). ``validate``: after OR-Tools, the DP solves the same instance
-        and the objectives must agree (``SolverMismatchError`` otherwise). ``ortools_time_limit`` caps each
-        OR-Tools solve (seconds); one not proven optimal in time raises RuntimeError.
+        ``settings``: a :class:`ScheduleSettings`, or its fields as keyword arguments (``budget=0.6,
+        solver="dp"``, ...; the others at their defaults), not both. ``placement`` and the keyword arguments
+        after it: see :meth:`ScheduleProblem.build` (by default 2 devices, round robin). ``seed`` drives the
+        random baselines; ``ortools_time_limit`` caps each OR-Tools solve (seconds).
         """
-        cost = cost or CostModel()
-        back, fwd = _check_scores(backward_scores, forward_scores)
-        n_mb, n_cols = back.shape
-        ScheduleSettings(budget=budget, comm_budget=comm_budget, solver=solver, method=method,  # validates them
-                         forward_mix=forward_mix, capacity=capacity, validate=validate)
-        place, devices, placement_speeds = _column_devices(placement, always_full, n_cols, devices)
-        if comm_budget is not None:
-            check_comm_budget(comm_budget, n_mb, place, devices, capacity)
-        speed = _resolve_speeds(speeds if speeds is not None else placement_speeds, devices)
-        unit = _resolve_subnet_costs(subnet_costs, n_cols)
-        step = capacity == "step"
-        budgets = device_budgets(1 if step else n_mb, place, speed, unit, cost, budget, comm_budget, forward_mix)
-        info = {"budget": budget, "comm_budget": comm_budget, "forward_mix": forward_mix, "solver": solver,
-                "capacity": capacity, "validate": validate, "objective": (0.0, 0.0), "solve_seconds": 0.0,
-                "check_seconds": 0.0, "capacities": [b.capacity / RESOLUTION for b in budgets]}
-        if method == "d2ft":
-            instance = dict(backward_scores=back, forward_scores=fwd, budget=budget, devices=devices, solver=solver,
-                            comm_budget=comm_budget, forward_mix=forward_mix, placement=place, speeds=speed,
-                            subnet_costs=unit, cost=cost, capacity=capacity)
-            sol = solve_devices(back, fwd, place, unit, budgets, cost, solver, step, validate,
-                                ortools_time_limit, instance)
-            ops = sol.ops
-            info.update(objective=sol.objective, solve_seconds=sol.solve_seconds, check_seconds=sol.check_seconds)
-        else:
-            ops = _baseline_ops(method, back, fwd, place, budgets, n_mb if step else 1, seed)
-        return cls(ops=ops, placement=place, speeds=speed, cost=cost, column_blocks=column_blocks,
-                   method=method, info=info)
+        settings = ScheduleSettings.build(settings, **fields)
+        back, fwd = check_scores(backward_scores, forward_scores)
+        problem = ScheduleProblem.build(settings, back.shape[0], back.shape[1], placement, devices=devices,
+                                        speeds=speeds, subnet_costs=subnet_costs, always_full=always_full,
+                                        column_blocks=column_blocks, cost=cost)
+        return cls.from_problem(problem, back, fwd, seed, ortools_time_limit)
 
-
-def _baseline_ops(method: str, back: Tensor, fwd: Tensor, place: Tensor, budgets: list, rows: int,
-                  seed: int) -> Tensor:
-    """A baseline's ops, spending the FULL and FORWARD_ONLY counts D2FT's capacities plan for."""
-    n_full = sum(b.planned_full for b in budgets) * rows
-    n_fo = sum(b.planned_fo for b in budgets) * rows
-    ops = torch.full(back.shape, int(Op.FULL), dtype=torch.long)
-    cols = (place >= 0).nonzero().flatten()
-    ops[:, cols] = BASELINES[method](back[:, cols], fwd[:, cols], n_full, n_fo, seed)
-    return ops
-
-
-# -- input checks ----------------------------------------------------------------------------------
-def _check_scores(backward: Tensor | np.ndarray, forward: Tensor | np.ndarray) -> tuple[Tensor, Tensor]:
-    out = []
-    for name, s in (("backward_scores", backward), ("forward_scores", forward)):
-        a = np.asarray(s.detach().cpu() if isinstance(s, Tensor) else s, dtype=np.float64)  # numpy: cheap checks
-        if a.ndim != 2 or 0 in a.shape:
-            raise ValueError(f"{name} must be a non-empty 2-D tensor [micro_batches, subnets], got {tuple(a.shape)}")
-        bad = int(a.size - np.isfinite(a).sum())
-        if bad:
-            raise ValueError(f"{name} holds {bad} NaN/inf values; recompute the scores (or drop those micro-batches)")
-        if a.min() < 0:
-            raise ValueError(f"{name} must be >= 0 (contribution scores are magnitudes), min is {a.min()}")
-        out.append(torch.from_numpy(np.ascontiguousarray(a)))
-    if out[0].shape != out[1].shape:
-        raise ValueError(f"backward_scores {tuple(out[0].shape)} and forward_scores {tuple(out[1].shape)} differ in "
-                         "shape")
-    return out[0], out[1]
-
-
-def _column_devices(placement, always_full, n_cols: int, devices: int | None) -> tuple[Tensor, int, tuple | None]:
-    """The device of every ops column (-1: always FULL), the device count, and the placement's speeds."""
-    if devices is not None and (isinstance(devices, bool) or not isinstance(devices, int) or devices < 1):
-        raise ValueError(f"devices must be a positive int, got {devices!r}")
-    speeds = None
-    if isinstance(placement, Placement) or (placement is not None and torch.as_tensor(placement).dim() == 2):
-        resolved = Placement.from_any(placement)
-        if devices is not None and devices != resolved.num_devices:
-            raise ValueError(f"devices={devices} but the placement has {resolved.num_devices} ranks; drop devices")
-        place, devices, speeds = resolved.column_devices(), resolved.num_devices, resolved.speeds
-        if place.numel() != n_cols:
-            raise ValueError(f"the placement covers {place.numel()} subnets (stem, {resolved.depth} blocks x "
-                             f"{resolved.groups_per_block} groups, head) but the scores have {n_cols}")
-        return place, devices, speeds
-    if placement is not None:
-        place = torch.as_tensor(placement, dtype=torch.long).flatten()
-        devices = devices if devices is not None else max(int(place.max()) + 1, 1)
-        if place.numel() != n_cols:
-            raise ValueError(f"placement has {place.numel()} entries for {n_cols} subnets")
-        if place.max() >= devices or place.min() < -1:
-            raise ValueError(f"placement entries must be -1 (always FULL) or a device in [0, {devices})")
-    else:
-        devices = 2 if devices is None else devices
-        fixed = {0, n_cols - 1} if always_full == "ends" else set(always_full)
-        place = torch.full((n_cols,), -1, dtype=torch.long)
-        free = [k for k in range(n_cols) if k not in fixed]
-        if devices > len(free):
-            raise ValueError(f"{devices} devices but only {len(free)} schedulable subnets; use at most "
-                             f"{len(free)} devices or more subnets")
-        place[free] = round_robin(1, len(free), devices).flatten()
-    used = set(place[place >= 0].tolist())
-    if len(used) < devices:
-        raise ValueError(
-            f"{devices} devices but only {int((place >= 0).sum())} schedulable subnets reach {len(used)} of them; "
-            f"use at most {len(used)} devices or more subnets"
-        )
-    return place, devices, speeds
-
-
-def _resolve_speeds(speeds, devices: int) -> Tensor:
-    if speeds is None:
-        return torch.ones(devices, dtype=torch.float64)
-    speed = torch.as_tensor(speeds, dtype=torch.float64).flatten()
-    if speed.numel() != devices or not torch.isfinite(speed).all() or (speed <= 0).any():
-        raise ValueError(f"speeds must be {devices} positive numbers (one per device), got {speed.tolist()}")
-    return speed
-
-
-def _resolve_subnet_costs(subnet_costs, n_cols: int) -> Tensor:
-    if subnet_costs is None:
-        return torch.ones(n_cols, dtype=torch.float64)
-    unit = torch.as_tensor(subnet_costs, dtype=torch.float64).flatten()
-    if unit.numel() != n_cols or not torch.isfinite(unit).all() or (unit <= 0).any():
-        raise ValueError(f"subnet_costs must be {n_cols} positive numbers, got shape {tuple(unit.shape)}")
-    return unit
+    @classmethod
+    def from_problem(cls, problem: ScheduleProblem, backward_scores: Tensor | np.ndarray,
+                     forward_scores: Tensor | np.ndarray, seed: int = 0,
+                     ortools_time_limit: float | None = None) -> Schedule:
+        """The schedule of a problem built (and checked) before the scores existed (``D2FTCallback`` does)."""
+        ops, info = problem.solve(backward_scores, forward_scores, seed, ortools_time_limit)
+        return cls(ops=ops, placement=problem.place, speeds=problem.speeds, cost=problem.cost,
+                   column_blocks=problem.column_blocks, method=problem.settings.method, info=info)

@@ -1,32 +1,39 @@
-"""The schedule's settings in one validated object, shared by the callback, the app and ``Schedule.solve``.
+"""The schedule's settings in one validated object: the one place for their fields, defaults and checks.
 
-Every check names the field and the values it allows, and runs before any scoring or solving.
+``D2FTCallback(settings=...)`` or its keyword arguments, ``Schedule.solve(..., settings)`` or its keyword
+arguments, and the app's ``schedule`` config group (whose dataclass is generated from these fields) all
+build one :class:`ScheduleSettings` and pass it whole. Every check names the field and the values it allows,
+and runs before any scoring or solving.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import InitVar, asdict, dataclass, fields
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
-from torch import Tensor
+__all__ = ["CAPACITIES", "ScheduleSettings", "allowed_methods", "allowed_solvers", "check_choice", "check_fraction"]
 
-SOLVERS = ("dp", "ortools")  # order kept: messages list them as before
-METHODS = ("d2ft", "random", "dpruning", "moe", "full")
 CAPACITIES = ("step", "epoch")
-
-__all__ = ["CAPACITIES", "METHODS", "SOLVERS", "ScheduleSettings", "check_choice", "check_comm_budget",
-           "check_fraction"]
+#: fields that do not change which ops a schedule holds (the solvers agree; validation only checks)
+_NOT_IDENTITY = ("solver", "validate")
 
 
 def allowed_methods() -> tuple[str, ...]:
     """"d2ft" and every registered baseline (``lightning_d2ft.schedule.baselines.register_baseline``)."""
-    from lightning_d2ft.schedule.baselines import BASELINES
+    from lightning_d2ft.schedule.baselines import BASELINES  # lazy, as below: the app's --help loads no torch
 
     return ("d2ft", *BASELINES)
 
 
-def check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
+def allowed_solvers() -> tuple[str, ...]:
+    """The solvers of ``lightning_d2ft.schedule.knapsack.SOLVERS``, the one registry."""
+    from lightning_d2ft.schedule.knapsack import SOLVERS
+
+    return tuple(SOLVERS)
+
+
+def check_choice(name: str, value: str, allowed: tuple[str, ...] | list[str]) -> None:
     if value not in allowed:
         raise ValueError(f"unknown {name} {value!r}; choose one of {list(allowed)}")
 
@@ -36,34 +43,24 @@ def check_fraction(name: str, value: float) -> None:
         raise ValueError(f"{name} must be a fraction of the all-FULL cost in (0, 1], got {value!r}")
 
 
-def check_comm_budget(comm_budget: float, num_micro_batches: int, placement: Tensor, devices: int,
-                      capacity: str = "step") -> None:
-    """Reject a communication budget too small for one FULL (micro-batch, subnet) pair on every device:
-    below that floor a device could only run FORWARD_ONLY, and no gradient would reach its subnets.
-
-    With ``capacity="step"`` the budget holds per (device, micro-batch), so the floor is per step;
-    with ``"epoch"`` it holds over all micro-batches of a device.
-    """
-    check_choice("capacity", capacity, CAPACITIES)
-    rows = 1 if capacity == "step" else num_micro_batches
-    fewest = min(int((placement == d).sum()) for d in range(devices)) * rows
-    floor = 1.0 / fewest if fewest else 1.0
-    if comm_budget < floor - 1e-12:
-        raise ValueError(
-            f"comm_budget={comm_budget} is below {floor:.3g}, the least that lets every device train one "
-            f"(micro-batch, subnet) pair FULL{' per micro-batch' if capacity == 'step' else ''} ({fewest} pairs on "
-            f"the smallest device{' per step' if capacity == 'step' else ''}); use comm_budget in [{floor:.3g}, 1] "
-            f"or drop it")
-
-
 @dataclass(frozen=True)
 class ScheduleSettings:
-    """What the schedule is asked to do; see :meth:`lightning_d2ft.Schedule.solve` for each field.
+    """What the schedule is asked to do.
 
-    ``capacity="step"`` (default) gives every (device, micro-batch) its own capacity, so every lockstep
-    step is balanced and no micro-batch goes without FULL work unless the budget forces it; ``"epoch"``
-    pools a device's capacity over all micro-batches. ``validate`` re-solves every OR-Tools solve with the
-    DP and raises if the objectives differ.
+    Args:
+        budget: compute, a fraction of all-FULL in (0, 1].
+        comm_budget: communication, a fraction of all-FULL in (0, 1], or None (no limit).
+        backward_score / forward_score: score metrics deciding FULL / FORWARD_ONLY
+            (:data:`lightning_d2ft.scoring.scores.METRICS`).
+        solver: "ortools" (checked by the DP on every solve when ``validate``) or "dp" (the DP alone).
+        method: "d2ft" or a baseline ("random", "dpruning", "moe", "full", or a registered one).
+        forward_mix: share of the budget kept for FORWARD_ONLY, in [0, 1] (0: FULL may take it all; 1: the
+            fewest FULL that still let FORWARD_ONLY spend the budget).
+        score_every: score every k-th micro-batch only (a cheaper scoring pass).
+        capacity: "step" (default) gives every (device, micro-batch) its own capacity, so every lockstep step
+            is balanced and no micro-batch goes without FULL work unless the budget forces it; "epoch" pools a
+            device's capacity over all micro-batches.
+        validate: after OR-Tools, the DP re-solves every instance and the objectives must agree.
 
     ``where`` (not a field) prefixes the names in error messages, e.g. ``"schedule."`` for the app's config.
     """
@@ -84,15 +81,17 @@ class ScheduleSettings:
         check_fraction(f"{where}budget", self.budget)
         if self.comm_budget is not None:
             check_fraction(f"{where}comm_budget", self.comm_budget)
-        check_choice(f"{where}solver", self.solver, SOLVERS)
+        check_choice(f"{where}solver", self.solver, allowed_solvers())
         check_choice(f"{where}method", self.method, allowed_methods())
         check_choice(f"{where}capacity", self.capacity, CAPACITIES)
-        check_forward_mix(self.forward_mix, f"{where}forward_mix")
+        if isinstance(self.forward_mix, bool) or not isinstance(self.forward_mix, (int, float)) \
+                or not (0.0 <= self.forward_mix <= 1.0) or math.isnan(self.forward_mix):
+            raise ValueError(f"{where}forward_mix must be a number in [0, 1], got {self.forward_mix!r}")
         if isinstance(self.score_every, bool) or not isinstance(self.score_every, int) or self.score_every < 1:
             raise ValueError(f"{where}score_every must be an int >= 1, got {self.score_every!r}")
         if not isinstance(self.validate, bool):
             raise ValueError(f"{where}validate must be true or false, got {self.validate!r}")
-        from lightning_d2ft.scoring.scores import check_metric  # lazy: scores imports the model
+        from lightning_d2ft.scoring.scores import check_metric  # lazy: scoring imports the model (and timm)
 
         for name, role in (("backward_score", "backward"), ("forward_score", "forward")):
             try:
@@ -101,21 +100,35 @@ class ScheduleSettings:
                 raise ValueError(f"{where}{name}: {err}") from None
 
     @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def build(cls, settings: ScheduleSettings | None = None, where: str = "", **given: Any) -> ScheduleSettings:
+        """``settings`` as they are, or settings built from the fields ``given`` (the rest at their defaults);
+        not both. An unknown field is refused, naming the fields there are."""
+        unknown = sorted(set(given) - set(cls.names()))
+        if unknown:
+            raise TypeError(f"unknown schedule setting {', '.join(unknown)}; the settings are {list(cls.names())}")
+        if settings is None:
+            return cls(**given, where=where)
+        if not isinstance(settings, ScheduleSettings):
+            raise TypeError(f"settings must be a ScheduleSettings, got {type(settings).__name__}")
+        if given:
+            raise ValueError(f"give settings=ScheduleSettings(...) or its fields ({', '.join(sorted(given))}), "
+                             "not both")
+        return settings
+
+    @classmethod
     def from_mapping(cls, values: Mapping[str, Any], where: str = "") -> ScheduleSettings:
         """The settings among ``values`` (a config section may hold more keys), validated; errors name each
         field as ``where + name`` (``where="schedule."`` for the app's ``schedule.budget``)."""
-        return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values}, where=where)
+        return cls(**{name: values[name] for name in cls.names() if name in values}, where=where)
 
-    def solve_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of ``Schedule.solve`` these settings fix."""
-        return dict(budget=self.budget, comm_budget=self.comm_budget, solver=self.solver, method=self.method,
-                    forward_mix=self.forward_mix, capacity=self.capacity, validate=self.validate)
-
-    def to_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-
-def check_forward_mix(value: float, name: str = "forward_mix") -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 <= value <= 1.0) \
-            or math.isnan(value):
-        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+    def identity(self) -> dict[str, Any]:
+        """The fields that decide which ops a schedule holds: a schedule solved for other values of any of
+        them must not be reused (``solver`` and ``validate`` are left out: the solvers agree)."""
+        return {k: v for k, v in self.as_dict().items() if k not in _NOT_IDENTITY}

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.timeout(900)
 ROOT = Path(__file__).resolve().parents[2]
 # the package of this checkout, whatever the cwd (a relative PYTHONPATH=. would resolve against tmp_path)
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-TINY = ["model.kwargs.img_size=16", "model.kwargs.embed_dim=48", "+model.kwargs.depth=2", "schedule.subnets=14",
+TINY = ["model.kwargs.img_size=16", "model.kwargs.embed_dim=48", "+model.kwargs.depth=2", "model.subnets=14",
         "trainer.max_epochs=1", "trainer.limit_train_batches=4", "data.batch_size=16", "model.pretrain.epochs=1"]
 
 
@@ -69,7 +69,7 @@ def test_help_lists_config_groups(tmp_path):
 
 
 def test_bad_subnets_fail_before_any_data_or_pretraining(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "lightning_d2ft", "schedule.subnets=27",
+    proc = subprocess.run([sys.executable, "-m", "lightning_d2ft", "model.subnets=27",
                            f"hydra.run.dir={tmp_path}/run",
                            f"model.pretrain.cache_dir={tmp_path}/pretrained"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300, env=ENV)

@@ -19,7 +19,7 @@ from lightning_d2ft.__main__ import config_dir
 from lightning_d2ft.app.config import register_configs
 
 TINY = ["model=vit_s_digits", "model.kwargs.img_size=16", "model.kwargs.embed_dim=48", "+model.kwargs.depth=2",
-        "schedule.subnets=14", "trainer=cpu1", "trainer.limit_train_batches=3", "data.batch_size=4",
+        "model.subnets=14", "trainer=cpu1", "trainer.limit_train_batches=3", "data.batch_size=4",
         "data.train_per_class=8",
         "trainer.max_epochs=3", "trainer.log_every_n_steps=1", "+trainer.extra.enable_progress_bar=false",
         "+trainer.extra.enable_model_summary=false", "+trainer.extra.num_sanity_val_steps=0"]

@@ -90,7 +90,19 @@ def test_zero_or_negative_speeds_are_refused_when_the_callback_is_built():
 
 
 def test_the_default_solver_is_ortools():
-    assert D2FTCallback().solver == "ortools"
+    assert D2FTCallback().settings.solver == "ortools"
+
+
+def test_the_callback_takes_the_settings_object_or_its_fields_not_both():
+    from lightning_d2ft.schedule.settings import ScheduleSettings
+
+    settings = ScheduleSettings(budget=0.4, solver="dp")
+    assert D2FTCallback(settings).settings is settings
+    assert D2FTCallback(budget=0.4, solver="dp").settings == settings
+    with pytest.raises(ValueError, match=r"give settings=ScheduleSettings\(...\) or its fields \(budget\), not both"):
+        D2FTCallback(settings, budget=0.5)
+    with pytest.raises(TypeError, match=r"unknown schedule setting budgt; the settings are \['budget'"):
+        D2FTCallback(budgt=0.5)
 
 
 @pytest.mark.parametrize("strategy, world", [("DDPStrategy", 2), ("SingleDeviceStrategy", 1)])
@@ -181,10 +193,9 @@ def test_the_strategy_resolves_one_placement_that_the_model_and_the_callback_sha
     from lightning_d2ft.parallel.placement import Placement
 
     calls, solved_with = [], []
-    resolve, solve = strategy_module.resolve_placement, Schedule.solve.__func__
+    resolve = strategy_module.resolve_placement
     monkeypatch.setattr(strategy_module, "resolve_placement", lambda *a: calls.append(a) or resolve(*a))
-    monkeypatch.setattr(Schedule, "solve", classmethod(
-        lambda cls, *a, **kw: solved_with.append(kw["placement"]) or solve(cls, *a, **kw)))
+    _record_placements(monkeypatch, solved_with)
     trainer = _fit(tmp_path, D2FTCallback(budget=0.6, cache_dir=tmp_path / "c", progress=False))
     net = trainer.lightning_module.net
     assert len(calls) == 1 and isinstance(net.placement, Placement)
@@ -195,9 +206,17 @@ def test_the_strategy_resolves_one_placement_that_the_model_and_the_callback_sha
 
 def test_the_callbacks_speeds_win_over_the_placements(tmp_path, monkeypatch):
     solved_with = []
-    solve = Schedule.solve.__func__
-    monkeypatch.setattr(Schedule, "solve", classmethod(
-        lambda cls, *a, **kw: solved_with.append(kw["placement"]) or solve(cls, *a, **kw)))
+    _record_placements(monkeypatch, solved_with)
     trainer = _fit(tmp_path, D2FTCallback(budget=0.6, speeds=[3.0], cache_dir=tmp_path / "c", progress=False))
     assert solved_with[0].speeds == (3.0,) and trainer.strategy.placement.speeds == (1.0,)
     assert torch.equal(solved_with[0].owner, trainer.strategy.placement.owner)
+
+
+def _record_placements(monkeypatch, seen: list) -> None:
+    """Note the placement every schedule problem is built with (the callback builds one before scoring)."""
+    from lightning_d2ft.schedule.problem import ScheduleProblem
+
+    build = ScheduleProblem.build.__func__
+    monkeypatch.setattr(ScheduleProblem, "build", classmethod(
+        lambda cls, settings, n_mb, n_sub, placement=None, **kw: seen.append(placement)
+        or build(cls, settings, n_mb, n_sub, placement, **kw)))

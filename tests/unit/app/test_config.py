@@ -61,7 +61,8 @@ def test_wrong_types_and_unknown_keys_are_refused_when_composed(override, field)
     ("+model.pretrain.epoch=3", r"unknown key model.pretrain.epoch; model.pretrain has \[.*'epochs'"),
     ("trainer.accelerator=tpu", r"trainer.accelerator='tpu' is not allowed; choose one of \['cpu', 'gpu'"),
     ("trainer.precision=17", r"trainer.precision='17' is not allowed; choose one of \[.*'bf16-mixed'"),
-    ("trainer.speeds=[2.0]", r"trainer.speeds has 1 entries; it needs one per tensor-parallel rank: 2 "),
+    ("trainer.speeds=[2.0]", r"trainer.speeds must be 2 positive finite numbers, one per tensor-parallel rank"),
+    ("trainer.speeds=[2.0,-1]", r"trainer.speeds must be 2 positive finite numbers.*got \[2.0, -1.0\]"),
 ])
 def test_ranges_and_choices_are_refused_naming_the_field(override, message):
     with pytest.raises(ValueError, match=message):
@@ -142,9 +143,16 @@ def test_progress_refresh_rate_zero_turns_the_bar_off_as_in_lightning(tmp_path, 
     assert bar is None or bar.refresh_rate == rate
 
 
-def test_free_sections_take_any_key():
+def test_free_sections_take_any_key(tmp_path):
     """model.kwargs, data and trainer.extra are passed on (and checked) by timm, the data module, Lightning."""
-    check_config(_compose("+model.kwargs.depth=2", "+trainer.extra.max_steps=3", "trainer.precision=bf16-mixed"))
+    from lightning_d2ft.app.run import _trainer, build_datamodule
+
+    cfg = _compose("+model.kwargs.depth=2", "+trainer.extra.max_steps=3", "+data.train_per_class=5", "trainer=cpu1")
+    check_config(cfg)
+    assert _trainer(cfg, tmp_path, []).max_steps == 3
+    assert build_datamodule(cfg).hparams.train_per_class == 5
+    with pytest.raises(ValueError, match="depth"):  # timm refuses a kwarg it does not take, naming it
+        check_model(cfg.model.name, {"depth": 2, "depthh": 3}, 14)
 
 
 def test_a_bad_trainer_setting_is_refused_before_pretraining(tmp_path):
@@ -180,3 +188,17 @@ def test_the_summary_has_no_tensor_parallel_wire_line_without_tensor_parallelism
     assert "on the wire" not in capsys.readouterr().out
     print_summary({**base, "tensor_parallel_size": 2})
     assert "0.958 of full fine-tuning on the wire" in capsys.readouterr().out
+
+
+def test_the_subnet_count_is_the_models_and_the_old_key_still_works_with_a_note(caplog):
+    import logging
+
+    assert _compose().model.subnets is None and _compose("model.subnets=26").model.subnets == 26  # None: finest
+    cfg = _compose("schedule.subnets=38")
+    with caplog.at_level(logging.WARNING):
+        check_config(cfg)
+    assert cfg.model.subnets == 38 and cfg.schedule.subnets is None
+    assert "schedule.subnets is deprecated" in caplog.text and "model.subnets=38" in caplog.text
+    with pytest.raises(ValueError, match="schedule.subnets=38 and model.subnets=26 disagree"):
+        check_config(_compose("schedule.subnets=38", "model.subnets=26"))
+

@@ -79,7 +79,7 @@ def test_bad_device_specs_and_world_sizes_are_refused():
         speed_aware([1.0, 2.0], memory=[1.0])
     with pytest.raises(ValueError, match="describes 2 ranks but the tensor-parallel size is 4"):
         speed_aware([1.0, 2.0])(12, 6, 4)
-    with pytest.raises(ValueError, match="only 2 head groups per block"):
+    with pytest.raises(ValueError, match="tensor-parallel size 3 is larger than the 2 head groups per block"):
         group_counts(4, 2, [DeviceSpec()] * 3)
 
 
@@ -138,9 +138,9 @@ def test_placement_validates_itself():
 
     with pytest.raises(ValueError, match=r"rank 1 holds no head group of block\(s\) \[1\]"):
         Placement(torch.tensor([[0, 1], [0, 0]]))
-    with pytest.raises(ValueError, match=r"speeds must be 2 positive numbers"):
+    with pytest.raises(ValueError, match=r"speeds must be 2 positive finite numbers"):
         Placement(torch.tensor([[0, 1]]), speeds=(1.0,))
-    with pytest.raises(ValueError, match=r"speeds must be 2 positive numbers"):
+    with pytest.raises(ValueError, match=r"speeds must be 2 positive finite numbers"):
         Placement(torch.tensor([[0, 1]]), speeds=(1.0, 0.0))
     with pytest.raises(ValueError, match=r"integer tensor \[depth, groups_per_block\]"):
         Placement(torch.zeros(4))

@@ -28,7 +28,7 @@ def _tied_scores(seed: int, n_mb: int, n_cols: int) -> tuple[torch.Tensor, torch
 
 def _check_limits(s: Schedule, unit: torch.Tensor, comm_budget: float | None) -> None:
     """Every (device, row) stays within its capacity (integer units, as both solvers see them) and comm."""
-    cost, step = s.cost, s.info["capacity"] == "step"
+    cost, step = s.cost, s.settings.capacity == "step"
     for d, cap in enumerate(s.info["capacities"]):
         cols = s.placement == d
         w_full = torch.round(unit[cols] * cost.full * 1000)
@@ -122,7 +122,7 @@ def test_a_capacity_that_fits_nothing_gives_all_shortcut_in_both(capacity):
 def test_every_ortools_solve_is_checked_and_timed():
     back, fwd = _scores(0, 16, 14)
     s = Schedule.solve(back, fwd, devices=2)
-    assert s.info["solver"] == "ortools" and s.info["validate"] is True
+    assert s.settings.solver == "ortools" and s.settings.validate is True
     assert s.info["check_seconds"] > 0 and s.info["solve_seconds"] > 0
     assert "check" in s.summary() and s.metrics()["check_seconds"] == s.info["check_seconds"]
     off = Schedule.solve(back, fwd, devices=2, validate=False)

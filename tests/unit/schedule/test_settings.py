@@ -38,11 +38,17 @@ def test_bad_values_name_the_field_and_the_allowed_values(field, value, message)
         ScheduleSettings(**{field: value})
 
 
-def test_solve_kwargs_drive_schedule_solve():
+def test_schedule_solve_takes_the_settings_whole_or_their_fields_and_records_them():
     rng = np.random.default_rng(0)
     back, fwd = torch.from_numpy(rng.uniform(0, 1, (6, 10))), torch.from_numpy(rng.uniform(0, 1, (6, 10)))
     cfg = ScheduleSettings(budget=0.5, capacity="epoch", solver="dp", forward_mix=0.2)
-    s = Schedule.solve(back, fwd, devices=2, **cfg.solve_kwargs())
-    assert {k: s.info[k] for k in ("budget", "capacity", "solver", "forward_mix", "validate")} == \
-        {"budget": 0.5, "capacity": "epoch", "solver": "dp", "forward_mix": 0.2, "validate": True}
-    assert ScheduleSettings(**cfg.to_dict()) == cfg
+    s = Schedule.solve(back, fwd, cfg, devices=2)
+    assert s.settings == cfg and s.info["settings"]["budget"] == 0.5
+    by_fields = Schedule.solve(back, fwd, devices=2, budget=0.5, capacity="epoch", solver="dp", forward_mix=0.2)
+    assert torch.equal(by_fields.ops, s.ops) and by_fields.settings == cfg
+    with pytest.raises(ValueError, match="not both"):
+        Schedule.solve(back, fwd, cfg, devices=2, budget=0.4)
+
+
+def test_identity_leaves_out_only_what_does_not_change_the_ops():
+    assert set(ScheduleSettings().identity()) == set(ScheduleSettings.names()) - {"solver", "validate"}
