@@ -112,10 +112,6 @@ def test_solve_takes_a_placement_with_its_speeds():
         Schedule.solve(back[:, :10], fwd[:, :10], placement=placement)
 
 
-def test_dead_code_is_gone():
-    assert not hasattr(Schedule, "column") and not hasattr(Schedule, "device_comm")
-
-
 def test_d2ft_prefers_high_scores():
     back, fwd = _scores(1, 32, 20)
     s = Schedule.solve(back, fwd, budget=0.5, devices=2)
