@@ -8,16 +8,15 @@ uninterrupted run. A mixin before DDPStrategy in D2FTStrategy.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_d2ft.data.micro_batches import find_micro_batch_sampler
+from lightning_d2ft.data.micro_batches import find_micro_batch_sampler, resume_in_epoch
 from lightning_d2ft.model.vit import find_d2ft
 from lightning_d2ft.schedule.schedule import Schedule
 
@@ -57,15 +56,7 @@ class ScheduleExecution:
     @override
     def on_train_start(self) -> None:
         super().on_train_start()
-        trainer = self.lightning_module.trainer
-        loop = trainer.fit_loop
-        if loop.restarted_mid_epoch:  # the rest of the epoch sees the micro-batches (and ops) it would have
-            sampler = find_micro_batch_sampler(trainer.train_dataloader)
-            # ``processed``, not ``completed``: a checkpoint saved in on_train_batch_end has the batch
-            # processed but not yet marked completed (Lightning marks it when its loop resets)
-            sampler.skip = loop.epoch_loop.batch_progress.current.processed
-            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
-            rank_zero_info(f"D2FT: resuming epoch {trainer.current_epoch} after micro-batch {sampler.skip}")
+        resume_in_epoch(self.lightning_module.trainer)  # a resumed epoch goes on where its checkpoint left it
 
     def _scheduled_net(self):
         """The module's D2FTViT, looked up once per LightningModule (a modules() walk costs ~1 ms a step)."""
