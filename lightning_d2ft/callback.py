@@ -220,7 +220,8 @@ class D2FTCallback(Callback):
         ids = micro_batches_to_train(trainer, sampler)[:: self.score_every]
         metrics = (self.backward_score, self.forward_score)
         key = cache_key(self._weights or "", data, *metrics, ids, total, self.seed) if self._weights else None
-        cached = trainer.strategy.broadcast(load_cached(cache, key) if key and trainer.is_global_zero else None, src=0)
+        cached = trainer.strategy.broadcast(load_cached(cache, key, shape=(total, net.num_subnets))
+                                            if key and trainer.is_global_zero else None, src=0)
         if cached is not None:
             self.scoring_seconds, self.scored_micro_batches = 0.0, 0
             rank_zero_info(f"D2FT scores ({self.backward_score} / {self.forward_score}) loaded from the cache")

@@ -18,14 +18,11 @@ import pytest
 import torch
 
 from lightning_d2ft.io import (
-    LINEAGE_KEY,
-    NotARegularFileError,
     StaleFileError,
     atomic_write,
     checked_checkpoint,
     newest_checkpoint,
     read_checked,
-    remove_stale_temp_files,
     write_checked,
 )
 
@@ -118,10 +115,12 @@ def test_newest_usable_checkpoint_skips_truncated_and_nan_files_naming_them(tmp_
 
 
 # -- issue 29 --------------------------------------------------------------------------------------------------
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(30)
 @pytest.mark.parametrize("kind", ["fifo", "directory", "device"])
 def test_a_fifo_a_directory_or_a_device_is_refused_by_name_without_hanging(tmp_path, kind):
     """Failure 9: a FIFO at checkpoints/last.ckpt blocked torch.load forever, with an empty log."""
+    from lightning_d2ft.io import NotARegularFileError
+
     path = tmp_path / "last.ckpt"
     if kind == "fifo":
         os.mkfifo(path)
@@ -140,6 +139,8 @@ def test_a_fifo_a_directory_or_a_device_is_refused_by_name_without_hanging(tmp_p
 
 def test_leftover_temp_files_of_killed_writers_are_removed_and_nothing_else(tmp_path, caplog):
     """Weak item: every kill -9 during a write left its .<name>.<pid>.tmp behind, forever."""
+    from lightning_d2ft.io import remove_stale_temp_files
+
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     (tmp_path / "checkpoints").mkdir()
@@ -172,6 +173,8 @@ def test_on_a_read_only_mount_the_write_error_is_not_hidden_by_the_cleanup(tmp_p
 
 def test_newest_checkpoint_ranks_only_the_current_lineage(tmp_path, caplog):
     """Failure 2: the first run's last-step.ckpt (a higher step) won over the second run's last.ckpt."""
+    from lightning_d2ft.io import LINEAGE_KEY
+
     old = tmp_path / "last-step.ckpt"
     torch.save({"state_dict": {}, "global_step": 20, LINEAGE_KEY: "first"}, old)
     new = tmp_path / "last.ckpt"
