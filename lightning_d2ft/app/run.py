@@ -130,8 +130,9 @@ def _checkpoint_differences(cfg: DictConfig, ckpt: dict[str, Any]) -> list[str]:
         if key in hparams:
             asked = OmegaConf.select(cfg, setting)
             asked = OmegaConf.to_container(asked, resolve=True) if isinstance(asked, DictConfig) else asked
-            if hparams[key] != asked:
-                changed.append(f"{setting}: {hparams[key]!r} in the checkpoint, {asked!r} asked")
+            theirs = hparams[key] if key != "model_kwargs" else hparams[key] or {}  # None: no kwargs
+            if theirs != asked:
+                changed.append(f"{setting}: {theirs!r} in the checkpoint, {asked!r} asked")
     lora_b = next((v for k, v in ckpt["state_dict"].items() if k.endswith("blocks.0.attn.qkv.lora_B")), None)
     theirs = None if lora_b is None else int(lora_b.shape[1])
     ours = cfg.schedule.get("lora_rank")

@@ -258,7 +258,11 @@ def resume_in_epoch(trainer: Trainer) -> None:
         return
     load = getattr(loop, "_load_combined_loader_states", None)
     if load is not None:  # the loader was built (D2FTCallback's planning) before Lightning restored its loops
-        load()
+        try:
+            load()
+        except RuntimeError as err:  # a checkpoint with our loader's state resumed with a loader without it
+            rank_zero_warn(f"D2FT: the checkpoint's training-loader state cannot be restored ({err}); the epoch goes "
+                           "on as if the checkpoint had this run's data-parallel layout")
     progress = loop.epoch_loop.batch_progress.current
     point = plan_resume(sampler, progress.processed, sampler.epoch_batches or len(sampler), sampler.restored)
     sampler.restored = None

@@ -26,8 +26,6 @@ def _record(out: Path) -> dict:
 def test_resume_null_starts_a_clean_lineage_and_the_old_one_is_moved_aside(tmp_path, caplog):
     """Failure 2: the first run's last-step.ckpt (step 8) outranked the second run's last.ckpt (step 3), and with
     another budget the third run was refused quoting the first run's budget."""
-    from lightning_d2ft.io import LINEAGE_KEY
-
     out = tmp_path / "run"
     _run(tmp_path, out, "trainer.checkpoint_every_n_steps=2")  # 3 epochs: last-step.ckpt at 8, last.ckpt at 9
     first = _record(out)["lineage"]
@@ -39,7 +37,7 @@ def test_resume_null_starts_a_clean_lineage_and_the_old_one_is_moved_aside(tmp_p
     assert (moved[0] / "results.json").exists() and not (out / "checkpoints" / "last-step.ckpt").exists()
     second = _record(out)["lineage"]
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert second != first and ckpt[LINEAGE_KEY] == second and ckpt["global_step"] == 3
+    assert second != first and ckpt["d2ft_lineage"] == second and ckpt["global_step"] == 3
     result = _run(tmp_path, out, "schedule.budget=0.8", "trainer.max_epochs=2",
                   "trainer.checkpoint_every_n_steps=null")
     assert result["resumed_from"] == str(out / "checkpoints" / "last.ckpt") and result["global_step"] == 6
@@ -48,12 +46,20 @@ def test_resume_null_starts_a_clean_lineage_and_the_old_one_is_moved_aside(tmp_p
 
 def test_a_second_run_in_the_same_directory_is_refused_at_once(tmp_path):
     """Failure 3: both runs exited 0, results and checkpoints all the second's, the first's steps gone."""
-    from lightning_d2ft.app.run_dir import RunDirBusyError, RunDirLock
+    import fcntl
 
     out = tmp_path / "run"
-    with RunDirLock(out):  # the first run, still running
-        with pytest.raises(RunDirBusyError, match=rf"in use by another run: process {os.getpid()}"):
+    out.mkdir()
+    holder = os.open(out / ".lock", os.O_RDWR | os.O_CREAT)  # the first run, still running, holds the lock
+    os.write(holder, json.dumps({"pid": os.getpid(), "host": os.uname().nodename, "command": "python -m lightning_d2ft "
+                                 "schedule.budget=0.6", "started": "now"}).encode())
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(RuntimeError, match=rf"in use by another run: process {os.getpid()} .*\(python -m "
+                                               r"lightning_d2ft schedule.budget=0.6\)"):
             _run(tmp_path, out)
+    finally:
+        os.close(holder)
     assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
 
 
@@ -86,8 +92,8 @@ def test_a_crash_in_the_final_validation_is_redone_with_a_validation(tmp_path, m
         app.run(_cfg(tmp_path, *BOUNDARY), out)
     monkeypatch.undo()
     result = _run(tmp_path, out, *BOUNDARY)
-    assert result["global_step"] == 9 and result["val_acc"] == pytest.approx(straight["val_acc"], abs=1e-6)
-    assert result["compute_fraction"] == straight["compute_fraction"]
+    assert result["val_acc"] == pytest.approx(straight["val_acc"], abs=1e-6)
+    assert result["global_step"] == 9 and result["compute_fraction"] == straight["compute_fraction"]
 
 
 def test_a_refused_rerun_leaves_the_run_record_as_it_was(tmp_path):
@@ -134,12 +140,12 @@ def test_a_lora_checkpoint_resumed_without_lora_is_refused_naming_the_setting(tm
 @pytest.mark.timeout(30)
 def test_a_fifo_in_place_of_the_checkpoint_is_refused_by_name_without_hanging(tmp_path):
     """Failure 9: torch.load waited forever on checkpoints/last.ckpt, a FIFO, with an empty log."""
-    from lightning_d2ft.io import NotARegularFileError
+    from lightning_d2ft.io import StaleFileError
 
     out = tmp_path / "run"
     (out / "checkpoints").mkdir(parents=True)
     os.mkfifo(out / "checkpoints" / "last.ckpt")
-    with pytest.raises(NotARegularFileError, match=rf"checkpoint {out / 'checkpoints' / 'last.ckpt'} is a FIFO"):
+    with pytest.raises(StaleFileError, match=rf"checkpoint {out / 'checkpoints' / 'last.ckpt'} is a FIFO"):
         _run(tmp_path, out)
 
 

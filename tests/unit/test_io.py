@@ -119,8 +119,6 @@ def test_newest_usable_checkpoint_skips_truncated_and_nan_files_naming_them(tmp_
 @pytest.mark.parametrize("kind", ["fifo", "directory", "device"])
 def test_a_fifo_a_directory_or_a_device_is_refused_by_name_without_hanging(tmp_path, kind):
     """Failure 9: a FIFO at checkpoints/last.ckpt blocked torch.load forever, with an empty log."""
-    from lightning_d2ft.io import NotARegularFileError
-
     path = tmp_path / "last.ckpt"
     if kind == "fifo":
         os.mkfifo(path)
@@ -129,11 +127,11 @@ def test_a_fifo_a_directory_or_a_device_is_refused_by_name_without_hanging(tmp_p
     else:
         path = Path(os.devnull)
     what = {"fifo": "FIFO", "directory": "directory", "device": "character device"}[kind]
-    with pytest.raises(NotARegularFileError, match=rf"checkpoint {path} is a {what}.*not a regular file"):
+    with pytest.raises(StaleFileError, match=rf"checkpoint {path} is a {what}.*not a regular file"):
         checked_checkpoint(path)
-    with pytest.raises(NotARegularFileError, match=str(path)):
+    with pytest.raises(StaleFileError, match=str(path)):
         newest_checkpoint([_ckpt(tmp_path / "last-step.ckpt", 3), path])  # refused, not skipped
-    with pytest.raises(NotARegularFileError, match=rf"schedule file {path} is a {what}"):
+    with pytest.raises(StaleFileError, match=rf"schedule file {path} is a {what}"):
         read_checked(path, 2, "schedule file")
 
 
