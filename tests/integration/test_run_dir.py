@@ -28,20 +28,20 @@ def test_resume_null_starts_a_clean_lineage_and_the_old_one_is_moved_aside(tmp_p
     another budget the third run was refused quoting the first run's budget."""
     out = tmp_path / "run"
     _run(tmp_path, out, "trainer.checkpoint_every_n_steps=2")  # 3 epochs: last-step.ckpt at 8, last.ckpt at 9
-    first = _record(out)["lineage"]
+    first = _record(out).get("lineage")
     with caplog.at_level(logging.WARNING):
         _run(tmp_path, out, "resume=null", "schedule.budget=0.8", *ONE_EPOCH)
+    second = _record(out).get("lineage")
+    result = _run(tmp_path, out, "schedule.budget=0.8", "trainer.max_epochs=2",
+                  "trainer.checkpoint_every_n_steps=null")
+    assert result["resumed_from"] == str(out / "checkpoints" / "last.ckpt") and result["global_step"] == 6
+    assert result["budget"] == 0.8 and second is not None and _record(out)["lineage"] == second != first
     moved = list((out / "superseded").iterdir())
     assert len(moved) == 1 and "moved the previous run's files" in caplog.text and str(moved[0]) in caplog.text
     assert sorted(p.name for p in (moved[0] / "checkpoints").iterdir()) == ["last-step.ckpt", "last.ckpt"]
     assert (moved[0] / "results.json").exists() and not (out / "checkpoints" / "last-step.ckpt").exists()
-    second = _record(out)["lineage"]
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert second != first and ckpt["d2ft_lineage"] == second and ckpt["global_step"] == 3
-    result = _run(tmp_path, out, "schedule.budget=0.8", "trainer.max_epochs=2",
-                  "trainer.checkpoint_every_n_steps=null")
-    assert result["resumed_from"] == str(out / "checkpoints" / "last.ckpt") and result["global_step"] == 6
-    assert result["budget"] == 0.8 and _record(out)["lineage"] == second
+    assert ckpt["d2ft_lineage"] == second and ckpt["global_step"] == 6
 
 
 def test_a_second_run_in_the_same_directory_is_refused_at_once(tmp_path):
