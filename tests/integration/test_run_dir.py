@@ -24,10 +24,10 @@ def _record(out: Path) -> dict:
 
 
 def test_resume_null_starts_a_clean_lineage_and_the_old_one_is_moved_aside(tmp_path, caplog):
-    """Failure 2: the first run's last-step.ckpt (step 8) outranked the second run's last.ckpt (step 3), and with
+    """Failure 2: the first run's last-step.ckpt (step 6) outranked the second run's last.ckpt (step 3), and with
     another budget the third run was refused quoting the first run's budget."""
     out = tmp_path / "run"
-    _run(tmp_path, out, "trainer.checkpoint_every_n_steps=2")  # 3 epochs: last-step.ckpt at 8, last.ckpt at 9
+    _run(tmp_path, out, "trainer.checkpoint_every_n_steps=2", "trainer.max_epochs=2")  # both checkpoints at step 6
     first = _record(out).get("lineage")
     with caplog.at_level(logging.WARNING):
         _run(tmp_path, out, "resume=null", "schedule.budget=0.8", *ONE_EPOCH)
