@@ -197,7 +197,8 @@ class D2FTCallback(Callback):
         ids = micro_batches_to_train(trainer, sampler)[:: self.settings.score_every]
         metrics = (self.settings.backward_score, self.settings.forward_score)
         key = cache_key(self._weights or "", data, *metrics, ids, total, self.seed) if self._weights else None
-        cached = trainer.strategy.broadcast(load_cached(cache, key) if key and trainer.is_global_zero else None, src=0)
+        cached = trainer.strategy.broadcast(load_cached(cache, key, shape=(total, net.num_subnets))
+                                            if key and trainer.is_global_zero else None, src=0)
         if cached is not None:
             self.scoring_seconds, self.scored_micro_batches = 0.0, 0
             rank_zero_info(f"D2FT scores ({metrics[0]} / {metrics[1]}) loaded from the cache")

@@ -1,14 +1,21 @@
-"""The app's checkpoints: always the same two files, rewritten in place."""
+"""The app's checkpoints: always the same two files, rewritten in place, each stamped with the run's lineage
+and the figures it had reached; and the run record, written once the checkpoint being resumed is restored."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-__all__ = ["RunCheckpoint"]
+from lightning_d2ft.io import LINEAGE_KEY, atomic_write
+
+__all__ = ["METRICS_KEY", "RunCheckpoint", "RunRecord"]
+#: a checkpoint's key for the run's figures when it was written: {"metrics": {...}, "validated_at": step}
+METRICS_KEY = "d2ft_metrics"
 
 
 class RunCheckpoint(ModelCheckpoint):
@@ -37,3 +44,29 @@ class RunCheckpoint(ModelCheckpoint):
         self._written_at = trainer.global_step
         self.last_model_path = str(self.path)
         self._save_checkpoint(trainer, str(self.path))
+
+
+class RunRecord(Callback):
+    """Writes the run record (``identity`` plus ``lineage``, as JSON at ``path``) when training starts, that is
+    after Lightning restored the checkpoint being resumed: a rerun that fails to restore leaves the record of
+    the run it failed to continue untouched. Stamps every checkpoint with the lineage and with the figures
+    reached so far (``METRICS_KEY``: what results.json reports, and the step of the last validation), so that a
+    results write a kill interrupted can be redone from the final checkpoint."""
+
+    def __init__(self, path: str | os.PathLike, identity: dict[str, Any], lineage: str) -> None:
+        self.path, self.identity, self.lineage = Path(path), identity, lineage
+        self._validated_at: int | None = None
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        if trainer.is_global_zero:
+            record = {**self.identity, "lineage": self.lineage}
+            atomic_write(self.path, json.dumps(record, indent=2, sort_keys=True).encode())
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        if not trainer.sanity_checking:
+            self._validated_at = trainer.global_step
+
+    def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        checkpoint[LINEAGE_KEY] = self.lineage
+        checkpoint[METRICS_KEY] = {"metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
+                                   "validated_at": self._validated_at}

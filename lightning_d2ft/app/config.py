@@ -71,6 +71,8 @@ class TrainerConfig:
     limit_train_batches: float | None = None
     log_every_n_steps: int = 10
     checkpoint_every_n_steps: int | None = None
+    # seconds any collective waits for a peer before it fails, naming the op and the rank (null: 30 minutes)
+    timeout: float | None = None
     # the progress bar reads the logged loss back at every refresh: on a GPU each read waits for the queue
     progress_refresh_rate: int = 1
     extra: dict[str, Any] = field(default_factory=dict)  # any other lightning.Trainer argument
@@ -146,6 +148,8 @@ def check_config(cfg: DictConfig) -> ScheduleSettings:
             raise ValueError(f"{err} (trainer.tensor_parallel_size={tp!r} on {world} devices)") from None
     if m.lr <= 0:
         raise ValueError(f"model.lr must be > 0, got {m.lr}")
+    if t.timeout is not None and not t.timeout > 0:
+        raise ValueError(f"trainer.timeout must be null or a number of seconds > 0, got {t.timeout}")
     check_trainer_extra(dict(t.extra))
     return settings
 
@@ -189,10 +193,30 @@ def _check_known_keys(cfg: DictConfig) -> None:
             raise ValueError(f"unknown key {', '.join(names)}; {section or 'the config'} has {sorted(allowed)}{extra}")
 
 
+# Trainer arguments the app sets itself: through trainer.extra they would replace the app's D2FT callback,
+# checkpoints, strategy or outputs (a fit without D2FT, results pointing at stale files); each names its owner
+_OWNED_BY_THE_APP = {
+    "callbacks": "the app's own callbacks (D2FT from schedule.*, checkpoints from trainer.checkpoint_every_n_steps, "
+                 "the progress bar from trainer.progress_refresh_rate)",
+    "strategy": "trainer.tensor_parallel_size, trainer.data_parallel, trainer.start_method, trainer.speeds and "
+                "trainer.timeout (the app's D2FTStrategy)",
+    "plugins": "trainer.precision (and D2FTStrategy's atomic checkpoint writer)",
+    "logger": "the app's CSV logger in the run directory (hydra.run.dir=...)",
+    "default_root_dir": "hydra.run.dir",
+    "enable_checkpointing": "trainer.checkpoint_every_n_steps (last.ckpt at every epoch end is what a rerun resumes)",
+    **{name: f"trainer.{name}" for name in ("accelerator", "devices", "max_epochs", "precision",
+                                            "accumulate_grad_batches", "limit_train_batches", "log_every_n_steps")},
+}
+
+
 def check_trainer_extra(extra: dict[str, Any]) -> None:
-    """``trainer.extra`` keys must be lightning.Trainer arguments (e.g. ``+trainer.extra.gradient_clip_val=1``)."""
+    """``trainer.extra`` keys must be lightning.Trainer arguments (e.g. ``+trainer.extra.gradient_clip_val=1``)
+    that the app does not set itself (those are refused naming the app setting that owns each)."""
     from lightning.pytorch import Trainer
 
+    owned = [f"trainer.extra.{k} (set by {_OWNED_BY_THE_APP[k]})" for k in sorted(extra) if k in _OWNED_BY_THE_APP]
+    if owned:
+        raise ValueError(f"trainer.extra cannot set what the app sets itself: {'; '.join(owned)}")
     known = set(inspect.signature(Trainer.__init__).parameters) - {"self"}
     unknown = sorted(set(extra) - known)
     if unknown:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 
 from lightning_d2ft.app.module import build_vit
 from lightning_d2ft.data.digits import DigitsDataModule
-from lightning_d2ft.io import atomic_write
+from lightning_d2ft.io import atomic_write, check_regular_file
 
 __all__ = ["held_out_top1", "pretrained_checkpoint", "save_state_dict", "train_classifier"]
 log = logging.getLogger(__name__)
@@ -32,7 +33,8 @@ def pretrained_checkpoint(cache_dir: str | Path, model: str, model_kwargs: dict,
                 "batch_size": batch_size, "seed": seed, "version": 1}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"pretrained-{key}.pt"
-    if path.exists():
+    if os.path.lexists(path):
+        check_regular_file(path, "pretrained cache")  # a FIFO would block the load forever
         return path
     log.warning("pretraining %s on digits %s for %d epochs (cached afterwards at %s)", model, list(classes), epochs,
                 path)

@@ -3,9 +3,12 @@ fine-tune, and print (and write as JSON) what the schedule saved and the accurac
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
@@ -15,16 +18,30 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_d2ft.app.checkpoints import RunCheckpoint
+from lightning_d2ft.app.checkpoints import METRICS_KEY, RunCheckpoint, RunRecord
 from lightning_d2ft.app.config import check_config, check_trainer_extra
 from lightning_d2ft.app.module import ShardedModelSummary, ViTClassifier, build_vit
+from lightning_d2ft.app.preflight import DataCheck, check_inputs, degenerate_settings
 from lightning_d2ft.app.pretrain import pretrained_checkpoint
+from lightning_d2ft.app.run_dir import (
+    RECORD,
+    RunDirLock,
+    checkpoint_paths,
+    launching_process,
+    lineage_of,
+    move_aside,
+    new_lineage,
+    probe_writable,
+    read_json,
+    run_files,
+)
 from lightning_d2ft.callback import D2FTCallback
 from lightning_d2ft.data.digits import DigitsDataModule
 from lightning_d2ft.data.fashion_mnist import FashionMNISTDataModule
-from lightning_d2ft.io import atomic_write, checked_checkpoint, newest_checkpoint
-from lightning_d2ft.model.vit import D2FTViT, find_d2ft
+from lightning_d2ft.io import atomic_write, checked_checkpoint, newest_checkpoint, remove_stale_temp_files
+from lightning_d2ft.model.vit import D2FTViT
 from lightning_d2ft.parallel.placement import speed_aware
+from lightning_d2ft.schedule.resume import schedule_from_state
 from lightning_d2ft.schedule.schedule import Schedule
 from lightning_d2ft.schedule.settings import ScheduleSettings
 from lightning_d2ft.strategy.strategy import D2FTStrategy
@@ -37,7 +54,13 @@ log = logging.getLogger(__name__)
 DATAMODULES: dict[str, Callable[..., LightningDataModule]] = {"digits": DigitsDataModule,
                                                                "fashion_mnist": FashionMNISTDataModule}
 # the settings a run directory's checkpoints and schedule belong to: a rerun there must not change them
-RUN_IDENTITY = ("schedule", "model.name", "model.subnets", "model.kwargs", "data", "seed")
+RUN_IDENTITY = ("schedule", "model.name", "model.subnets", "model.kwargs", "model.optimizer", "model.lr",
+                "model.weight_decay", "data", "seed")
+# the checkpoint's hyper-parameters (ViTClassifier's) and the settings they come from
+_CHECKPOINT_SETTINGS = {"model": "model.name", "model_kwargs": "model.kwargs", "optimizer": "model.optimizer",
+                        "lr": "model.lr", "weight_decay": "model.weight_decay", "subnets": "model.subnets"}
+_START_FRESH = ("Start fresh with another hydra.run.dir=..., or resume=null (which moves this directory's "
+                "checkpoints and results aside into superseded/<date>/)")
 
 
 def build_datamodule(cfg: DictConfig) -> LightningDataModule:
@@ -66,27 +89,65 @@ def check_model(name: str, kwargs: dict, subnets: int | None) -> None:
         if not isinstance(vit, VisionTransformer):
             raise ValueError(f"model.name={name!r} is a {type(vit).__name__}, not a timm VisionTransformer; "
                              "D2FT cuts attention heads into subnets (use e.g. 'vit_small_patch16_224')")
-        D2FTViT(vit, subnets=subnets)
+        return D2FTViT(vit, subnets=subnets)
 
 
-def check_run_dir(cfg: DictConfig, out: Path, resuming: bool) -> None:
-    """A rerun in a run directory that holds checkpoints resumes them, so it must ask for the same schedule
-    and model; otherwise results.json would report settings that never ran. Refuse, naming both values."""
-    record = out / "d2ft" / "run_settings.json"
+def run_identity(cfg: DictConfig) -> dict[str, Any]:
+    """The settings of ``RUN_IDENTITY`` (resolved; the schedule's cache directory is not part of it)."""
     identity = {key: OmegaConf.to_container(OmegaConf.select(cfg, key), resolve=True)
                 if isinstance(OmegaConf.select(cfg, key), DictConfig) else OmegaConf.select(cfg, key)
                 for key in RUN_IDENTITY}
     identity["schedule"] = {k: v for k, v in identity["schedule"].items() if k not in ("cache_dir", "subnets")}
-    if resuming and record.exists():
-        before = _flatten(json.loads(record.read_text()))
+    return identity
+
+
+def check_run_dir(cfg: DictConfig, out: Path, resume: Resume) -> None:
+    """A rerun that resumes a checkpoint must ask for the same schedule, model, optimizer and data; otherwise
+    results.json would report settings that never ran, or a restored optimizer would silently keep the old
+    learning rate. Refuse, naming both values: against the run record of this directory when continuing its
+    lineage, and against what the checkpoint itself says it was trained with (its hyper-parameters, LoRA)."""
+    if resume.path is None:
+        return
+    record = read_json(out / RECORD, "run record") if resume.continues_record else None
+    changed = []
+    if record is not None:  # keys an older record does not have are checked against the checkpoint below
+        before = _flatten(record)
         if "schedule.subnets" in before:  # a record written before the subnet count moved to the model
             before.setdefault("model.subnets", before.pop("schedule.subnets"))
-        changed = [f"{k}: {before.get(k)!r} in this run directory, {v!r} asked"
-                   for k, v in _flatten(identity).items() if before.get(k) != v]
-        if changed:
-            raise ValueError(f"{out} belongs to a run with other settings ({'; '.join(changed)}). Start fresh "
-                             "with another hydra.run.dir=..., or resume=null to overwrite this one")
-    atomic_write(record, json.dumps(identity, indent=2, sort_keys=True).encode())
+        changed = [f"{k}: {before[k]!r} in this run directory, {v!r} asked"
+                   for k, v in _flatten(run_identity(cfg)).items() if k in before and before[k] != v]
+    if changed:
+        raise ValueError(f"{out} belongs to a run with other settings ({'; '.join(changed)}). {_START_FRESH}")
+    changed = _checkpoint_differences(cfg, resume.checkpoint)
+    if changed:
+        raise ValueError(f"checkpoint {resume.path} was trained with other settings ({'; '.join(changed)}); resuming "
+                         f"it would restore them silently or fail. {_START_FRESH}")
+
+
+def _checkpoint_differences(cfg: DictConfig, ckpt: dict[str, Any]) -> list[str]:
+    """What the checkpoint's hyper-parameters and LoRA adapters say differs from ``cfg``, named by setting."""
+    hparams = ckpt.get("hyper_parameters") or {}
+    changed = []
+    for key, setting in _CHECKPOINT_SETTINGS.items():
+        if key in hparams:
+            asked = OmegaConf.select(cfg, setting)
+            asked = OmegaConf.to_container(asked, resolve=True) if isinstance(asked, DictConfig) else asked
+            theirs = hparams[key] if key != "model_kwargs" else hparams[key] or {}  # None: no kwargs
+            if theirs != asked:
+                changed.append(f"{setting}: {theirs!r} in the checkpoint, {asked!r} asked")
+    lora_b = next((v for k, v in ckpt["state_dict"].items() if k.endswith("blocks.0.attn.qkv.lora_B")), None)
+    theirs = None if lora_b is None else int(lora_b.shape[1])
+    ours = cfg.schedule.get("lora_rank")
+    if theirs != ours:
+        changed.append(f"schedule.lora_rank: {theirs!r} in the checkpoint (LoRA {'on' if theirs else 'off'}), "
+                       f"{ours!r} asked")
+    elif theirs is not None:
+        scale = next(float(v) for k, v in ckpt["state_dict"].items() if k.endswith("blocks.0.attn.qkv.lora_scale"))
+        alpha = cfg.schedule.get("lora_alpha")
+        alpha = float(ours if alpha is None else alpha)
+        if abs(scale * theirs - alpha) > 1e-6 * max(1.0, alpha):
+            changed.append(f"schedule.lora_alpha: {scale * theirs:g} in the checkpoint, {alpha:g} asked")
+    return changed
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -97,20 +158,76 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _resume_path(cfg: DictConfig, out: Path) -> str | None:
-    """``auto``/``last``: the newest usable checkpoint in this run directory (epoch-end or step), if any; a
-    truncated, NaN/inf or code-carrying one is skipped with a warning naming it. An explicit path must be
-    usable, or the run is refused naming it."""
-    if cfg.resume in (None, "", "none"):
-        return None
-    if cfg.resume in ("auto", "last"):
-        newest = newest_checkpoint([out / "checkpoints" / "last.ckpt", out / "checkpoints" / "last-step.ckpt"])
-        if newest is not None:
-            log.warning(f"resuming from {newest}")
-        return None if newest is None else str(newest)
-    checked_checkpoint(cfg.resume)  # refuses, naming the file
-    return str(cfg.resume)
+@dataclass
+class Resume:
+    """What a run continues: the checkpoint (``path`` and its contents; None for a fresh start), the lineage the
+    run belongs to, and whether it continues the lineage this directory's run record names."""
 
+    path: str | None
+    checkpoint: dict[str, Any]
+    lineage: str
+    continues_record: bool
+
+
+def _resume(cfg: DictConfig, out: Path) -> Resume:
+    """``auto``/``last``: the newest usable checkpoint of this directory's current lineage (the run record's),
+    if any; a truncated, NaN/inf or code-carrying one is skipped with a warning naming it, another lineage's
+    too. An explicit path must be usable, or the run is refused naming it. ``null``: a fresh lineage."""
+    if cfg.resume in (None, "", "none"):
+        return Resume(None, {}, new_lineage(), False)
+    if cfg.resume in ("auto", "last"):
+        record = read_json(out / RECORD, "run record") or {}
+        current = record.get("lineage") if isinstance(record.get("lineage"), str) else None
+        newest = newest_checkpoint(checkpoint_paths(out), lineage=current)
+        if newest is None:
+            return Resume(None, {}, new_lineage(), False)
+        log.warning(f"resuming from {newest}")
+        ckpt = checked_checkpoint(newest)
+        return Resume(str(newest), ckpt, lineage_of(ckpt) or current or new_lineage(), True)
+    ckpt = checked_checkpoint(cfg.resume)  # refuses, naming the file
+    return Resume(str(cfg.resume), ckpt, lineage_of(ckpt) or new_lineage(), False)
+
+
+def _resume_path(cfg: DictConfig, out: Path) -> str | None:
+    """The checkpoint :func:`_resume` picks (None: a fresh start)."""
+    return _resume(cfg, out).path
+
+
+def _set_lineage_aside(cfg: DictConfig, out: Path, resume: Resume) -> None:
+    """A fresh start moves the files of whatever run was here aside (``resume=null``, or nothing usable to
+    resume); a continued run moves aside only checkpoints of another lineage. Nothing is deleted."""
+    if resume.path is None:
+        files = run_files(out)
+        if any(f.suffix == ".ckpt" or f.name == "results.json" for f in files):
+            why = "resume=null" if cfg.resume in (None, "", "none") else "nothing in this run directory can be resumed"
+            move_aside(out, files, f"{why}, so this run starts a new lineage ({resume.lineage})")
+        return
+    others = []
+    for path in checkpoint_paths(out):
+        if path.is_file() and str(path) != resume.path:
+            with contextlib.suppress(Exception):  # an unreadable one is left where it is (and never ranked)
+                theirs = lineage_of(checked_checkpoint(path))
+                if theirs is not None and theirs != resume.lineage:
+                    others.append(path)
+    move_aside(out, others, f"checkpoints of another run than the one resumed (lineage {resume.lineage})")
+
+
+def _finished(cfg: DictConfig, ckpt: dict[str, Any]) -> bool:
+    """Whether fitting on from ``ckpt`` would train nothing: its epochs (one closed by a checkpoint written on
+    the epoch's last batch included) reach ``trainer.max_epochs``, or its steps ``trainer.extra.max_steps``."""
+    max_steps = cfg.trainer.extra.get("max_steps", -1)
+    if max_steps not in (None, -1) and int(ckpt["global_step"]) >= max_steps:
+        return True
+    try:
+        fit = ckpt["loops"]["fit_loop"]
+        epochs, batches = fit["epoch_progress"]["current"], fit["epoch_loop.batch_progress"]["current"]
+        done = epochs["processed"]
+        loader = (fit.get("state_dict") or {}).get("combined_loader") or []
+        if epochs["started"] > done and loader and batches["processed"] >= min(map(len, loader[0]["epoch_ids"])):
+            done += 1  # written on the last batch of an epoch it did not close yet
+    except (KeyError, TypeError, ValueError):
+        return False
+    return done >= cfg.trainer.max_epochs
 
 def _checkpoints(out: Path, every_n_steps: int | None) -> list[RunCheckpoint]:
     """last.ckpt at every epoch end, and last-step.ckpt every ``every_n_steps`` (a crash loses at most that)."""
@@ -146,9 +263,10 @@ def _trainer(cfg: DictConfig, out: Path, callbacks: list) -> Trainer:
     # one device runs in this process (popen launches nobody for rank 0): no spawned copy of the run
     extra = OmegaConf.to_container(t.extra, resolve=True) if "extra" in t else {}
     start_method = "popen" if t.devices == 1 and extra.get("num_nodes", 1) == 1 else t.start_method
+    timeout = {"timeout": timedelta(seconds=t.timeout)} if t.get("timeout") is not None else {}
     strategy = D2FTStrategy(tensor_parallel_size=t.tensor_parallel_size, start_method=start_method,
                             data_parallel=t.get("data_parallel", "sync"),
-                            placement=speed_aware(list(speeds)) if speeds else None)
+                            placement=speed_aware(list(speeds)) if speeds else None, **timeout)
     kwargs = dict(accelerator=t.accelerator, devices=t.devices, strategy=strategy, max_epochs=t.max_epochs,
                   precision=t.precision, accumulate_grad_batches=t.accumulate_grad_batches,
                   limit_train_batches=t.limit_train_batches, log_every_n_steps=t.log_every_n_steps,
@@ -163,48 +281,127 @@ def _trainer(cfg: DictConfig, out: Path, callbacks: list) -> Trainer:
 
 def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     """One fine-tune; returns the summary it also writes to ``out/results.json``. With ``skip_existing``
-    a run directory that already holds a results.json is not run again (resumable sweeps)."""
-    if cfg.get("skip_existing") and (out / "results.json").exists():
-        return json.loads((out / "results.json").read_text())
+    a run directory that already holds a results.json is not run again (resumable sweeps).
+
+    The launching process holds the run directory's lock for the whole run (a second run there is refused);
+    a finished run run again leaves its results.json as it is (or redoes a write that was interrupted)."""
     # every check before any heavy work (data, pretraining, scoring, fit)
     settings = check_config(cfg)  # the schedule's settings, validated by ScheduleSettings
+    check_inputs(cfg)
+    if cfg.get("skip_existing"):
+        existing = read_json(out / "results.json", "results")
+        if existing is not None:
+            return existing
     callback = _callback(cfg, settings)
     kwargs = OmegaConf.to_container(cfg.model.kwargs, resolve=True)
-    check_model(cfg.model.name, kwargs, cfg.model.subnets)
+    net = check_model(cfg.model.name, kwargs, cfg.model.subnets)
+    cfg.model.subnets = net.num_subnets  # resolved (null: one head per subnet), as records and results hold it
+    degenerate_settings(cfg, net)
+    launching = launching_process()  # not a worker started by a launcher: it owns the run directory
+    with RunDirLock(out) if launching else contextlib.nullcontext():
+        return _run(cfg, out, callback, kwargs, launching)
+
+
+def _run(cfg: DictConfig, out: Path, callback: D2FTCallback, kwargs: dict, launching: bool) -> dict[str, Any]:
+    if launching:
+        remove_stale_temp_files(out)  # of writes a kill -9 interrupted
+    probe_writable(out)  # before scoring and training, not at the first save
     dm = build_datamodule(cfg)
-    ckpt_path = _resume_path(cfg, out)
-    check_run_dir(cfg, out, resuming=ckpt_path is not None and cfg.resume in ("auto", "last"))
+    resume = _resume(cfg, out)
+    check_run_dir(cfg, out, resume)
+    if launching:
+        _set_lineage_aside(cfg, out, resume)
+    if resume.path is not None and _finished(cfg, resume.checkpoint):
+        return _already_finished(cfg, out, dm, kwargs, resume)
     checkpoints = _checkpoints(out, cfg.trainer.get("checkpoint_every_n_steps"))
+    record = RunRecord(out / RECORD, run_identity(cfg), resume.lineage)  # written once the restore succeeded
     # the Trainer refuses its own bad settings (a tensor-parallel size that does not divide the devices, say)
     # when it is built: before pretraining, which takes minutes
-    trainer = _trainer(cfg, out, [callback, *checkpoints])
+    trainer = _trainer(cfg, out, [callback, record, DataCheck(), *checkpoints])
     seed_everything(cfg.seed, workers=True)
     module = _module(cfg, dm, kwargs)
     start = time.perf_counter()
-    trainer.fit(module, dm, ckpt_path=ckpt_path, weights_only=True)  # a checkpoint cannot run code
+    trainer.fit(module, dm, ckpt_path=resume.path, weights_only=True)  # a checkpoint cannot run code
     seconds = time.perf_counter() - start
-    result = _result(cfg, trainer, callback, out, seconds, ckpt_path)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    newest = newest_checkpoint(checkpoint_paths(out), lineage=resume.lineage)
+    step = int(checked_checkpoint(newest)["global_step"]) if newest is not None else None
+    if resume.path is not None and (step is None or step <= int(resume.checkpoint["global_step"])):
+        existing = _valid_results(out, int(resume.checkpoint["global_step"]))
+        if existing is not None:  # nothing was trained: the finished run's results stay as they are
+            return _keep(out, existing)
+        metrics = {**(resume.checkpoint.get(METRICS_KEY) or {}).get("metrics", {}), **metrics}
+    schedule = callback.schedule or Schedule.load(out / "d2ft" / "schedule.pt")
+    tp = getattr(trainer.strategy, "tensor_parallel_size", None)
+    result = _result(cfg, metrics, schedule, newest, tp, out, seconds, resume.path, step)
     if trainer.is_global_zero:
         atomic_write(out / "results.json", json.dumps(result, indent=2).encode())
     return result
 
 
-def _result(cfg: DictConfig, trainer: Trainer, callback: D2FTCallback, out: Path, seconds: float,
-            resumed_from: str | None) -> dict[str, Any]:
+def _valid_results(out: Path, step: int) -> dict[str, Any] | None:
+    """results.json when it holds a validation accuracy for checkpoint step ``step`` (an older results.json
+    without the step counts); else None."""
+    existing = read_json(out / "results.json", "results")
+    if existing is None or existing.get("val_acc") is None or existing.get("global_step", step) != step:
+        return None
+    return existing
+
+
+def _keep(out: Path, existing: dict[str, Any]) -> dict[str, Any]:
+    log.warning(f"already finished: {out / 'results.json'} holds val_acc {existing['val_acc']:.4f} (compute "
+                f"{existing.get('compute_fraction', float('nan')):.3f} of all-FULL); nothing was left to train, so it "
+                "is left as it is. Ask for more (trainer.max_epochs=...) or start over (resume=null)")
+    return existing
+
+
+def _already_finished(cfg: DictConfig, out: Path, dm: LightningDataModule, kwargs: dict,
+                      resume: Resume) -> dict[str, Any]:
+    """The checkpoint to resume has nothing left to train: keep its results.json, or, when the write of that
+    was interrupted (or the final validation), redo it from the checkpoint: the figures it recorded when it
+    was written, validating its weights again if the final validation did not run before it."""
+    step = int(resume.checkpoint["global_step"])
+    existing = _valid_results(out, step)
+    if existing is not None:
+        return _keep(out, existing)
+    saved = resume.checkpoint.get(METRICS_KEY) or {}
+    metrics, zero = dict(saved.get("metrics") or {}), True
+    if saved.get("validated_at") != step:  # stopped before (or in) the final validation: validate now
+        trainer = _trainer(cfg, out, [DataCheck()])
+        module = _module(cfg, dm, kwargs)
+        validated = trainer.validate(module, dm, ckpt_path=resume.path, weights_only=True, verbose=False)
+        metrics.update({k: float(v) for k, v in (validated[0] if validated else {}).items()})
+        zero = trainer.is_global_zero
+    schedule = _schedule_of(resume.checkpoint) or Schedule.load(out / "d2ft" / "schedule.pt")
+    result = _result(cfg, metrics, schedule, Path(resume.path), schedule.num_devices, out, None, resume.path, step)
+    if zero:
+        log.warning(f"{out / 'results.json'} was missing or incomplete (stopped between the end of training and its "
+                    f"write): redone from the final checkpoint {resume.path}")
+        atomic_write(out / "results.json", json.dumps(result, indent=2).encode())
+    return result
+
+
+def _schedule_of(ckpt: dict[str, Any]) -> Schedule | None:
+    """The schedule in a checkpoint's D2FTCallback state (checked as on resume), if any."""
+    for state in (ckpt.get("callbacks") or {}).values():
+        if isinstance(state, dict) and "ops" in state:
+            return schedule_from_state(state)[0]
+    return None
+
+
+def _result(cfg: DictConfig, metrics: dict[str, float], schedule: Schedule, newest: Path | None, tp: int | None,
+            out: Path, seconds: float | None, resumed_from: str | None, step: int | None) -> dict[str, Any]:
     s = cfg.schedule
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    schedule = callback.schedule or Schedule.load(out / "d2ft" / "schedule.pt")
-    newest = newest_checkpoint([out / "checkpoints" / "last.ckpt", out / "checkpoints" / "last-step.ckpt"])
     return {
         "val_acc": metrics.get("val/acc"),
         **schedule.metrics(),  # compute, comm and wire fractions, per-step and per-epoch balance, solve + check time
         "bytes_sent_all_ranks_last_epoch": metrics.get("d2ft/bytes_sent"),
         "scoring_seconds": schedule.info.get("scoring_seconds"),
-        "fit_seconds": seconds,
-        "budget": s.budget, "subnets": find_d2ft(trainer.lightning_module).num_subnets, "method": s.method,
-        "devices": cfg.trainer.devices,
-        "tensor_parallel_size": getattr(trainer.strategy, "tensor_parallel_size", None),
+        "fit_seconds": seconds,  # None: results redone from the final checkpoint, the fit's time is not known
+        "budget": s.budget, "subnets": cfg.model.subnets, "method": s.method, "devices": cfg.trainer.devices,
+        "tensor_parallel_size": tp,
         "last_checkpoint": str(newest) if newest is not None else None,
+        "global_step": step,
         "output_dir": str(out),
         "resumed_from": resumed_from,  # the schedule (and its scoring time) came with this checkpoint
     }
@@ -226,6 +423,8 @@ def print_summary(result: dict[str, Any]) -> None:
     scored = f"scoring pass {scoring:.1f} s" if scoring else "no scoring pass (scores from the cache)"
     if result.get("resumed_from"):  # the schedule came with the checkpoint: its scoring ran before the stop
         scored = f"scoring pass {scoring or 0.0:.1f} s before the resume"
-    print(f"{scored}, fit {result['fit_seconds']:.1f} s")
+    fit = result.get("fit_seconds")
+    fit = f"{fit:.1f} s" if fit is not None else "time not known (results redone from the checkpoint)"
+    print(f"{scored}, fit {fit}")
     if result.get("output_dir"):
         print(f"outputs: {result['output_dir']} (results.json, checkpoints/, d2ft/, logs/)")

@@ -4,20 +4,24 @@ and D2FTCallback's checkpoint state (the schedule file's keys plus the scoring t
 A schedule records in ``info["settings"]`` the data fingerprint and settings it was solved for; a run
 with other data, settings, subnets or micro-batches refuses it, naming each difference. One solved for
 another world size or placement is refused from ``schedule_path`` and re-solved on resume (with a warning).
+The schedule inside a checkpoint carries a SHA-256 of its contents, as the schedule file does: one edited in
+the checkpoint (say to all FULL, under "budget 0.6") is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lightning_d2ft.io import StaleFileError
 from lightning_d2ft.parallel.placement import Placement
 from lightning_d2ft.schedule.schedule import Schedule
 from lightning_d2ft.schedule.settings import ScheduleSettings
 
-__all__ = ["check_matches", "resumable", "run_settings", "schedule_from_state", "schedule_state"]
+__all__ = ["check_matches", "resumable", "run_settings", "schedule_from_state", "schedule_state", "state_digest"]
 
 
 def run_settings(settings: ScheduleSettings, data: str) -> dict[str, Any]:
@@ -64,14 +68,52 @@ def resumable(restored: Schedule, num_micro_batches: int, num_subnets: int, plac
 
 
 def schedule_state(schedule: Schedule | None, scoring_seconds: float) -> dict[str, Any]:
-    """D2FTCallback's checkpoint state: the schedule file's keys and the scoring time ({} before planning)."""
-    return {} if schedule is None else {**schedule.state(), "scoring_seconds": scoring_seconds}
+    """D2FTCallback's checkpoint state: the schedule file's keys, the scoring time and a SHA-256 of all of them
+    ({} before planning)."""
+    if schedule is None:
+        return {}
+    state = {**schedule.state(), "scoring_seconds": scoring_seconds}
+    return {**state, "sha256": state_digest(state)}
 
 
 def schedule_from_state(state: dict[str, Any]) -> tuple[Schedule | None, float]:
-    """(schedule, scoring seconds) back from :func:`schedule_state`."""
+    """(schedule, scoring seconds) back from :func:`schedule_state`; refused (:class:`StaleFileError`) when the
+    checksum does not match or the table is not a schedule. A state without a checksum (written before there
+    was one) is taken as it is."""
     if not state:
         return None, 0.0
     st = dict(state)
+    digest = st.pop("sha256", None)
+    if digest is not None and digest != state_digest(st):
+        raise StaleFileError("the schedule stored in the checkpoint being resumed was edited or is corrupt (checksum "
+                             "mismatch): resume from another checkpoint, or start fresh (resume=null)")
     seconds = st.pop("scoring_seconds", 0.0)
-    return Schedule.from_state(st), seconds
+    try:
+        return Schedule.from_state(st), seconds
+    except StaleFileError as err:
+        raise StaleFileError(f"the schedule stored in the checkpoint being resumed: {err}") from None
+
+
+def state_digest(state: dict[str, Any]) -> str:
+    """SHA-256 of a schedule state: tensors by dtype, shape and bytes, containers recursively, the rest by repr."""
+    h = hashlib.sha256()
+    _feed(h, {k: v for k, v in state.items() if k != "sha256"})
+    return h.hexdigest()
+
+
+def _feed(h: Any, value: Any) -> None:
+    if torch.is_tensor(value):
+        t = value.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif isinstance(value, dict):
+        h.update(f"D{len(value)}".encode())
+        for key in sorted(value, key=repr):
+            h.update(repr(key).encode())
+            _feed(h, value[key])
+    elif isinstance(value, (list, tuple)):  # a tuple may come back from a checkpoint as a list
+        h.update(f"L{len(value)}".encode())
+        for item in value:
+            _feed(h, item)
+    else:
+        h.update(f"V{value!r}".encode())

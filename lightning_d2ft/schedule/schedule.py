@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_d2ft.io import read_checked, write_checked
+from lightning_d2ft.io import StaleFileError, read_checked, write_checked
 from lightning_d2ft.ops import CostModel, Op
 from lightning_d2ft.schedule.problem import ColumnPlacement, ScheduleProblem, check_scores
 from lightning_d2ft.schedule.settings import ScheduleSettings
@@ -185,6 +185,9 @@ class Schedule:
 
     @classmethod
     def from_state(cls, state: dict) -> Schedule:
+        """The schedule of :meth:`state`; a table that is not a schedule (ops outside {0, 1, 2}, columns and
+        placement of different lengths, devices without a speed) is refused: :class:`StaleFileError`."""
+        _check_state(state)
         return cls(ops=state["ops"].long(), placement=state["placement"], speeds=state["speeds"],
                    cost=CostModel(**state["cost"]), column_blocks=state["column_blocks"], method=state["method"],
                    info=state["info"])
@@ -196,7 +199,11 @@ class Schedule:
     @classmethod
     def load(cls, path: str | os.PathLike) -> Schedule:
         """Read a schedule; raises :class:`StaleFileError` for a corrupt, edited or outdated file."""
-        return cls.from_state(read_checked(path, _FORMAT_VERSION, "schedule file"))
+        state = read_checked(path, _FORMAT_VERSION, "schedule file")
+        try:
+            return cls.from_state(state)
+        except StaleFileError as err:
+            raise StaleFileError(f"schedule file {path}: {err}") from None
 
     def plot(self, path: str | os.PathLike) -> Path:
         """Ops heatmap, per-step loads per device, and per-device epoch times, as a PNG."""
@@ -252,3 +259,23 @@ class Schedule:
         ops, info = problem.solve(backward_scores, forward_scores, seed, ortools_time_limit)
         return cls(ops=ops, placement=problem.place, speeds=problem.speeds, cost=problem.cost,
                    column_blocks=problem.column_blocks, method=problem.settings.method, info=info)
+
+
+# -- input checks ----------------------------------------------------------------------------------
+def _check_state(state: dict) -> None:
+    """A loaded schedule must be one: ops a 2-D table of Op values, one placement entry per column (a device
+    in [0, D) or -1), D positive finite speeds."""
+    ops, place, speeds = state.get("ops"), state.get("placement"), state.get("speeds")
+    if not all(torch.is_tensor(t) for t in (ops, place, speeds)) or ops.dim() != 2 or ops.dtype.is_floating_point:
+        raise StaleFileError("it holds no ops table of integers [micro_batches, subnets] with placement and speeds")
+    bad = ~torch.isin(ops.long(), torch.tensor([int(op) for op in Op]))
+    if bad.any():
+        where = bad.nonzero()[0].tolist()
+        raise StaleFileError(f"its ops hold {int(bad.sum())} value(s) outside {{0, 1, 2}} (SHORTCUT, FORWARD_ONLY, "
+                             f"FULL), e.g. {int(ops[where[0], where[1]])} at micro-batch {where[0]}, subnet {where[1]}")
+    devices = speeds.numel()
+    if place.numel() != ops.shape[1] or devices < 1 or (place >= devices).any() or (place < -1).any():
+        raise StaleFileError(f"its placement ({place.numel()} entries, devices {sorted(set(place.tolist()))}) does "
+                             f"not fit its {ops.shape[1]} subnet columns on {devices} device(s)")
+    if not (torch.isfinite(speeds).all() and (speeds > 0).all()):
+        raise StaleFileError(f"its device speeds {speeds.tolist()} are not positive finite numbers")

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -148,9 +149,11 @@ def cache_path(cache_dir: str | Path, key: str) -> Path:
     return Path(cache_dir) / f"scores-{key[:20]}.pt"
 
 
-def load_cached(cache_dir: str | Path | None, key: str) -> Scores | None:
-    """The cached scores for ``key``, or None (absent, or corrupt / stale: warned and ignored)."""
-    if cache_dir is None or not cache_path(cache_dir, key).exists():
+def load_cached(cache_dir: str | Path | None, key: str, shape: tuple[int, int] | None = None) -> Scores | None:
+    """The cached scores for ``key``, or None (absent, or corrupt / stale: warned, naming the file, and ignored).
+    The tables must be finite, non-negative and, with ``shape``, ``(micro-batches, subnets)`` of this run: a file
+    whose checksum was recomputed after an edit is caught by what it holds."""
+    if cache_dir is None or not os.path.lexists(cache_path(cache_dir, key)):
         return None
     path = cache_path(cache_dir, key)
     try:
@@ -158,8 +161,13 @@ def load_cached(cache_dir: str | Path | None, key: str) -> Scores | None:
         if payload["key"] != key:
             raise StaleFileError(f"score cache {path} was made for other weights, data or metrics")
         back, fwd = payload["backward"], payload["forward"]
-        if back.shape != fwd.shape or not (torch.isfinite(back).all() and torch.isfinite(fwd).all()):
-            raise StaleFileError(f"score cache {path} holds malformed or non-finite scores")
+        if not (torch.is_tensor(back) and torch.is_tensor(fwd)) or back.dim() != 2 or back.shape != fwd.shape:
+            raise StaleFileError(f"score cache {path} holds no pair of equal [micro-batches, subnets] tables")
+        if shape is not None and tuple(back.shape) != tuple(shape):
+            raise StaleFileError(f"score cache {path} holds {tuple(back.shape)} tables; this run has {shape[0]} "
+                                 f"micro-batches x {shape[1]} subnets")
+        if not (torch.isfinite(back).all() and torch.isfinite(fwd).all()) or (back < 0).any() or (fwd < 0).any():
+            raise StaleFileError(f"score cache {path} holds non-finite or negative scores")
     except (StaleFileError, KeyError, OSError) as err:
         warnings.warn(f"ignoring the score cache and recomputing: {err}", stacklevel=3)
         return None
@@ -258,7 +266,7 @@ def compute_scores(
     if cache_dir is not None:
         data = data_key if data_key is not None else _batches_fingerprint(batches, seed)
         key = cache_key(weights_digest(net), data, backward_metric, forward_metric, scored, total, seed, loss_fn)
-        cached = load_cached(cache_dir, key)
+        cached = load_cached(cache_dir, key, shape=(total, net.num_subnets))
         if cached is not None:
             return cached
     start = time.perf_counter()

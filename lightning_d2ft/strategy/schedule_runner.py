@@ -9,14 +9,13 @@ its training hooks; the runner reads the trainer and the module it is given, and
 
 from __future__ import annotations
 
-import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_d2ft.data.micro_batches import find_micro_batch_sampler
+from lightning_d2ft.data.micro_batches import find_micro_batch_sampler, resume_in_epoch
 from lightning_d2ft.model.vit import D2FTViT, find_d2ft
 
 if TYPE_CHECKING:
@@ -59,17 +58,9 @@ class ScheduleRunner:
         return int(ids[batch_idx]) if 0 <= batch_idx < len(ids) else -1
 
     def resume_mid_epoch(self, trainer: Trainer) -> None:
-        """A run restarted mid-epoch skips the micro-batches the epoch already trained, so the rest of the epoch
-        sees the micro-batches (and ops) it would have seen."""
-        loop = trainer.fit_loop
-        if not loop.restarted_mid_epoch:
-            return
-        sampler = find_micro_batch_sampler(trainer.train_dataloader)
-        # ``processed``, not ``completed``: a checkpoint saved in on_train_batch_end has the batch processed but
-        # not yet marked completed (Lightning marks it when its loop resets)
-        sampler.skip = loop.epoch_loop.batch_progress.current.processed
-        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
-        rank_zero_info(f"D2FT: resuming epoch {trainer.current_epoch} after micro-batch {sampler.skip}")
+        """A run restarted mid-epoch goes on where its checkpoint left the epoch, so the rest of the epoch sees the
+        micro-batches (and ops) it would have seen, on the same or another data-parallel layout."""
+        resume_in_epoch(trainer)
 
     def start_batch(self, module: LightningModule, batch_idx: int) -> None:
         """Point the model at this batch's row of ops (none without a schedule) and log its compute fraction."""

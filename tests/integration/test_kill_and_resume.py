@@ -139,7 +139,9 @@ def test_a_malicious_checkpoint_in_the_run_directory_runs_no_code(tmp_path):
 
 def test_two_processes_stopped_in_epoch_1_then_rerun_reach_the_uninterrupted_weights(tmp_path):
     """13.1 on 2 tensor-parallel processes (the command line, spawn): the first run stops at step 5
-    (``max_steps``, in epoch 1 of 3) leaving step 4's checkpoint as a kill would; the rerun continues."""
+    (``max_steps``, in epoch 1 of 3) leaving step 4's checkpoint as a kill would; the rerun stops at step 6, the
+    last of epoch 1, leaving that step's checkpoint and no last.ckpt, as a crash in validation would (issue 29,
+    failure 1); the last rerun goes on with all of epoch 2."""
     import os
     import subprocess
     import sys
@@ -160,6 +162,9 @@ def test_two_processes_stopped_in_epoch_1_then_rerun_reach_the_uninterrupted_wei
     # a stop at max_steps ends the epoch (Lightning writes the epoch-end last.ckpt at step 5 and counts
     # epoch 1 as done); a kill would not: remove it, so the newest checkpoint is step 4's, mid-epoch 1
     (tmp_path / "stopped" / "checkpoints" / "last.ckpt").unlink()
+    cli("stopped", "+trainer.extra.max_steps=6")
+    assert _weights(tmp_path / "stopped" / "checkpoints" / "last-step.ckpt")[1] == 6
+    (tmp_path / "stopped" / "checkpoints" / "last.ckpt").unlink()  # the crash before epoch 1's last.ckpt
     cli("stopped")
     expected, step = _weights(tmp_path / "straight" / "checkpoints" / "last.ckpt")
     got, got_step = _weights(tmp_path / "stopped" / "checkpoints" / "last.ckpt")
@@ -167,3 +172,104 @@ def test_two_processes_stopped_in_epoch_1_then_rerun_reach_the_uninterrupted_wei
     worst = max(expected, key=lambda k: float((got[k] - expected[k]).abs().max()))
     assert float((got[worst] - expected[worst]).abs().max()) <= 1e-5, (
         f"{worst}: max |diff| {float((got[worst] - expected[worst]).abs().max()):.3g}")
+
+
+# -- issue 29: a crash at an epoch boundary --------------------------------------------------------------------
+# 3 micro-batches an epoch and a step checkpoint every 3 steps: last-step.ckpt is written on the epoch's last
+# micro-batch, before validation and before the epoch-end last.ckpt
+BOUNDARY = ("trainer.checkpoint_every_n_steps=3",)
+
+
+class KillIn(Callback):
+    """Raises ``Killed`` in hook ``hook`` once the global step is ``step`` (placed before the checkpoints)."""
+
+    def __init__(self, hook: str, step: int) -> None:
+        self.hook, self.step = hook, step
+        setattr(self, hook, self._kill)
+
+    def _kill(self, trainer, *args) -> None:
+        if trainer.global_step == self.step and not trainer.sanity_checking:
+            raise Killed(f"killed in {self.hook} at step {self.step}")
+
+
+def _kill_inside_write(monkeypatch, name: str, nth: int) -> None:
+    """kill -9 inside the atomic write of ``name``: its ``nth`` rename never happens."""
+    import lightning_d2ft.io as io_module
+
+    real, seen = io_module.os.replace, []
+
+    def replace(src, dst):
+        if Path(dst).name == name:
+            seen.append(dst)
+            if len(seen) == nth:
+                raise Killed(f"killed while writing {name}")
+        return real(src, dst)
+
+    monkeypatch.setattr(io_module.os, "replace", replace)
+
+
+@pytest.fixture(scope="module")
+def straight_boundary(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("straight")
+    _run(tmp, tmp / "run", *BOUNDARY)
+    return _weights(tmp / "run" / "checkpoints" / "last.ckpt")
+
+
+@pytest.mark.parametrize("where", ["in validation", "between the step checkpoint and last.ckpt",
+                                   "inside the write of last.ckpt", "inside the write of last-step.ckpt"])
+def test_a_crash_at_an_epoch_boundary_then_rerun_reaches_the_uninterrupted_weights_and_step(
+        tmp_path, monkeypatch, straight_boundary, where):
+    """Issue 29, failure 1: the step checkpoint of epoch 1's last micro-batch (step 6) is written, then the run
+    dies before last.ckpt of epoch 1. The rerun must train all of epoch 2, not skip it."""
+    out = tmp_path / "run"
+    original = app._checkpoints
+    if where == "in validation":
+        monkeypatch.setattr(app, "_checkpoints", lambda *a: [KillIn("on_validation_start", 6), *original(*a)])
+    elif where.startswith("between"):
+        monkeypatch.setattr(app, "_checkpoints", lambda *a: [KillIn("on_train_epoch_end", 6), *original(*a)])
+    else:
+        _kill_inside_write(monkeypatch, where.split()[-1], nth=2)  # the 2nd write is epoch 1's (step 6)
+    with pytest.raises(Killed):
+        app.run(_cfg(tmp_path, *BOUNDARY), out)
+    monkeypatch.undo()
+    result = _run(tmp_path, out, *BOUNDARY)
+    expected, step = straight_boundary
+    got, got_step = _weights(Path(result["last_checkpoint"]))
+    assert got_step == step == 9
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_a_mid_epoch_resume_on_another_layout_trains_the_rest_of_the_epoch(tmp_path, monkeypatch, capfd):
+    """Issue 29, failure 7: killed 3 of 5 micro-batches into epoch 1 on one process; the rerun on two
+    data-parallel replicas (2 batches an epoch each) trains the other 2 micro-batches of epoch 1, one per replica,
+    instead of nothing."""
+    out = tmp_path / "run"
+    steps = ("trainer.limit_train_batches=null", "data.batch_size=8", "trainer.max_epochs=2",
+             "trainer.checkpoint_every_n_steps=2")
+    _run(tmp_path, out, *steps, kill_at=9, monkeypatch=monkeypatch)  # last-step.ckpt: step 8, epoch 1
+    killed = torch.load(out / "checkpoints" / "last-step.ckpt", map_location="cpu", weights_only=True)
+    assert killed["global_step"] == 8
+    _one_process_run_leaves_no_process_group(monkeypatch)
+    _run(tmp_path, out, *steps, "trainer.devices=2", "trainer.tensor_parallel_size=1")
+    last = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == 9 and last["epoch"] == 1  # one more step: a micro-batch on each replica
+    assert "the 2 left are trained now, 1 per replica" in capfd.readouterr().err
+    before = killed["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
+    assert before["epoch"] == 1 and len(before["epoch_ids"]) == 1
+    done = set(before["epoch_ids"][0][:3])
+    after = last["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
+    trained = {mb for ids in after["epoch_ids"] for mb in ids if mb >= 0}
+    assert len(trained) == 2 and not trained & done and trained | done == set(range(5))
+
+
+def _one_process_run_leaves_no_process_group(monkeypatch) -> None:
+    """A one-device run in this process initialised a process group and exported MASTER_PORT: a 2-process run
+    started next from here would reuse that port (conftest cleans up only after the test)."""
+    import os
+
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    for name in ("MASTER_PORT", "MASTER_ADDR", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK", "RANK"):
+        if name in os.environ:
+            monkeypatch.delenv(name)

@@ -174,3 +174,38 @@ def test_a_micro_batch_with_nan_input_is_named(make_vit):
     batches[1][0][0, 0, 0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="micro-batch 1 gives a non-finite loss"):
         compute_scores(net, batches, "weight_magnitude", "fisher", progress=False)
+
+
+@pytest.mark.parametrize("edit", ["fewer rows", "negative", "nan", "fifo"])
+def test_a_re_checksummed_cache_of_the_wrong_shape_or_values_is_named_and_recomputed(tmp_path, make_vit, edit):
+    """Issue 29, failure 10: a cache whose checksum matched but whose table had fewer rows failed mid-training
+    with IndexError; negative or NaN scores and a FIFO in its place are caught the same way, naming the file."""
+    import os
+
+    from lightning_d2ft.io import read_checked, write_checked
+    from lightning_d2ft.scoring.scores import _CACHE_VERSION, cache_path
+
+    net = D2FTViT(make_vit("tiny3"))
+    data = _data()
+    first = compute_scores(net, data, "taylor", "fisher", cache_dir=tmp_path, progress=False)
+    path = cache_path(tmp_path, first.key)
+    payload = read_checked(path, _CACHE_VERSION, "score cache")
+    if edit == "fewer rows":
+        payload["backward"], payload["forward"] = payload["backward"][:3], payload["forward"][:3]
+        expected = r"holds \(3, 11\) tables; this run has 5 micro-batches x 11 subnets"
+    elif edit == "negative":
+        payload["backward"][1, 2] = -1.0
+        expected = "non-finite or negative"
+    elif edit == "nan":
+        payload["forward"][0, 0] = float("nan")
+        expected = "non-finite or negative"
+    if edit == "fifo":
+        path.unlink()
+        os.mkfifo(path)
+        expected = "is a FIFO"
+    else:
+        write_checked(path, {k: v for k, v in payload.items() if k != "version"}, _CACHE_VERSION)  # checksum redone
+    with pytest.warns(UserWarning, match=rf"ignoring the score cache and recomputing: .*{path}.*{expected}|"
+                                         rf"ignoring the score cache and recomputing: .*{expected}"):
+        redo = compute_scores(net, data, "taylor", "fisher", cache_dir=tmp_path, progress=False)
+    assert not redo.from_cache and torch.equal(redo.backward, first.backward)
