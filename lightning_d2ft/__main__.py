@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from importlib.resources import files
 from pathlib import Path
 
@@ -26,9 +27,13 @@ register_configs()
 
 @hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    from lightning_d2ft.app.run import print_summary, run
+    from lightning_d2ft.app.run import SetupError, print_summary, run
 
-    result = run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    try:
+        result = run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except SetupError as err:  # a setting or input refused before training: one line, not a traceback
+        print(f"lightning_d2ft: error: {err}", file=sys.stderr)
+        sys.exit(2)
     print_summary(result)
     return result["val_acc"]
 

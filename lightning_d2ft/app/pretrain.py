@@ -36,8 +36,8 @@ def pretrained_checkpoint(cache_dir: str | Path, model: str, model_kwargs: dict,
     if os.path.lexists(path):
         check_regular_file(path, "pretrained cache")  # a FIFO would block the load forever
         return path
-    log.warning("pretraining %s on digits %s for %d epochs (cached afterwards at %s)", model, list(classes), epochs,
-                path)
+    log.info("pretraining %s on digits %s for %d epochs (cached afterwards at %s)", model, list(classes), epochs,
+             path)
     # the caller's random state is left as it was: a run that pretrains draws the same numbers afterwards
     # (its new head, its data order) as the same run that finds the cache
     with torch.random.fork_rng(devices=[]):
@@ -47,7 +47,7 @@ def pretrained_checkpoint(cache_dir: str | Path, model: str, model_kwargs: dict,
         dm.setup()
         vit = train_classifier(dm, model, model_kwargs, epochs, lr)
         accuracy = held_out_top1(vit, dm.val_dataloader(), len(dm.val_set))
-    log.warning("pretrained: %.1f%% top-1 on held-out images of digits %s", accuracy, list(classes))
+    log.info("pretrained: %.1f%% top-1 on held-out images of digits %s", accuracy, list(classes))
     save_state_dict(vit, path)
     return path
 

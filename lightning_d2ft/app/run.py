@@ -10,12 +10,13 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from lightning.pytorch import LightningDataModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_d2ft.app.checkpoints import METRICS_KEY, RunCheckpoint, RunRecord
@@ -25,6 +26,7 @@ from lightning_d2ft.app.preflight import DataCheck, check_inputs, degenerate_set
 from lightning_d2ft.app.pretrain import pretrained_checkpoint
 from lightning_d2ft.app.run_dir import (
     RECORD,
+    RunDirBusyError,
     RunDirLock,
     checkpoint_paths,
     launching_process,
@@ -55,7 +57,7 @@ DATAMODULES: dict[str, Callable[..., LightningDataModule]] = {"digits": DigitsDa
                                                                "fashion_mnist": FashionMNISTDataModule}
 # the settings a run directory's checkpoints and schedule belong to: a rerun there must not change them
 RUN_IDENTITY = ("schedule", "model.name", "model.subnets", "model.kwargs", "model.optimizer", "model.lr",
-                "model.weight_decay", "data", "seed")
+                "model.lora_lr", "model.weight_decay", "data", "seed")
 # the checkpoint's hyper-parameters (ViTClassifier's) and the settings they come from
 _CHECKPOINT_SETTINGS = {"model": "model.name", "model_kwargs": "model.kwargs", "optimizer": "model.optimizer",
                         "lr": "model.lr", "weight_decay": "model.weight_decay", "subnets": "model.subnets"}
@@ -130,6 +132,8 @@ def _checkpoint_differences(cfg: DictConfig, ckpt: dict[str, Any]) -> list[str]:
     changed = []
     for key, setting in _CHECKPOINT_SETTINGS.items():
         if key in hparams:
+            if key == "lr" and cfg.schedule.get("lora_rank") is not None:
+                setting = "model.lora_lr"  # the optimizer was built with the adapters' learning rate
             asked = OmegaConf.select(cfg, setting)
             asked = OmegaConf.to_container(asked, resolve=True) if isinstance(asked, DictConfig) else asked
             theirs = hparams[key] if key != "model_kwargs" else hparams[key] or {}  # None: no kwargs
@@ -251,8 +255,13 @@ def _module(cfg: DictConfig, dm: LightningDataModule, kwargs: dict) -> ViTClassi
         checkpoint = str(pretrained_checkpoint(p.cache_dir, m.name, kwargs, list(p.classes), epochs=p.epochs,
                                                lr=p.lr, seed=cfg.seed))
     return ViTClassifier(model=m.name, num_classes=dm.num_classes, subnets=m.subnets,
-                         pretrained=m.pretrained, checkpoint=checkpoint, lr=m.lr, weight_decay=m.weight_decay,
-                         optimizer=m.optimizer, model_kwargs=kwargs)
+                         pretrained=m.pretrained, checkpoint=checkpoint, lr=learning_rate(cfg),
+                         weight_decay=m.weight_decay, optimizer=m.optimizer, model_kwargs=kwargs)
+
+
+def learning_rate(cfg: DictConfig) -> float:
+    """``model.lora_lr`` when LoRA adapters train (``schedule.lora_rank``), else ``model.lr``."""
+    return cfg.model.lora_lr if cfg.schedule.get("lora_rank") is not None else cfg.model.lr
 
 
 def _trainer(cfg: DictConfig, out: Path, callbacks: list) -> Trainer:
@@ -279,6 +288,21 @@ def _trainer(cfg: DictConfig, out: Path, callbacks: list) -> Trainer:
     return Trainer(**{**kwargs, **extra})
 
 
+class SetupError(ValueError):
+    """A setting or an input the run cannot start with, found before any training: ``python -m lightning_d2ft``
+    prints it as one line (it names the setting and the fix) and exits with status 2."""
+
+
+@contextlib.contextmanager
+def refusals_before_training() -> Iterator[None]:
+    """Bad settings and inputs refused before training (a ValueError naming the field, a file that is not what
+    it must be, a run directory held by another run, Lightning refusing a Trainer argument) become SetupError."""
+    try:
+        yield
+    except (ValueError, TypeError, OSError, RunDirBusyError, MisconfigurationException) as err:
+        raise SetupError(str(err)) from err
+
+
 def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     """One fine-tune; returns the summary it also writes to ``out/results.json``. With ``skip_existing``
     a run directory that already holds a results.json is not run again (resumable sweeps).
@@ -286,40 +310,47 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     The launching process holds the run directory's lock for the whole run (a second run there is refused);
     a finished run run again leaves its results.json as it is (or redoes a write that was interrupted)."""
     # every check before any heavy work (data, pretraining, scoring, fit)
-    settings = check_config(cfg)  # the schedule's settings, validated by ScheduleSettings
-    check_inputs(cfg)
-    if cfg.get("skip_existing"):
-        existing = read_json(out / "results.json", "results")
-        if existing is not None:
-            return existing
-    callback = _callback(cfg, settings)
-    kwargs = OmegaConf.to_container(cfg.model.kwargs, resolve=True)
-    net = check_model(cfg.model.name, kwargs, cfg.model.subnets)
-    cfg.model.subnets = net.num_subnets  # resolved (null: one head per subnet), as records and results hold it
-    degenerate_settings(cfg, net)
-    launching = launching_process()  # not a worker started by a launcher: it owns the run directory
-    with RunDirLock(out) if launching else contextlib.nullcontext():
+    with refusals_before_training():
+        settings = check_config(cfg)  # the schedule's settings, validated by ScheduleSettings
+        check_inputs(cfg)
+        if cfg.get("skip_existing"):
+            existing = read_json(out / "results.json", "results")
+            if existing is not None:
+                return existing
+        callback = _callback(cfg, settings)
+        kwargs = OmegaConf.to_container(cfg.model.kwargs, resolve=True)
+        net = check_model(cfg.model.name, kwargs, cfg.model.subnets)
+        cfg.model.subnets = net.num_subnets  # resolved (null: one head per subnet), as records and results hold it
+        degenerate_settings(cfg, net)
+        launching = launching_process()  # not a worker started by a launcher: it owns the run directory
+        lock = RunDirLock(out) if launching else contextlib.nullcontext()
+        lock.__enter__()
+    try:
         return _run(cfg, out, callback, kwargs, launching)
+    finally:
+        lock.__exit__(None, None, None)
 
 
 def _run(cfg: DictConfig, out: Path, callback: D2FTCallback, kwargs: dict, launching: bool) -> dict[str, Any]:
-    if launching:
-        remove_stale_temp_files(out)  # of writes a kill -9 interrupted
-    probe_writable(out)  # before scoring and training, not at the first save
-    dm = build_datamodule(cfg)
-    resume = _resume(cfg, out)
-    check_run_dir(cfg, out, resume)
-    if launching:
-        _set_lineage_aside(cfg, out, resume)
+    with refusals_before_training():
+        if launching:
+            remove_stale_temp_files(out)  # of writes a kill -9 interrupted
+        probe_writable(out)  # before scoring and training, not at the first save
+        dm = build_datamodule(cfg)
+        resume = _resume(cfg, out)
+        check_run_dir(cfg, out, resume)
+        if launching:
+            _set_lineage_aside(cfg, out, resume)
     if resume.path is not None and _finished(cfg, resume.checkpoint):
         return _already_finished(cfg, out, dm, kwargs, resume)
     checkpoints = _checkpoints(out, cfg.trainer.get("checkpoint_every_n_steps"))
     record = RunRecord(out / RECORD, run_identity(cfg), resume.lineage)  # written once the restore succeeded
-    # the Trainer refuses its own bad settings (a tensor-parallel size that does not divide the devices, say)
-    # when it is built: before pretraining, which takes minutes
-    trainer = _trainer(cfg, out, [callback, record, DataCheck(), *checkpoints])
-    seed_everything(cfg.seed, workers=True)
-    module = _module(cfg, dm, kwargs)
+    with refusals_before_training():
+        # the Trainer refuses its own bad settings (a tensor-parallel size that does not divide the devices, say)
+        # when it is built: before pretraining, which takes minutes
+        trainer = _trainer(cfg, out, [callback, record, DataCheck(), *checkpoints])
+        seed_everything(cfg.seed, workers=True)
+        module = _module(cfg, dm, kwargs)
     start = time.perf_counter()
     trainer.fit(module, dm, ckpt_path=resume.path, weights_only=True)  # a checkpoint cannot run code
     seconds = time.perf_counter() - start
@@ -399,7 +430,7 @@ def _result(cfg: DictConfig, metrics: dict[str, float], schedule: Schedule, newe
         "scoring_seconds": schedule.info.get("scoring_seconds"),
         "fit_seconds": seconds,  # None: results redone from the final checkpoint, the fit's time is not known
         "budget": s.budget, "subnets": cfg.model.subnets, "method": s.method, "devices": cfg.trainer.devices,
-        "tensor_parallel_size": tp,
+        "tensor_parallel_size": tp, "lora_rank": s.get("lora_rank"), "lr": learning_rate(cfg),
         "last_checkpoint": str(newest) if newest is not None else None,
         "global_step": step,
         "output_dir": str(out),
@@ -409,8 +440,10 @@ def _result(cfg: DictConfig, metrics: dict[str, float], schedule: Schedule, newe
 
 def print_summary(result: dict[str, Any]) -> None:
     print("\n=== D2FT fine-tune ===")
+    devices = result["devices"]
+    lora = f", LoRA rank {result['lora_rank']} (lr {result['lr']:g})" if result.get("lora_rank") else ""
     print(f"method {result['method']}, budget {result['budget']}, {result['subnets']} subnets, "
-          f"{result['devices']} devices")
+          f"{devices} device{'s' if devices != 1 else ''}{lora}")
     print(f"compute: {result['compute_fraction']:.3f} of full fine-tuning "
           f"({1 - result['compute_fraction']:.0%} saved)")
     tp = result.get("tensor_parallel_size")

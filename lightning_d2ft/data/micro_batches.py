@@ -48,6 +48,9 @@ class MicroBatchSampler(DistributedSampler):
 
     def __init__(self, dataset: Dataset | Sequence, micro_batch_size: int, *, shuffle: bool = True, seed: int = 0,
                  num_replicas: int = 1, rank: int = 0) -> None:
+        if isinstance(dataset, IterableDataset):
+            raise TypeError(f"an IterableDataset ({type(dataset).__name__}) cannot be split into fixed micro-batches "
+                            "(it has no sample indices): use a map-style Dataset, with __getitem__ and __len__")
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
         n = len(dataset)
         if micro_batch_size < 1 or micro_batch_size > n:
@@ -135,15 +138,27 @@ def micro_batch_loader(dataset: Dataset, batch_size: int, *, shuffle: bool = Tru
 
 
 def find_micro_batch_sampler(loader: object) -> MicroBatchSampler:
-    """The MicroBatchSampler of a train dataloader, or an error that says how to get one."""
+    """The MicroBatchSampler of a train dataloader, or an error that names what the loader has and a fix that
+    works for it."""
     sampler = getattr(loader, "sampler", None)
     if isinstance(sampler, MicroBatchSampler):
         return sampler
-    raise TypeError(
-        "D2FT needs micro-batches of fixed composition (a schedule row belongs to one micro-batch): build the "
-        "training DataLoader with lightning_d2ft.data.micro_batches.micro_batch_loader(dataset, batch_size) or pass "
-        f"sampler=MicroBatchSampler(dataset, batch_size); got sampler {type(sampler).__name__}"
-    )
+    fix = ("lightning_d2ft.micro_batch_loader(dataset, batch_size), or a plain DataLoader(dataset, batch_size=..., "
+           "shuffle=True), which D2FTStrategy converts")
+    why = "D2FT schedules fixed micro-batches (a schedule row belongs to one micro-batch)"
+    dataset = getattr(loader, "dataset", None)
+    if isinstance(dataset, IterableDataset):
+        raise TypeError(f"an IterableDataset ({type(dataset).__name__}) cannot be split into fixed micro-batches: "
+                        f"{why}. Use a map-style Dataset (with __getitem__ and __len__) and {fix}")
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    if batch_sampler is not None and type(batch_sampler) is not BatchSampler:
+        raise TypeError(f"a custom batch_sampler ({type(batch_sampler).__name__}) chooses its own batches, but {why}. "
+                        f"Give the DataLoader batch_size= instead, or build it with {fix}")
+    if not isinstance(loader, DataLoader):
+        raise TypeError(f"the training data is a {type(loader).__name__}, not a DataLoader: {why}. Use {fix}")
+    raise TypeError(f"the training DataLoader's sampler ({type(sampler).__name__}) does not keep micro-batches "
+                    f"fixed and D2FTStrategy(use_micro_batch_sampler=False) leaves it as it is: {why}. Use {fix}, or "
+                    "sampler=MicroBatchSampler(dataset, batch_size)")
 
 
 _PLAIN = (SequentialSampler, RandomSampler, DistributedSampler)
@@ -162,13 +177,18 @@ def with_micro_batches(loader: object, seed: int = 0) -> object:
     if isinstance(loader.sampler, DistributedSampler):
         shuffle = loader.sampler.shuffle
     sampler = MicroBatchSampler(loader.dataset, loader.batch_size, shuffle=shuffle, seed=seed)
+    # named by what it does: on a DDP strategy Lightning has already put its own DistributedSampler in place of
+    # the user's RandomSampler or SequentialSampler, which the user never made
+    rank_zero_info(f"D2FT: the training DataLoader's {'shuffled' if shuffle else 'sequential'} sampler was replaced "
+                   f"by a MicroBatchSampler (batch size {loader.batch_size}, shuffle={shuffle}, seed={seed}): D2FT "
+                   "needs micro-batches of fixed composition. Pass D2FTStrategy(use_micro_batch_sampler=False) to opt "
+                   "out.")
     left_out = len(loader.dataset) % loader.batch_size
-    dropped = (f"; it leaves out {left_out} of the {len(loader.dataset)} samples, the same ones every epoch, so that "
-               "every micro-batch is full") if left_out else ""
-    rank_zero_info(f"D2FT: the training DataLoader's {type(loader.sampler).__name__} was replaced by a "
-                   f"MicroBatchSampler (batch size {loader.batch_size}, shuffle={shuffle}, seed={seed}){dropped}: "
-                   "D2FT needs micro-batches of fixed composition. Pass D2FTStrategy(use_micro_batch_sampler=False) "
-                   "to opt out.")
+    if left_out:
+        rank_zero_warn(f"D2FT: {left_out} of the {len(loader.dataset)} training samples are never trained: "
+                       f"{len(loader.dataset)} is not a multiple of the batch size {loader.batch_size}, and every "
+                       "micro-batch is full (the same samples are left out every epoch). Choose a batch size that "
+                       "divides the data set to train them all.")
     return MicroBatchLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler, drop_last=False,
                             num_workers=loader.num_workers, collate_fn=loader.collate_fn,
                             pin_memory=loader.pin_memory, timeout=loader.timeout,

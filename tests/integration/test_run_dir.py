@@ -168,8 +168,9 @@ def test_the_checkpoint_directory_is_probed_before_scoring(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "checkpoints").write_text("not a directory")
-    with pytest.raises(PermissionError, match="checkpoints is not a directory"):
+    with pytest.raises(app.SetupError, match="checkpoints is not a directory") as refused:
         _run(tmp_path, out)
+    assert isinstance(refused.value.__cause__, PermissionError)
     assert not (tmp_path / "cache").exists()  # no scoring pass ran
 
 

@@ -3,6 +3,8 @@ resume skip holds for one pass only, and plain training loaders become micro-bat
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -82,17 +84,56 @@ def test_a_shuffled_loader_becomes_micro_batches_of_its_batch_size():
     assert first == [b[1].tolist() for b in loader]  # the same composition every pass (epoch 0 order)
 
 
-def test_the_replacement_says_how_many_samples_it_leaves_out(caplog):
+def test_samples_a_micro_batch_split_never_trains_are_warned_about(caplog):
     import logging
 
-    with caplog.at_level(logging.INFO):
+    with pytest.warns(UserWarning, match=r"2 of the 20 training samples are never trained.*batch size 6"):
         sampler = find_micro_batch_sampler(with_micro_batches(DataLoader(DATA, batch_size=6, shuffle=True)))
     assert sampler.num_micro_batches * 6 == 18
-    assert "leaves out 2 of the 20 samples, the same ones every epoch" in caplog.text
-    caplog.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with caplog.at_level(logging.INFO):
+            with_micro_batches(DataLoader(DATA, batch_size=5, shuffle=True))
+    assert "shuffled sampler was replaced by a MicroBatchSampler" in caplog.text
+
+
+def test_the_replacement_names_no_sampler_the_user_never_made(caplog):
+    """On a DDP strategy Lightning has already swapped the user's RandomSampler for its DistributedSampler."""
+    import logging
+
+    from torch.utils.data import DistributedSampler
+
+    injected = DataLoader(DATA, batch_size=5, sampler=DistributedSampler(DATA, num_replicas=1, rank=0, shuffle=False))
     with caplog.at_level(logging.INFO):
-        with_micro_batches(DataLoader(DATA, batch_size=5, shuffle=True))
-    assert "replaced by a MicroBatchSampler" in caplog.text and "leaves out" not in caplog.text
+        with_micro_batches(injected)
+    assert "sequential sampler was replaced" in caplog.text and "DistributedSampler" not in caplog.text
+
+
+class _Stream(IterableDataset):
+    def __iter__(self):
+        yield from range(3)
+
+
+@pytest.mark.parametrize("loader, message", [
+    (DataLoader(_Stream(), batch_size=2), r"an IterableDataset \(_Stream\) cannot be split into fixed micro-batches.*"
+                                          r"map-style Dataset.*micro_batch_loader"),
+    (DataLoader(DATA, batch_sampler=BatchSampler(SequentialSampler(DATA), 4, drop_last=False)), None),
+    (DataLoader(DATA, batch_size=4), r"sampler \(SequentialSampler\) does not keep micro-batches fixed.*"
+                                     r"use_micro_batch_sampler=False"),
+    ([(torch.zeros(2), torch.zeros(2))], r"the training data is a list, not a DataLoader"),
+])
+def test_refusals_name_what_the_user_gave_and_a_fix_that_works(loader, message):
+    if message is None:  # a custom batch_sampler class (a subclass of BatchSampler is custom too)
+        class Mine(BatchSampler):
+            pass
+
+        loader = DataLoader(DATA, batch_sampler=Mine(SequentialSampler(DATA), 4, drop_last=False))
+        message = r"a custom batch_sampler \(Mine\) chooses its own batches.*batch_size="
+    with pytest.raises(TypeError, match=message):
+        find_micro_batch_sampler(loader)
+    if isinstance(loader, DataLoader) and isinstance(loader.dataset, _Stream):
+        with pytest.raises(TypeError, match="IterableDataset"):
+            list(micro_batch_loader(loader.dataset, 2))
 
 
 def test_a_sequential_loader_keeps_its_order():
