@@ -36,6 +36,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_d2ft.data.micro_batches import MicroBatchSampler, with_micro_batches
+from lightning_d2ft.model.optimizers import check_optimizer
 from lightning_d2ft.model.vit import find_d2ft
 from lightning_d2ft.parallel.collectives import CommStats, SparseTensorParallel
 from lightning_d2ft.parallel.grad_norm import clip_grad_by_global_norm, sharded_parameter_ids
@@ -227,6 +228,8 @@ class D2FTStrategy(ScheduleExecution, FullCheckpoints, GuardedSteps, DDPStrategy
             return
         super().setup(trainer)
         self.precision_plugin.clip_grad_by_norm = self._clip_grad_by_global_norm
+        for optimizer in self.optimizers:  # only FULL subnets may learn: refuse or warn about one that moves others
+            check_optimizer(optimizer)
 
     @override
     def configure_ddp(self) -> None:
