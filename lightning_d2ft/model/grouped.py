@@ -97,8 +97,10 @@ class GroupedLinear(nn.Module):
         with torch.no_grad():
             for name in self._group_tensor_names():
                 params = [self._parameters[group_param_name(name, g)] for g in self.group_ids]
-                if _side_by_side(params):
-                    continue  # packed already: keep the addresses (CUDA graphs read the Parameters there)
+                first = params[0]
+                if (_side_by_side(params) and first.storage_offset() == 0
+                        and first.untyped_storage().nbytes() == len(params) * first.numel() * first.element_size()):
+                    continue  # packed already, nothing else in the buffer: keep the addresses (CUDA graphs)
                 buf = torch.cat([p.detach() for p in params])
                 for p, part in zip(params, buf.chunk(len(params))):
                     p.data = part

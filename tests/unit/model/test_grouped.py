@@ -73,3 +73,16 @@ def test_to_groups_and_back_is_exact_and_qkv_rows_are_head_major(key):
         rows = t.view(3, 8, 5, 7)
         want = torch.cat([rows[0, 2], rows[1, 2], rows[2, 2], rows[0, 3], rows[1, 3], rows[2, 3]])
         assert torch.equal(parts[1], want)
+
+
+def test_a_shard_keeps_only_its_groups_memory(make_vit):
+    from lightning_d2ft.parallel.collectives import SparseTensorParallel
+    from lightning_d2ft.parallel.placement import Placement
+
+    net = D2FTViT(make_vit("vit_s16"), subnets=74)
+    owner = torch.tensor([[0, 0, 0, 1, 1, 1]] * net.depth)  # rank 0 holds neighbouring groups 0, 1, 2
+    net.shard_(Placement.from_any(owner), SparseTensorParallel(None, 0, 2))
+    fc1 = net.vit.blocks[0].mlp.fc1
+    assert fc1.group_ids == [0, 1, 2]
+    w = fc1.weights([0, 1, 2])
+    assert _side_by_side(w) and w[0].untyped_storage().nbytes() == 3 * w[0].numel() * 4  # the others' rows freed
