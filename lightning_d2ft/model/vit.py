@@ -9,9 +9,10 @@ Wrapping cuts every block's ``qkv``/``proj``/``fc1``/``fc2`` into one Parameter 
 (:mod:`lightning_d2ft.model.grouped`), so that an optimizer step changes only the groups that ran FULL in it
 (the others have ``grad=None``); state dicts keep timm's keys and layout.
 
-Execution (unsharded): a block whose groups are all FULL runs timm's own modules (exactly timm); a mixed block
-runs each branch through the fused grouped kernels of :mod:`lightning_d2ft.model.fused_path` (FULL groups in
-one matmul with a custom backward, FORWARD_ONLY groups beside them under ``no_grad``). Sharded blocks and
+Execution (unsharded): in training, a block with any FULL or FORWARD_ONLY group runs each branch through the
+fused grouped kernels of :mod:`lightning_d2ft.model.fused_path` (FULL groups in one matmul with a custom
+backward that hands each group its own gradient rows, FORWARD_ONLY groups beside them under ``no_grad``);
+without gradients (evaluation, inference) a whole FULL block runs timm's own modules. Sharded blocks and
 blocks the fused path does not model (LoRA, qk-norm, dropout, ...) take the general grouped path of
 :mod:`lightning_d2ft.model.general_path`: FULL groups with autograd, FORWARD_ONLY groups under ``no_grad`` on a
 detached input. SHORTCUT groups never run. On a CUDA device a training step can be replayed as CUDA graphs
