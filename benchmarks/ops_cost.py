@@ -19,7 +19,9 @@ rounds cancels); ``optimizer_seconds`` is the ``optimizer.step()`` alone (median
 paired median ratio to the ``all FULL`` step's in the same round. Memory: ``saved_mib``, the bytes autograd
 saves for backward in one training forward (``saved_tensors_hooks``, every packed tensor summed; eager path,
 mean over a case's columns), and on CUDA ``peak_mib``, ``torch.cuda.max_memory_allocated`` over one step
-after a reset (a CUDA-graph replay's pool is allocated memory, so it is included). Aten ops are counted per
+after a reset, plus, for graphed rows, the free part of the CUDA-graph pool (the memory a replay reuses for
+its intermediates, which the allocator counts as reserved, not allocated; ``graph_pool_mib`` is the whole
+pool, shared by every captured pattern). Aten ops are counted per
 forward+backward (TorchDispatchMode, views and detaches not counted) after a warm-up step. Writes
 ``benchmarks/results/ops_cost.json`` (CPU) or ``ops_cost_cuda.json``
 (CUDA) unless ``--out`` says otherwise; without CUDA ``--device cuda`` runs on CPU and says so.
@@ -161,7 +163,7 @@ def main() -> None:
         cases = {"plain timm": (mixes["plain timm"], False)}
         cases.update({name: (columns, True) for name, columns in mixes.items() if name != "plain timm"})
         cases.update({f"{name} (eager)": (columns, False) for name, columns in mixes.items() if name != "plain timm"})
-    rows = measure(cases, step, fwd_bwd, saved_mib, device, args.steps)
+    rows = measure(cases, step, fwd_bwd, saved_mib, lambda: _graph_pool_mib(graphs), device, args.steps)
     if graphs is not None:
         print(f"CUDA graphs: {graphs.captures} patterns captured, {graphs.warmups} eager warm-ups, "
               f"failure: {graphs.failure}", flush=True)
@@ -170,7 +172,7 @@ def main() -> None:
     finish(args, rows, device, batch, note, net)
 
 
-def measure(cases, step, fwd_bwd, saved_mib, device, steps) -> list[dict]:
+def measure(cases, step, fwd_bwd, saved_mib, graph_pool, device, steps) -> list[dict]:
     """Interleaved timing (median per column, mean over a case's columns), optimizer step, op counts, FLOPs,
     memory."""
     times = {name: [[] for _ in columns] for name, (columns, _) in cases.items()}
@@ -189,11 +191,14 @@ def measure(cases, step, fwd_bwd, saved_mib, device, steps) -> list[dict]:
                 stepping[name][i].append(optimizer)
     rows = []
     for name, (columns, graphed) in cases.items():
-        peak = None
+        peak = pool = None
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
             step(columns[0], graphed)
             peak = torch.cuda.max_memory_allocated() / 2**20
+            if graphed:
+                pool, pool_free = graph_pool()
+                peak += pool_free
         # aten ops and FLOPs of the eager execution (a graph replay dispatches almost nothing)
         ops_count = statistics.mean(count_aten_ops(lambda ops=ops: fwd_bwd(ops)) for ops in columns)
         with FlopCounterMode(display=False) as counter:
@@ -203,7 +208,7 @@ def measure(cases, step, fwd_bwd, saved_mib, device, steps) -> list[dict]:
                      "host_seconds": statistics.mean(statistics.median(t) for t in queued[name]),
                      "optimizer_seconds": statistics.mean(statistics.median(t) for t in stepping[name]),
                      "gflops": counter.get_total_flops() / 1e9, "aten_ops": ops_count, "saved_mib": saved,
-                     "peak_mib": peak, "columns": len(columns), "cuda_graphs": graphed})
+                     "peak_mib": peak, "graph_pool_mib": pool, "columns": len(columns), "cuda_graphs": graphed})
         print(f"  {name}: {rows[-1]['seconds']:.4f} s, optimizer {rows[-1]['optimizer_seconds'] * 1e3:.1f} ms, "
               f"{ops_count:.0f} aten ops, {saved:.1f} MiB saved for backward", flush=True)
     base = rows[0]
@@ -252,7 +257,7 @@ def finish(args, rows, device, batch, note, net) -> None:
     print(f"\nViT-S/16 training step on {name}, batch {batch}, {args.img_size}px, amp {args.amp}, "
           f"{net.num_subnets} subnets, median of {args.steps} interleaved rounds, torch {torch.__version__}")
     print_table(rows, ["case", "seconds", "time_ratio", "optimizer_seconds", "optimizer_ratio", "saved_mib",
-                       "saved_ratio", "peak_mib", "aten_ops", "ops_ratio", "flop_ratio"])
+                       "saved_ratio", "peak_mib", "graph_pool_mib", "aten_ops", "ops_ratio", "flop_ratio"])
     by_case = {row["case"]: row for row in rows}
     targets = {f"time {case} <= {limit}": by_case[case]["time_ratio"] <= limit
                for case, limit in TARGETS[device.type].items()}
@@ -266,9 +271,20 @@ def finish(args, rows, device, batch, note, net) -> None:
                             "optimizer": "AdamW(fused=True)", "load_average": _load_average(),
                             "memory": "saved_mib: bytes saved for backward in one eager training forward "
                                       "(saved_tensors_hooks, summed); peak_mib: torch.cuda.max_memory_allocated "
-                                      "over one step after a reset, CUDA-graph pools included (CUDA only)",
+                                      "over one step after a reset, plus the free part of the CUDA-graph pool "
+                                      "for graphed rows (CUDA only); graph_pool_mib: the whole pool",
                             "batch": batch, "rows": rows, "targets_met": targets})
     print(f"wrote {path}")
+
+
+def _graph_pool_mib(graphs: PatternGraphs | None) -> tuple[float, float]:
+    """(MiB of the CUDA-graph private pool, MiB of it not held by live tensors), from the allocator's snapshot."""
+    pool = getattr(graphs, "_pool", None)
+    if pool is None:
+        return 0.0, 0.0
+    segments = [s for s in torch.cuda.memory_snapshot() if tuple(s.get("segment_pool_id", ())) == tuple(pool)]
+    total = sum(s["total_size"] for s in segments)
+    return total / 2**20, (total - sum(s["allocated_size"] for s in segments)) / 2**20
 
 
 def _load_average() -> list[float] | None:
