@@ -12,8 +12,9 @@ How (the recipe of ``torch.cuda.make_graphed_callables``, with three changes):
   flat parameter-gradient buffer), so a new pattern costs graph nodes, not another copy of the activations;
   this is safe because patterns run one at a time: a forward replay is refused (the caller runs eagerly)
   while another pattern's backward is still pending;
-* the parameter gradients leave the graph as one ``clone`` of the flat buffer, so a later replay never
-  overwrites a ``.grad`` that autograd took over (gradient accumulation over several micro-batches is exact);
+* the parameter gradients leave the graph as one copy (``cat``) of the parameters this pattern trains, so a
+  later replay never overwrites a ``.grad`` that autograd took over (gradient accumulation over several
+  micro-batches is exact), and the others (head groups not FULL in it) get ``None``;
 * the eager warm-up before a capture (lazy cuBLAS/cuDNN plans, index tensors) runs only when the pattern
   brings a block shape not seen before (``shape_keys``), and captures skip ``torch.cuda.graph``'s
   synchronize + ``empty_cache``, which would force fresh ``cudaMalloc`` s on every new pattern.
@@ -61,9 +62,13 @@ class _Replay(torch.autograd.Function):
         cap.grad_out.copy_(grad)
         cap.bwd.replay()
         graphs._pending = None
-        flat = graphs._flat.clone()  # a fresh buffer: autograd may keep these views as .grad
-        views = flat.split(graphs._numels)
-        grads = tuple(v.view(s) if g else None for v, s, g in zip(views, graphs._shapes, cap.has_grad))
+        # a fresh buffer of the gradients this pattern has (autograd may keep its views as .grad): the copy
+        # shrinks with the schedule, and the other parameters get None (the optimizer skips them)
+        trained = [v for v, g in zip(graphs._flat_views, cap.has_grad) if g]
+        if not trained:
+            return (None, None) + (None,) * len(cap.has_grad)
+        parts = iter(torch.cat([v.reshape(-1) for v in trained]).split([v.numel() for v in trained]))
+        grads = tuple(next(parts).view(s) if g else None for s, g in zip(graphs._shapes, cap.has_grad))
         return (None, None) + grads
 
 
@@ -125,7 +130,9 @@ class PatternGraphs:
 
     # -- buffers --------------------------------------------------------------------------------
     def _ensure_buffers(self, x: Tensor, params: list[nn.Parameter]) -> None:
-        signature = (tuple(map(id, params)), tuple(x.shape), x.dtype, x.device, _autocast_state())
+        # the parameters' addresses too: the graphs read them there (a move or a repack re-captures)
+        signature = (tuple(map(id, params)), tuple(p.data_ptr() for p in params), tuple(x.shape), x.dtype, x.device,
+                     _autocast_state())
         if signature == self._signature:
             return
         self.reset()

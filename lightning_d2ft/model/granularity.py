@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from lightning_d2ft.model.grouped import GroupedLinear
+
 __all__ = ["check_supported", "resolve_groups_per_block", "valid_groups_per_block", "valid_subnet_counts"]
 
 _NUM_EXTRA_SUBNETS = 2  # stem and head
@@ -30,7 +32,7 @@ def check_supported(vit: nn.Module) -> None:
                 problems.append(f"attention type {type(attn).__name__} (only timm.layers.Attention)")
             elif getattr(attn, "gate", None) is not None or not isinstance(attn.norm, nn.Identity):
                 problems.append("gated attention or scale_attn_norm (they mix all heads before proj)")
-            if type(mlp) is not Mlp or not isinstance(mlp.fc1, nn.Linear):
+            if type(mlp) is not Mlp or not isinstance(mlp.fc1, (nn.Linear, GroupedLinear)):
                 problems.append(f"MLP type {type(mlp).__name__} (only timm.layers.Mlp with Linear layers)")
             elif not isinstance(mlp.norm, nn.Identity):
                 problems.append("scale_mlp_norm (it mixes all hidden units before fc2)")

@@ -6,12 +6,13 @@ gradient, a SHORTCUT one skips it. A library adapter (PEFT's ``LoraConfig`` on `
 across every head of the layer, which a FORWARD_ONLY group would still update through the FULL ones and
 which tensor-parallel sharding by head group would have to replicate and all-reduce; hence our own.
 
-:func:`add_lora_` replaces every block's ``attn.qkv`` by a :class:`GroupedLoRALinear` (the same weight and
-bias Parameters plus ``lora_A`` [G*r, dim], group-major rows, ``lora_B`` [3*attn_dim, r], rows laid out
-like ``qkv.weight``, and a ``lora_scale`` buffer; see :mod:`lightning_d2ft.parallel.layout`). The checkpoint keys stay
-``...attn.qkv.lora_A/lora_B/lora_scale``, so they shard, checkpoint and resume like every other block
-tensor. The module computes its own adapter output, for all groups (``forward``, so a whole FULL block runs
-timm's own modules) or for selected groups (:meth:`GroupedLoRALinear.group_delta`, for the grouped path).
+:func:`add_lora_` replaces every block's ``attn.qkv`` (a :class:`~lightning_d2ft.model.grouped.GroupedLinear`) by
+a :class:`GroupedLoRALinear` (the same per-group weight and bias Parameters plus per-group ``lora_A_g`` and
+``lora_B_g`` and a ``lora_scale`` buffer). The checkpoint keys stay ``...attn.qkv.lora_A/lora_B/lora_scale``
+(``lora_A`` [G*r, dim], group-major rows, ``lora_B`` [3*attn_dim, r], rows laid out like ``qkv.weight``; see
+:mod:`lightning_d2ft.parallel.layout`), so they shard, checkpoint and resume like every other block tensor.
+The module computes its own adapter output, for all groups (``forward``, so a whole FULL block runs timm's
+own modules) or for selected groups (:meth:`GroupedLoRALinear.group_delta`, for the grouped path).
 :func:`merge_lora` folds them into ``qkv.weight`` for a plain timm model.
 """
 
@@ -19,11 +20,14 @@ from __future__ import annotations
 
 import math
 import re
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lightning_d2ft.model.grouped import GroupedLinear
+from lightning_d2ft.parallel.layout import GROUPED, from_groups, group_param_name
 
 if TYPE_CHECKING:
     from lightning_d2ft.model.vit import D2FTViT
@@ -32,37 +36,70 @@ __all__ = ["GroupedLoRALinear", "add_lora_", "check_lora", "has_lora", "match_lo
 _LORA_KEY = re.compile(r"^(.*attn\.qkv)\.lora_A$")
 
 
-class GroupedLoRALinear(nn.Linear):
-    """timm's ``qkv`` Linear plus one rank-``r`` adapter per head group: ``y = W h + b + s * B_g A_g h``."""
+class GroupedLoRALinear(GroupedLinear):
+    """timm's ``qkv`` cut by head group plus one rank-``r`` adapter per group: ``y = W h + b + s * B_g A_g h``.
 
-    def __init__(self, base: nn.Linear, groups: int, rank: int, alpha: float, gen: torch.Generator) -> None:
-        with torch.device("meta"):
-            super().__init__(base.in_features, base.out_features, bias=base.bias is not None)
-        self.weight, self.bias = base.weight, base.bias  # the very Parameters: nothing is copied
+    Built from the block's :class:`GroupedLinear` (its very Parameters: nothing is copied); the adapters are
+    Parameters per group too (``lora_A_g<group>`` [r, dim], ``lora_B_g<group>`` [3*group_dim, r], rows
+    head-major like the group's ``qkv`` rows), so a FORWARD_ONLY group's adapter gets no gradient and no
+    optimizer step. State dicts hold ``lora_A`` [G*r, dim] and ``lora_B`` [3*attn_dim, r] in timm's layout."""
+
+    def __init__(self, base: GroupedLinear, rank: int, alpha: float, gen: torch.Generator) -> None:
+        nn.Module.__init__(self)
+        self.__dict__.update({k: v for k, v in base.__dict__.items() if not k.startswith("_")})
+        self.group_ids = list(base.group_ids)
+        for name, p in base._parameters.items():  # the same Parameters, in the same order
+            self.register_parameter(name, p)
         self.rank = rank
-        a = torch.empty(groups * rank, base.in_features)
+        a = torch.empty(base.num_groups * rank, base.in_features)
         bound = 1.0 / math.sqrt(base.in_features)  # PEFT's kaiming_uniform(a=sqrt(5)) bound
         a.uniform_(-bound, bound, generator=gen)
-        self.lora_A = nn.Parameter(a.to(base.weight))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank).to(base.weight))
-        self.register_buffer("lora_scale", torch.tensor(alpha / rank, device=base.weight.device))
+        like = base.weights([0])[0]
+        for g, part in zip(base.group_ids, a.to(like).unflatten(0, (base.num_groups, rank)).unbind(0)):
+            self.register_parameter(group_param_name("lora_A", g), nn.Parameter(part.clone()))
+            self.register_parameter(group_param_name("lora_B", g),
+                                    nn.Parameter(torch.zeros(base.out_features // base.num_groups, rank).to(like)))
+        self.register_buffer("lora_scale", torch.tensor(alpha / rank, device=like.device))
+        self._pack_()
 
     @property
     def groups(self) -> int:
-        return self.lora_A.shape[0] // self.rank
+        return self.num_groups
+
+    def _group_tensor_names(self) -> list[str]:
+        return super()._group_tensor_names() + ["lora_A", "lora_B"]
+
+    @property
+    def lora_A(self) -> Tensor:
+        """timm-layout ``lora_A`` [G*r, dim] of the groups held (assembled, differentiable)."""
+        return torch.cat(self.adapters(self.all_positions)[0], 0)
+
+    @property
+    def lora_B(self) -> Tensor:
+        """timm-layout ``lora_B`` [3*attn_dim, r] of the groups held (assembled, differentiable)."""
+        return from_groups(self.adapters(self.all_positions)[1], GROUPED["attn.qkv.lora_B"], self.heads_per_group)
+
+    def adapters(self, positions: Sequence[int]) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """``([A_g], [B_g])`` of the groups at ``positions``."""
+        params, ids = self._parameters, [self.group_ids[i] for i in positions]
+        return [params[f"lora_A_g{g}"] for g in ids], [params[f"lora_B_g{g}"] for g in ids]
+
+    def group_parameters(self, positions: Sequence[int]) -> list[nn.Parameter]:
+        a, b = self.adapters(positions)
+        return super().group_parameters(positions) + a + b
 
     def forward(self, h: Tensor) -> Tensor:
-        return F.linear(h, self.weight, self.bias) + self.group_delta(h, list(range(self.groups)), None)
+        out = super().forward(h)
+        delta = self.group_delta(h, self.all_positions)  # head-major rows: (groups, hpg, 3, hd) -> timm's (3, ...)
+        delta = delta.unflatten(-1, (self.num_groups * self.heads_per_group, 3, -1)).transpose(-3, -2)
+        return out + delta.flatten(-3)
 
-    def group_delta(self, h: Tensor, positions: list[int], select: Callable | None) -> Tensor:
-        """``scale * B_g A_g h`` of the groups at ``positions`` (local order), laid out like their qkv rows;
-        ``select(tensor, dim, positions, n_groups)`` picks the groups' slices (None: all groups)."""
-        n, r, D = self.groups, self.rank, h.shape[-1]
-        a, b = self.lora_A.view(n, r, D), self.lora_B.view(3, n, -1, r)
-        if select is not None:
-            a, b = select(a, 0, positions, n), select(b, 1, positions, n)
-        u = F.linear(h, a.reshape(-1, D)).unflatten(-1, (len(positions), r))  # [..., P, r]
-        return torch.einsum("...pr,tpdr->...tpd", u, b).flatten(-3) * self.lora_scale
+    def group_delta(self, h: Tensor, positions: Sequence[int]) -> Tensor:
+        """``scale * B_g A_g h`` of the groups at ``positions``, laid out like their concatenated (head-major)
+        weight rows."""
+        a, b = self.adapters(positions)
+        u = F.linear(h, torch.cat(a, 0)).unflatten(-1, (len(positions), self.rank))  # [..., P, r]
+        return torch.einsum("...pr,pdr->...pd", u, torch.stack(b)).flatten(-2) * self.lora_scale
 
 
 def has_lora(net: D2FTViT) -> bool:
@@ -92,7 +129,7 @@ def add_lora_(net: D2FTViT, rank: int, alpha: float | None = None, seed: int = 0
         p.requires_grad_(True)
     gen = torch.Generator().manual_seed(seed)
     for blk in net.vit.blocks:
-        blk.attn.qkv = GroupedLoRALinear(blk.attn.qkv, net.groups_per_block, rank, alpha, gen)
+        blk.attn.qkv = GroupedLoRALinear(blk.attn.qkv, rank, alpha, gen)
 
 
 def merge_lora(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:

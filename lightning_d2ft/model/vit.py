@@ -5,9 +5,14 @@ hidden units (SPEC section 2). Subnet 0 is the stem (patch embedding, cls token,
 subnets ``1 .. depth*G`` are the blocks' groups in order (block-major), and the last subnet is the head
 (final norm and classifier). Stem and head always run FULL.
 
-Execution (unsharded): a block whose groups are all FULL runs timm's own modules (exactly timm, fewest
-launches); a mixed block runs each branch through the fused grouped kernels of :mod:`lightning_d2ft.model.fused_path`
-(FULL and FORWARD_ONLY rows in one matmul, a custom backward for the FULL rows only). Sharded blocks and
+Wrapping cuts every block's ``qkv``/``proj``/``fc1``/``fc2`` into one Parameter per head group
+(:mod:`lightning_d2ft.model.grouped`), so that an optimizer step changes only the groups that ran FULL in it
+(the others have ``grad=None``); state dicts keep timm's keys and layout.
+
+Execution (unsharded): in training, a block with any FULL or FORWARD_ONLY group runs each branch through the
+fused grouped kernels of :mod:`lightning_d2ft.model.fused_path` (FULL groups in one matmul with a custom
+backward that hands each group its own gradient rows, FORWARD_ONLY groups beside them under ``no_grad``);
+without gradients (evaluation, inference) a whole FULL block runs timm's own modules. Sharded blocks and
 blocks the fused path does not model (LoRA, qk-norm, dropout, ...) take the general grouped path of
 :mod:`lightning_d2ft.model.general_path`: FULL groups with autograd, FORWARD_ONLY groups under ``no_grad`` on a
 detached input. SHORTCUT groups never run. On a CUDA device a training step can be replayed as CUDA graphs
@@ -20,7 +25,7 @@ block only has FORWARD_ONLY groups, and they are skipped with the rest of the br
 of the block is SHORTCUT (the block is then the identity).
 
 Tensor parallelism plugs in through :class:`TensorParallel`: a rank holds only its own groups of each
-block (a narrowed copy of the timm model, see :func:`shard_vit`), computes its partial branch output,
+block (the others' Parameters are dropped in place, see :func:`shard_vit`), computes its partial branch output,
 and the strategy's collectives sum the partials across ranks.
 """
 
@@ -32,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_d2ft.model.cuda_graphs import PatternGraphs
-from lightning_d2ft.model.fused_path import cached_plan, fast_path_ok, fused_block
+from lightning_d2ft.model.fused_path import block_plan, fast_path_ok, fused_block
 from lightning_d2ft.model.general_path import attention_groups, mlp_groups
 from lightning_d2ft.model.granularity import (
     _NUM_EXTRA_SUBNETS,
@@ -41,6 +46,7 @@ from lightning_d2ft.model.granularity import (
     valid_groups_per_block,
     valid_subnet_counts,
 )
+from lightning_d2ft.model.grouped import group_blocks_
 from lightning_d2ft.ops import Op
 from lightning_d2ft.parallel.placement import Placement
 from lightning_d2ft.parallel.sharding import shard_state_dict, shard_vit, unshard_state_dict
@@ -82,8 +88,10 @@ class D2FTViT(nn.Module):
     """A timm VisionTransformer cut into subnets; ``forward(x, ops)`` runs each subnet as its op says.
 
     Wraps the model without copying weights: ``net.vit`` is the very module passed in, so a plain timm
-    checkpoint of it is always available. ``subnets`` is the total count (26/38/74 for ViT-S/16) or the
-    number of head groups per block; ``groups_per_block`` names the latter explicitly.
+    checkpoint of it is always available (its blocks' linear layers are cut into per-group Parameters in
+    place, behind timm's forward and state-dict keys: build the optimizer after wrapping). ``subnets`` is the
+    total count (26/38/74 for ViT-S/16) or the number of head groups per block; ``groups_per_block`` names
+    the latter explicitly.
     """
 
     def __init__(self, vit: nn.Module, subnets: int | None = None, *, groups_per_block: int | None = None) -> None:
@@ -97,7 +105,6 @@ class D2FTViT(nn.Module):
         self.regroup_(subnets, groups_per_block=groups_per_block)
         self.full_shapes: dict[str, torch.Size] | None = None  # the unsharded vit's shapes, once sharded
         self.scheduled_ops: Tensor | None = None  # set per micro-batch by the strategy; used in training
-        self._plans: dict = {}  # fused-kernel index plans per (branch, op pattern, device)
         self.graphs: PatternGraphs | None = None  # CUDA-graph replay of training steps (use_cuda_graphs)
 
     def use_cuda_graphs(self, enabled: bool = True, max_patterns: int = 1024) -> None:
@@ -113,6 +120,7 @@ class D2FTViT(nn.Module):
             raise RuntimeError("cannot change the granularity of a sharded D2FTViT")
         self.groups_per_block = resolve_groups_per_block(self.vit, subnets, groups_per_block)
         self.num_subnets = self.depth * self.groups_per_block + _NUM_EXTRA_SUBNETS
+        group_blocks_(self.vit, self.groups_per_block)
 
     def shard_(self, placement: Placement | Tensor, tp: TensorParallel) -> None:
         """Keep only rank ``tp.rank``'s head groups (in place). ``placement`` (a :class:`Placement`, or its owner
@@ -204,12 +212,12 @@ class D2FTViT(nn.Module):
             return None
         G = self.groups_per_block
         shape_keys = set()
-        for l, blk in enumerate(self.vit.blocks):
+        for l in range(self.depth):
             block_ops = tuple(ops_list[1 + l * G: 1 + (l + 1) * G])
-            if min(block_ops) == Op.FULL or max(block_ops) == Op.SHORTCUT:
-                shape_keys.add(("timm" if min(block_ops) == Op.FULL else "skip",))
-            else:
-                plan = cached_plan(blk, block_ops, self._plans, x.device)  # no host copies inside a capture
+            if max(block_ops) == Op.SHORTCUT:
+                shape_keys.add(("skip",))
+            else:  # _graphable: every block takes the fused path
+                plan = block_plan(block_ops)
                 shape_keys.add(("fused", plan.n_full, plan.n_active))
         return self.graphs.run(lambda inp: self._run(inp, ops_list), tuple(ops_list), shape_keys, x, params)
 
@@ -219,12 +227,13 @@ class D2FTViT(nn.Module):
 
     def _block(self, l: int, blk: nn.Module, x: Tensor, block_ops: list[int]) -> Tensor:
         if self._unsharded():
-            if min(block_ops) == Op.FULL:
-                return blk(x)  # timm's own block: exactly timm, fewest launches
             if max(block_ops) == Op.SHORTCUT:
                 return x
-            if fast_path_ok(blk):
-                return fused_block(blk, x, tuple(block_ops), self._plans)
+            fast = fast_path_ok(blk)
+            if min(block_ops) == Op.FULL and not (fast and torch.is_grad_enabled()):
+                return blk(x)  # timm's own block (evaluation, or what the fused path does not model)
+            if fast:  # training: the FULL groups' gradients go straight to their own Parameters
+                return fused_block(blk, x, tuple(block_ops))
         x = x + self._branch(l, blk, x, block_ops, attention=True)
         return x + self._branch(l, blk, x, block_ops, attention=False)
 
@@ -268,10 +277,10 @@ class D2FTViT(nn.Module):
             if not positions:
                 continue
             if op == Op.FULL:
-                out = run(blk, h, positions, len(local_ops))
+                out = run(blk, h, positions)
             else:
                 with torch.no_grad():
-                    out = run(blk, h.detach(), positions, len(local_ops))
+                    out = run(blk, h.detach(), positions)
             partial = out if partial is None else partial + out
         return partial
 

@@ -1,13 +1,12 @@
 """Gradient clipping by the norm of the whole sharded model, as ``clip_grad_norm_`` on the unsharded one.
 
-A tensor-parallel rank holds slices of the sharded weights and a full copy of the replicated ones (stem,
+A tensor-parallel rank holds its own head groups' Parameters and a full copy of the replicated ones (stem,
 head, norms, shared biases). The global norm sums the shards' squares across the tensor-parallel ranks and
 counts the replicated parameters once, so every rank scales its gradients by the same factor.
 """
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -15,6 +14,7 @@ import torch.distributed as dist
 from torch.optim import Optimizer
 
 from lightning_d2ft.parallel.collectives import named_collective
+from lightning_d2ft.parallel.layout import group_param
 
 if TYPE_CHECKING:  # the model sits above this layer: types only
     from lightning_d2ft.model.vit import D2FTViT
@@ -23,10 +23,11 @@ __all__ = ["clip_grad_by_global_norm", "sharded_parameter_ids"]
 
 
 def sharded_parameter_ids(net: D2FTViT, tensor_parallel_size: int) -> set[int]:
-    """ids of the parameters this rank holds a slice of (none on one tensor-parallel rank)."""
-    full = {k: math.prod(v) for k, v in (net.full_shapes or {}).items()}
-    return {id(p) for k, p in net.vit.named_parameters()
-            if tensor_parallel_size > 1 and k in full and p.numel() != full[k]}
+    """ids of the parameters only this rank holds: its head groups' own Parameters (none on one
+    tensor-parallel rank, where every parameter is this rank's alone anyway)."""
+    if tensor_parallel_size <= 1:
+        return set()
+    return {id(p) for k, p in net.vit.named_parameters() if group_param(k) is not None}
 
 
 def clip_grad_by_global_norm(optimizer: Optimizer, clip_val: float, sharded: set[int],

@@ -69,21 +69,32 @@ class Replicas:
 
 
 class SyncReplicas(Replicas):
-    """DDP: every local gradient averaged over the replicas each step (a missing one counts as zeros)."""
+    """DDP: the gradients averaged over the replicas each step, for exactly the parameters that some replica
+    trained in it (a replica that did not train one contributes zeros). A parameter that no replica trained
+    (a head group that ran no FULL micro-batch anywhere) keeps ``grad=None``, so the optimizer leaves it and
+    its state alone, as on one replica: the replicas first agree on which parameters have a gradient (one
+    small all-reduce of a flag per parameter, read on the host), then all-reduce those in one flat buffer."""
 
     def after_backward(self, optimizer: Optimizer) -> None:
         if self.size == 1:
             return
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if not p.requires_grad:
-                    continue
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                named_collective("data-parallel all_reduce (gradients)", self.rank, dist.all_reduce, p.grad,
-                                 group=self.group)
-                p.grad.div_(self.size)
-                self.bytes_sent += ring_allreduce_bytes(p.grad.numel() * p.grad.element_size(), self.size)
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+        if not params:
+            return
+        flags = torch.tensor([p.grad is not None for p in params], dtype=torch.uint8).to(params[0].device)
+        named_collective("data-parallel all_reduce (which gradients exist)", self.rank, dist.all_reduce, flags,
+                         op=dist.ReduceOp.MAX, group=self.group)
+        self.bytes_sent += ring_allreduce_bytes(flags.numel(), self.size)
+        trained = [p for p, f in zip(params, flags.tolist()) if f]
+        for dtype in sorted({p.dtype for p in trained}, key=str):
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in trained if p.dtype == dtype]
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            named_collective("data-parallel all_reduce (gradients)", self.rank, dist.all_reduce, flat,
+                             group=self.group)
+            flat.div_(self.size)
+            self.bytes_sent += ring_allreduce_bytes(flat.numel() * flat.element_size(), self.size)
+            for p, part in zip((p for p in trained if p.dtype == dtype), flat.split([g.numel() for g in grads])):
+                p.grad = part.view_as(p)
 
 
 class LofiReplicas(Replicas):

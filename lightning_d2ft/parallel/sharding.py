@@ -1,14 +1,14 @@
-"""Tensor-parallel sharding of model weights by head group: full <-> local state dicts, and a rank's
-narrowed copy of a timm ViT. Where each group sits is read from :mod:`lightning_d2ft.parallel.layout`."""
+"""Tensor-parallel sharding of model weights by head group: full <-> local state dicts (timm's layout, a rank's
+groups narrowed), and keeping a rank's groups of a grouped ViT in place. Where each group sits is read from
+:mod:`lightning_d2ft.parallel.layout`."""
 
 from __future__ import annotations
 
-import copy
-from typing import Sequence
+from typing import Protocol, Sequence, runtime_checkable
 
 from torch import Tensor, nn
 
-from lightning_d2ft.parallel.layout import group_indices, grouped_dim
+from lightning_d2ft.parallel.layout import GROUPED_MODULES, group_indices, grouped_dim
 
 __all__ = ["shard_index", "shard_state_dict", "shard_vit", "unshard_state_dict"]
 
@@ -52,25 +52,26 @@ def unshard_state_dict(shapes: dict[str, Sequence[int]], groups_per_block: int,
     return full
 
 
-def shard_vit(vit: nn.Module, groups_per_block: int, groups: list[list[int]]) -> nn.Module:
-    """A copy of ``vit`` whose block l keeps only head groups ``groups[l]`` (for one tensor-parallel rank).
+@runtime_checkable
+class HoldsGroups(Protocol):
+    """A block module cut by head group (:class:`~lightning_d2ft.model.grouped.GroupedLinear`)."""
 
-    The result is still a timm VisionTransformer (narrowed ``qkv``/``proj``/``fc1``/``fc2``, fewer heads),
-    so :class:`~lightning_d2ft.model.vit.D2FTViT` runs it as it is. The linear modules keep their class
-    (a LoRA ``qkv`` stays one); their grouped parameters are replaced by the rank's slices.
+    def keep_groups_(self, groups: Sequence[int]) -> None:
+        """Keep only these head groups' Parameters (global ids, in this order)."""
+
+
+def shard_vit(vit: nn.Module, groups_per_block: int, groups: list[list[int]]) -> nn.Module:
+    """Keep only head groups ``groups[l]`` of every block l of ``vit`` (in place, for one tensor-parallel rank;
+    returns ``vit``). The blocks' grouped modules (one Parameter per head group) drop the other groups'
+    Parameters, so the rank holds only its own weights, and only their optimizer state; nothing is copied.
     """
     if len(groups) != len(vit.blocks) or any(not owned for owned in groups):
         raise ValueError("every rank must own at least one head group of every block")
-    sharded = shard_state_dict(vit.state_dict(), groups_per_block, groups)
-    local = copy.deepcopy(vit)
-    for l, (blk, owned) in enumerate(zip(local.blocks, groups)):
-        attn, mlp = blk.attn, blk.mlp
-        for module, path in ((attn.qkv, "attn.qkv"), (attn.proj, "attn.proj"), (mlp.fc1, "mlp.fc1"),
-                             (mlp.fc2, "mlp.fc2")):
-            for pname, p in list(module.named_parameters(recurse=False)):
-                value = sharded[f"blocks.{l}.{path}.{pname}"]
-                setattr(module, pname, nn.Parameter(value.detach().clone(), requires_grad=p.requires_grad))
-            module.out_features, module.in_features = module.weight.shape
-        attn.num_heads = attn.num_heads // groups_per_block * len(owned)
-        attn.attn_dim = attn.num_heads * attn.head_dim
-    return local
+    for blk, owned in zip(vit.blocks, groups):
+        for key in GROUPED_MODULES:
+            module = blk.get_submodule(key)
+            if not isinstance(module, HoldsGroups) or getattr(module, "num_groups", None) != groups_per_block:
+                raise TypeError(f"{key} is a {type(module).__name__}, not cut into {groups_per_block} head groups: "
+                                "wrap the ViT in D2FTViT first (it cuts the blocks into one Parameter per group)")
+            module.keep_groups_(owned)
+    return vit

@@ -1,8 +1,9 @@
 """The scoring pass itself: forward + backward per micro-batch, per-subnet sums kept on the device.
 
-Where each parameter element belongs is worked out once (:class:`SubnetIndex`, from the group layout of
-:mod:`lightning_d2ft.parallel.layout`); per micro-batch every statistic of every parameter is reduced by head group
-with a few tensor ops and accumulated on the device, so the pass makes no host sync until it ends.
+Where each parameter belongs is worked out once (:class:`SubnetIndex`: every head group of a block holds
+Parameters of its own, named after it, see :mod:`lightning_d2ft.parallel.layout`); per micro-batch every statistic
+of every parameter is reduced with a few tensor ops and accumulated on the device, so the pass makes no host
+sync until it ends.
 
 The pass runs on whatever model it is given: whole on one process, or this rank's shard of a
 tensor-parallel model (the tensor-parallel group runs the sharded forward/backward together, and each rank
@@ -13,7 +14,6 @@ sums only its own head groups; the replicated stem and head are counted by tenso
 from __future__ import annotations
 
 import copy
-import functools
 import math
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -24,8 +24,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lightning_d2ft.data.micro_batches import MicroBatchSampler
+from lightning_d2ft.model.grouped import join_groups
 from lightning_d2ft.model.vit import D2FTViT
-from lightning_d2ft.parallel.layout import grouped_dim
+from lightning_d2ft.parallel.layout import group_param
 
 __all__ = ["GRAD_STATS", "SubnetIndex", "micro_batches_to_train", "score_pass", "score_shared", "scoring_loader",
            "sum_over_ranks"]
@@ -36,47 +37,55 @@ _STEM = ("patch_embed.", "norm_pre.")
 _STEM_TOKENS = ("cls_token", "reg_token", "pos_embed")
 
 
-def _by_group(t: Tensor, dim: int, lead: int, groups: int) -> Tensor:
-    """``t`` viewed ``(lead, groups, per_group)`` along its grouped ``dim`` (no copy)."""
-    return t.unflatten(dim, (lead, groups, -1))
+def _whole(t: Tensor) -> Tensor:
+    """``t`` as one row (one subnet column: the tensor is summed whole)."""
+    return t.reshape(1, -1)
+
+
+def _is_adapter(name: str) -> bool:
+    return ".lora_A" in name or ".lora_B" in name
 
 
 class SubnetIndex:
     """How every scored parameter of ``net`` folds into subnet columns; built once, reused per micro-batch.
 
-    A grouped block tensor (qkv, proj, fc1, fc2) is viewed ``(lead, local groups, per_group)`` along its
-    grouped dim (no copy) and reduced over every other axis, one entry per subnet column; a stem/head tensor
-    goes whole to column 0 / the last column (only when
-    ``count_replicated``: one tensor-parallel rank counts them); shared block tensors (norms, the proj/fc2
-    biases, LayerScale) and LoRA adapters count for nobody.
+    Every head group of a block holds its own Parameters (its slice of qkv, proj, fc1, fc2; see
+    :mod:`lightning_d2ft.model.grouped`), each summed whole into that subnet's column; a stem/head tensor
+    goes whole to column 0 / the last column (only when ``count_replicated``: one tensor-parallel rank counts
+    them); shared block tensors (norms, the proj/fc2 biases, LayerScale) and LoRA adapters count for nobody.
+    A tensor-parallel rank holds only its own groups' Parameters, so it sums only their columns.
     """
 
     def __init__(self, net: D2FTViT, *, count_replicated: bool = True) -> None:
         self.num_subnets = net.num_subnets
         # every base weight takes part in the backward, counted or not, so that every tensor-parallel rank
         # runs the same backward collectives; LoRA adapters (zero at this point) do not
-        self.base_params = [p for name, p in net.vit.named_parameters() if not name.endswith(("lora_A", "lora_B"))]
-        G = net.groups_per_block
-        owned = net.placement.groups_of(net.tp.rank) if net.tp is not None else [list(range(G))] * net.depth
+        self.base_params = [p for name, p in net.vit.named_parameters() if not _is_adapter(name)]
         device = next(net.parameters()).device
         # (name, parameter, a view whose reduction over ``dims`` leaves one entry per column, dims, columns)
         self.pieces: list[tuple[str, nn.Parameter, Callable[[Tensor], Tensor], tuple[int, ...], Tensor]] = []
         for name, p in net.vit.named_parameters():
-            if name.endswith(("lora_A", "lora_B")):
+            if _is_adapter(name):
                 continue
-            found = grouped_dim(name)
+            found = group_param(name)
             if found is not None:
-                block, layout = found
-                groups = owned[block]
-                cols = [net.subnet_index(block, g) for g in groups]
-                fold = functools.partial(_by_group, dim=layout.dim, lead=layout.lead, groups=len(groups))
-                dims = tuple(i for i in range(p.dim() + 2) if i != layout.dim + 1)  # all but the group axis
+                block, group, _ = found
+                cols = [net.subnet_index(block, group)]
             elif name.startswith("blocks.") or not count_replicated:
                 continue
             else:
                 stem = name.startswith(_STEM) or name in _STEM_TOKENS
-                cols, fold, dims = [0 if stem else net.num_subnets - 1], (lambda t: t.reshape(1, -1)), (1,)
-            self.pieces.append((name, p, fold, dims, torch.tensor(cols, device=device)))
+                cols = [0 if stem else net.num_subnets - 1]
+            self.pieces.append((name, p, _whole, (1,), torch.tensor(cols, device=device)))
+        # the same, batched: a grouped tensor's groups (side by side in memory) reduced together, one row each
+        batches: dict[str, tuple[list[nn.Parameter], list[int]]] = {}
+        for name, p, _, _, cols in self.pieces:
+            found = group_param(name)
+            key = name if found is None else f"{found[0]}.{found[2]}"
+            params, columns = batches.setdefault(key, ([], []))
+            params.append(p)
+            columns.append(int(cols[0]))
+        self._batches = [(params, torch.tensor(columns, device=device)) for params, columns in batches.values()]
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -86,20 +95,24 @@ class SubnetIndex:
     def grad_sums(self, stats: Sequence[str]) -> Tensor:
         """``[len(stats), num_subnets]`` float64 sums of each statistic of the current gradients (on device)."""
         out = None
-        for _, p, fold, dims, cols in self.pieces:
-            if p.grad is None:
-                continue
-            g = fold(p.grad)
+        for params, cols in self._batches:
+            grads = [p.grad for p in params]
+            if any(g is None for g in grads):
+                if all(g is None for g in grads):
+                    continue
+                keep = [i for i, g in enumerate(grads) if g is not None]
+                params, grads, cols = [params[i] for i in keep], [grads[i] for i in keep], cols[keep]
+            g = join_groups(grads).view(len(grads), -1)
             rows = []
             for s in stats:
                 if s == "abs":
-                    rows.append(torch.linalg.vector_norm(g, 1, dim=dims))
+                    rows.append(torch.linalg.vector_norm(g, 1, dim=1))
                 elif s == "sq":
-                    rows.append(torch.linalg.vector_norm(g, 2, dim=dims).square())
+                    rows.append(torch.linalg.vector_norm(g, 2, dim=1).square())
                 else:  # taylor
-                    rows.append((g * fold(p.detach())).abs().sum(dims))
+                    rows.append((g * join_groups(params).view(len(params), -1)).abs().sum(1))
             if out is None:
-                out = torch.zeros(len(stats), self.num_subnets, dtype=torch.float64, device=p.grad.device)
+                out = torch.zeros(len(stats), self.num_subnets, dtype=torch.float64, device=g.device)
             out.index_add_(1, cols, torch.stack(rows).double())
         return out if out is not None else torch.zeros(len(stats), self.num_subnets, dtype=torch.float64)
 
@@ -107,10 +120,11 @@ class SubnetIndex:
     def weight_sums(self) -> Tensor:
         """``[num_subnets]`` float64 sums of |w| over each subnet's own weights (on device)."""
         out = None
-        for _, p, fold, dims, cols in self.pieces:
+        for params, cols in self._batches:
+            w = join_groups(params).view(len(params), -1)
             if out is None:
-                out = torch.zeros(self.num_subnets, dtype=torch.float64, device=p.device)
-            out.index_add_(0, cols, torch.linalg.vector_norm(fold(p.detach()), 1, dim=dims).double())
+                out = torch.zeros(self.num_subnets, dtype=torch.float64, device=w.device)
+            out.index_add_(0, cols, torch.linalg.vector_norm(w, 1, dim=1).double())
         return out if out is not None else torch.zeros(self.num_subnets, dtype=torch.float64)
 
 

@@ -6,8 +6,9 @@ model in DistributedDataParallel it shards the model's :class:`D2FTViT` over the
 rank keeps only its own subnets' weights (and so only their optimizer state). Blocks sum their partial
 outputs across ranks with :class:`SparseTensorParallel`, which sends nothing for silent ranks and counts
 bytes. With several data-parallel replicas, gradients are all-reduced across replicas once per optimizer
-step (every local parameter; one that got no gradient in this replica contributes zeros). No graph search
-for unused parameters is needed: the schedule decides which gradients exist.
+step: the replicas agree on which parameters have a gradient (a head group FULL in any replica's
+micro-batch) and average only those; the others stay without one, so no optimizer moves them. No graph
+search for unused parameters is needed: the schedule decides which gradients exist.
 
 Checkpoints hold the whole unsharded model (plain timm keys under the module's prefix) and unsharded
 optimizer state keyed by parameter name, so a run resumes on the same or a different world size.
@@ -41,6 +42,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_d2ft.data.micro_batches import MicroBatchSampler, with_micro_batches
+from lightning_d2ft.model.optimizers import check_optimizer
 from lightning_d2ft.model.vit import find_d2ft
 from lightning_d2ft.parallel.collectives import CommStats, SparseTensorParallel
 from lightning_d2ft.parallel.grad_norm import clip_grad_by_global_norm, sharded_parameter_ids
@@ -257,6 +259,8 @@ class D2FTStrategy(DDPStrategy):
             return
         super().setup(trainer)
         self.precision_plugin.clip_grad_by_norm = self._clip_grad_by_global_norm
+        for optimizer in self.optimizers:  # only FULL subnets may learn: refuse or warn about one that moves others
+            check_optimizer(optimizer)
 
     @override
     def configure_ddp(self) -> None:

@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_d2ft import CostModel, D2FTViT, Op
+from lightning_d2ft.model.grouped import timm_grads
 from lightning_d2ft.model.vit import valid_groups_per_block, valid_subnet_counts
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -25,7 +26,8 @@ def _input(vit: nn.Module, batch: int = 3) -> torch.Tensor:
 
 
 def _grads(model: nn.Module) -> dict[str, torch.Tensor | None]:
-    return {n: (None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()}
+    """Gradients by timm name, in timm's layout (a D2FTViT holds one Parameter per head group)."""
+    return {n: (None if g is None else g.clone()) for n, g in timm_grads(model).items()}
 
 
 def _run(model, x, *args):
@@ -60,8 +62,8 @@ def test_all_shortcut_block_is_identity(vit_shape, make_vit):
     reference.blocks[block] = nn.Identity()
     y_ref, g_ref = _run(reference, x)
     torch.testing.assert_close(y, y_ref, **TOL)
-    for name, _ in vit.blocks[block].named_parameters():
-        assert grads[f"vit.blocks.{block}.{name}"] is None, f"SHORTCUT block parameter {name} got a gradient"
+    for name, p in vit.blocks[block].named_parameters():  # every per-group Parameter too
+        assert p.grad is None, f"SHORTCUT block parameter {name} got a gradient"
     for name, ref in g_ref.items():
         torch.testing.assert_close(grads["vit." + name], ref, **TOL)
 
@@ -79,14 +81,16 @@ def test_forward_only_changes_output_like_full_but_gets_no_gradient(vit_shape, m
     y_full, _ = _run(net, x)
     y, grads = _run(net, x, ops)
     torch.testing.assert_close(y, y_full, **TOL)  # FORWARD_ONLY changes the output exactly as FULL does
-    for name, _ in vit.blocks[fo_block].named_parameters():
-        assert grads[f"vit.blocks.{fo_block}.{name}"] is None, f"{name} of a FORWARD_ONLY block got a .grad"
+    for name, p in vit.blocks[fo_block].named_parameters():  # every per-group Parameter too
+        assert p.grad is None, f"{name} of a FORWARD_ONLY block got a .grad"
     if G > 1:  # the forward-only group's slices get exactly zero, its FULL neighbours do not
         last = len(vit.blocks) - 1
         fc1 = grads[f"vit.blocks.{last}.mlp.fc1.weight"].view(G, -1, vit.embed_dim)
         assert fc1[-1].abs().max() == 0 and fc1[0].abs().max() > 0
         qkv = grads[f"vit.blocks.{last}.attn.qkv.weight"].view(3, G, -1, vit.embed_dim)
         assert qkv[:, -1].abs().max() == 0 and qkv[:, 0].abs().max() > 0
+        # and its own Parameters have no gradient at all: the optimizer leaves them alone
+        assert all(p.grad is None for n, p in vit.blocks[last].named_parameters() if n.endswith(f"_g{G - 1}"))
 
 
 def _saved_bytes(net, x, ops) -> int:
@@ -268,7 +272,7 @@ def test_shard_keeps_the_placement_object_it_is_given(make_vit):
         other.shard_(placement.owner, SparseTensorParallel(None, 0, 2))
 
 
-def test_a_one_rank_tensor_parallel_group_runs_mixed_blocks_through_the_fused_kernels(make_vit):
+def test_a_one_rank_tensor_parallel_group_runs_mixed_blocks_through_the_fused_kernels(make_vit, monkeypatch):
     """One device under D2FTStrategy is a tensor-parallel group of one: no collectives are needed, so mixed
     blocks take the fused path (before this, every block of a one-device fit took the slow general path),
     with the same outputs and gradients as the unsharded model."""
@@ -283,12 +287,17 @@ def test_a_one_rank_tensor_parallel_group_runs_mixed_blocks_through_the_fused_ke
     ops[1:-1] = torch.tensor([Op.FULL, Op.FORWARD_ONLY, Op.SHORTCUT]).repeat((plain.num_subnets - 2) // 3 + 1)[
         : plain.num_subnets - 2]
     x = _input(vit)
+    import lightning_d2ft.model.vit as vit_module
+
+    fused_calls = []
+    real = vit_module.fused_block
+    monkeypatch.setattr(vit_module, "fused_block", lambda *a: fused_calls.append(1) or real(*a))
     outs = []
     for net in (plain, one_rank):
         out = net(x, ops)
         out.square().mean().backward()
         outs.append(out)
-    assert one_rank._plans, "mixed blocks did not use the fused kernels"
+    assert len(fused_calls) == 2 * plain.depth, "mixed blocks did not use the fused kernels"
     torch.testing.assert_close(outs[1], outs[0], **TOL)
     for (k, a), b in zip(plain.named_parameters(), one_rank.parameters()):
         assert (a.grad is None) == (b.grad is None), k

@@ -29,7 +29,7 @@ def test_one_replica_changes_nothing_and_sends_nothing():
 def _two_replicas(rank: int, port: int, out: dict) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        out[rank] = {kind: _three_steps(rank, kind) for kind in ("lofi", "sync")}
+        out[rank] = {**{kind: _three_steps(rank, kind) for kind in ("lofi", "sync")}, "partial": _partial_sync(rank)}
     finally:
         dist.destroy_process_group()
 
@@ -50,6 +50,18 @@ def _three_steps(rank: int, kind: str) -> dict:
     mean = p.detach().clone()
     replicas.resume_own_([p])
     return {"steps": seen, "eval": mean, "after_eval": p.detach().clone(), "own": own, "bytes": replicas.bytes_sent}
+
+
+def _partial_sync(rank: int) -> tuple[list, int]:
+    """Three parameters: trained on both replicas, on replica 0 only, on neither (a group FULL nowhere)."""
+    params = [torch.nn.Parameter(torch.ones(3)) for _ in range(3)]
+    params[0].grad = torch.full((3,), float(rank + 1))
+    if rank == 0:
+        params[1].grad = torch.full((3,), 4.0)
+    opt = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=0.1)
+    replicas = SyncReplicas(None, 2, rank)
+    replicas.after_backward(opt)
+    return [None if p.grad is None else p.grad.tolist() for p in params], replicas.bytes_sent
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +95,12 @@ def test_two_synced_replicas_step_with_the_mean_gradient(two_replicas):
     for r in (0, 1):  # gradient mean 1.5 every step, from starts 0 and 1
         assert torch.equal(two_replicas[r]["sync"]["own"], torch.full((4,), float(r) - 4.5))
     assert torch.equal(two_replicas[0]["sync"]["eval"], two_replicas[0]["sync"]["own"])  # in sync: nothing to average
+
+
+def test_sync_replicas_average_what_some_replica_trained_and_leave_the_rest_without_a_gradient(two_replicas):
+    """A parameter no replica trained (a head group FULL nowhere in the step) keeps grad=None everywhere, so the
+    optimizer skips it; one trained on some replica gets the mean (zeros from the others)."""
+    for rank in range(2):
+        grads, sent = two_replicas[rank]["partial"]
+        assert grads == [[1.5] * 3, [2.0] * 3, None]
+        assert sent == 3 + 2 * 3 * 4  # the flags (one byte each), then the two trained gradients in one buffer

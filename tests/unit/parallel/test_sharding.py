@@ -1,6 +1,9 @@
-"""Sharding by head group: full <-> per-rank state dicts round-trip exactly; a rank's model is still timm."""
+"""Sharding by head group: full <-> per-rank state dicts round-trip exactly; a rank keeps only its groups'
+Parameters, in place, and its state dict is its share of timm's tensors."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -13,7 +16,7 @@ from lightning_d2ft.parallel.sharding import shard_index, shard_state_dict, shar
 
 def _round_trip(vit, G: int, world: int = 2) -> None:
     owner = round_robin(len(vit.blocks), G, world)
-    shards = [(groups_of_rank(owner, r), shard_vit(vit, G, groups_of_rank(owner, r)).state_dict())
+    shards = [(groups_of_rank(owner, r), shard_vit(copy.deepcopy(vit), G, groups_of_rank(owner, r)).state_dict())
               for r in range(world)]
     shapes = {k: v.shape for k, v in vit.state_dict().items()}
     rebuilt = unshard_state_dict(shapes, G, shards)
@@ -33,12 +36,16 @@ def test_lora_adapters_shard_and_keep_their_module(make_vit):
     net = D2FTViT(make_vit("tiny3"))
     add_lora_(net, 2)
     for blk in net.vit.blocks:
-        torch.nn.init.normal_(blk.attn.qkv.lora_B)
+        for b in blk.attn.qkv.adapters(blk.attn.qkv.all_positions)[1]:
+            torch.nn.init.normal_(b)
     _round_trip(net.vit, net.groups_per_block)
-    local = shard_vit(net.vit, 3, [[0], [2], [1]])
+    local = copy.deepcopy(net.vit)
+    assert shard_vit(local, 3, [[0], [2], [1]]) is local  # in place
     qkv = local.blocks[0].attn.qkv
     assert type(qkv) is type(net.vit.blocks[0].attn.qkv) and qkv.lora_A.shape == (2, 48)
-    assert qkv.out_features == 3 * 16 and local.blocks[0].attn.num_heads == 1
+    assert qkv.weight.shape == (3 * 16, 48) and qkv.group_ids == [0]
+    assert sorted(n for n, _ in qkv.named_parameters()) == ["lora_A_g0", "lora_B_g0", "weight_g0"]
+    assert local.blocks[1].mlp.fc2.group_ids == [2]
 
 
 def test_shard_index_reads_the_layout_table():

@@ -28,8 +28,10 @@ def test_gradient_metrics_are_exact_per_subnet_sums(make_vit):
     net = D2FTViT(make_vit("tiny3"), groups_per_block=3)
     x, y = _data(1)[0]
     s = compute_scores(net, [(x, y)], "fisher", "taylor", progress=False)
-    F.cross_entropy(net.vit.eval()(x), y).backward()
-    blk = net.vit.blocks[1]
+    plain = make_vit("tiny3")  # an independent plain timm model with the same weights
+    plain.load_state_dict(net.vit.state_dict())
+    F.cross_entropy(plain.eval()(x), y).backward()
+    blk = plain.blocks[1]
     g = 2  # group 2 of block 1 owns rows [32:48) of q, k and v, the same columns of proj, 1/3 of the MLP
     D, per = 48, 16
     qkv = blk.attn.qkv.weight
@@ -126,8 +128,10 @@ def test_every_gradient_metric_equals_a_plain_timm_reference_on_every_shape(vit_
     data = [(torch.randn(3, 3, img, img), torch.randint(0, 3, (3,))) for _ in range(2)]
     first = compute_scores(net, data, "gradient_magnitude", "fisher", progress=False)
     taylor = compute_scores(net, data, "taylor", "random", progress=False).backward
+    plain = make_vit(vit_shape)  # an independent plain timm model with the same weights
+    plain.load_state_dict(net.vit.state_dict())
     for n, (x, y) in enumerate(data):
-        ref = _reference(vit, x, y, net.groups_per_block)
+        ref = _reference(plain, x, y, net.groups_per_block)
         for metric, got in (("gradient_magnitude", first.backward), ("fisher", first.forward), ("taylor", taylor)):
             assert torch.allclose(got[n], ref[metric], rtol=1e-4, atol=1e-9), metric
 

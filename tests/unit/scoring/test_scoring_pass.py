@@ -83,7 +83,8 @@ def test_every_grouped_tensor_is_indexed_once_and_shared_tensors_not_at_all(make
     names = [name for name, *_ in SubnetIndex(net).pieces]
     assert len(names) == len(set(names))
     assert not any(s in n for n in names if n.startswith("blocks.") for s in ("norm", "proj.bias", "fc2.bias"))
-    assert sum("blocks." in n for n in names) == 12 * 6  # qkv w/b, proj w, fc1 w/b, fc2 w per block
+    # qkv w/b, proj w, fc1 w/b, fc2 w of each of the 6 head groups of each block: one Parameter each
+    assert sum("blocks." in n for n in names) == 12 * 6 * 6
 
 
 def _trainer(batches=float("inf"), max_steps=-1, accumulate=1, max_epochs=1):
