@@ -16,9 +16,11 @@ the float scores). In step mode an item's profit is its score quantised to 2^-Q 
 (Q = 36 for 36 subnets) times K, plus a distinct rank (lower forward score first for FULL, lower index
 first for FORWARD_ONLY), K above every rank sum: both solvers maximise the same integers and so break
 score ties the same way. In epoch mode SCIP sees the float scores, and a second solve breaks FULL ties the
-DP's way (among the best FULL sets, the most items, then the lowest forward-score sum); where item costs
-differ the two may still pick different tied sets, which can change the FORWARD_ONLY objective (then the
-check fails loudly).
+DP's way (among the best FULL sets, the most items, then the lowest forward-score sum). SCIP may still
+return another FULL set within its optimality tolerance (measured: 2.6e-8 of the objective lower, on a row
+of exact ties: the default weight_magnitude score is the same for every micro-batch), and the inner
+objective depends on which FULL set was taken, so in epoch mode the check compares the FULL objectives
+(relative 1e-6) and then the FORWARD_ONLY objective that the DP reaches on OR-Tools' own FULL set.
 
 Solvers (:data:`SOLVERS`): ``ortools`` (step: OR-Tools' dedicated knapsack solver per row and level, the
 64-item solver or branch and bound, or CP-SAT per row and level where a comm budget groups items by block;
@@ -74,6 +76,18 @@ def solve_dp(rows: Rows, time_limit: float | None = None) -> tuple[np.ndarray, n
                                   b.capacity - used, rows.fo_cap(int(full[r].sum())))
         fo[r, rest[inner]] = True
     return full, fo
+
+
+def dp_inner(rows: Rows, full: np.ndarray) -> np.ndarray:
+    """The DP's FORWARD_ONLY level for a given FULL set ``full`` (items not grouped by messages)."""
+    fo = np.zeros_like(full)
+    for r in range(full.shape[0]):
+        rest = np.flatnonzero(~full[r])
+        used = int(rows.w_full[full[r]].sum())
+        inner = knapsack_by_class(rows.value_in[r, rest], rows.tie_in[r, rest], rows.w_fo[rest],
+                                  rows.budget.capacity - used, rows.fo_cap(int(full[r].sum())))
+        fo[r, rest[inner]] = True
+    return fo
 
 
 def _best_first(value: np.ndarray, tie: np.ndarray, k: int, distinct: bool) -> np.ndarray:
@@ -400,11 +414,15 @@ def solve_devices(back: Tensor, fwd: Tensor, place: Tensor, unit: Tensor, budget
                 check_s += time.perf_counter() - t
             t = time.perf_counter()
         rows = make_rows(back_np[:, cols], fwd_np[:, cols], unit[cols], budget, cost, step, group, fixed)
-        found, obj = epilogue(rows, *SOLVERS[solver](rows, time_limit))
+        full, fo = SOLVERS[solver](rows, time_limit)
+        found, obj = epilogue(rows, full, fo)
         solve_s += time.perf_counter() - t
         if validate and solver != "dp":
             t = time.perf_counter()
             _, ref = epilogue(rows, *solve_dp(rows))
+            if not step:  # SCIP may return another FULL set within its tolerance: check the inner level on its own
+                _, given = epilogue(rows, full, dp_inner(rows, full))
+                ref = np.stack([ref[:, 0], given[:, 1]], axis=1)
             _compare(obj, ref, d, step, solver, instance)
             check_s += time.perf_counter() - t
         ops[:, cols] = found.reshape(n_mb, cols.size)
