@@ -62,7 +62,7 @@ SEEDS = [0, 1, 2, 3, 4]
 DEFAULT = {"method": "d2ft", "budget": 0.6, "comm_budget": None, "subnets": 74, "backward_score": "weight_magnitude",
            "forward_score": "fisher", "score_every": 1, "lora_rank": None, "devices": 1, "capacity": "step",
            "forward_mix": 0.5}
-SMOKE = {"pretrain_per_class": 60, "pretrain_epochs": 1, "per_class": 40, "epochs": 1, "batch_size": 20,
+SMOKE = {"pretrain_per_class": 60, "pretrain_epochs": 1, "per_class": 40, "epochs": 1, "batch_size": 10,
          "test_per_class": 100, "seeds": [0, 1]}
 
 
@@ -143,8 +143,9 @@ def top1(net: torch.nn.Module, dm: FashionMNISTDataModule) -> float:
     if TEST_PER_CLASS is None:
         return held_out_top1(net, dm.test_dataloader(), len(dm.val_set))
     n = min(len(dm.val_set), TEST_PER_CLASS * dm.num_classes)
-    subset = torch.utils.data.Subset(dm.val_set, list(range(n)))
-    return held_out_top1(net, torch.utils.data.DataLoader(subset, batch_size=250), n)
+    picks = list(range(0, len(dm.val_set), max(1, len(dm.val_set) // n)))[:n]  # spread over the classes
+    subset = torch.utils.data.Subset(dm.val_set, picks)
+    return held_out_top1(net, torch.utils.data.DataLoader(subset, batch_size=250), len(picks))
 
 
 class OneCycleClassifier(ViTClassifier):
