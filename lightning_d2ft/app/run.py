@@ -29,7 +29,7 @@ from lightning_d2ft.schedule.schedule import Schedule
 from lightning_d2ft.schedule.settings import ScheduleSettings
 from lightning_d2ft.strategy.strategy import D2FTStrategy
 
-__all__ = ["DATAMODULES", "build_datamodule", "check_model", "check_run_dir", "full_dynamics", "print_summary", "run"]
+__all__ = ["DATAMODULES", "build_datamodule", "check_model", "check_run_dir", "print_summary", "run"]
 log = logging.getLogger(__name__)
 
 
@@ -210,7 +210,7 @@ def _result(cfg: DictConfig, trainer: Trainer, callback: D2FTCallback, out: Path
     }
 
 
-def full_dynamics(result: dict[str, Any]) -> str:
+def _full_dynamics(result: dict[str, Any]) -> str:
     """How dynamic the FULL set was, from a results.json: subnets never FULL, distinct FULL sets, and the
     subnets of each block FULL at least once."""
     blocks = sorted((int(k.rsplit("_", 1)[1]), int(v)) for k, v in result.items() if k.startswith("ever_full_block_"))
@@ -232,7 +232,7 @@ def print_summary(result: dict[str, Any]) -> None:
     if wire is not None and (result["devices"] if tp is None else tp) > 1:
         print(f"communication: {wire:.3f} of full fine-tuning on the wire ({1 - wire:.0%} saved)")
     if result.get("never_full_subnets") is not None:
-        print(full_dynamics(result))
+        print(_full_dynamics(result))
     if result["val_acc"] is not None:
         print(f"validation top-1 accuracy: {result['val_acc']:.2%}")
     scoring = result["scoring_seconds"]
