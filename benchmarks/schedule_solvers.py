@@ -96,7 +96,7 @@ def formulation_rows(n_rows: int) -> list[dict]:
     cols = torch.arange(1, 73, 2)
     unit = torch.ones(36, dtype=torch.float64)
     budget = device_budgets(1, torch.zeros(36, dtype=torch.long), torch.ones(1, dtype=torch.float64), unit,
-                            CostModel(), 0.6, None, 0.5)[0]
+                            CostModel(), 0.6, None, None, 0.5)[0]
     rows = make_rows(back[:n_rows, cols].double(), fwd[:n_rows, cols].double(), unit, budget, CostModel(), True)
     solvers = _knapsack_solvers(None)
     picks = {}

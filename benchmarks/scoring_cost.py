@@ -8,12 +8,20 @@ The default is `make demo`'s shape: ViT-S-shaped (12 blocks x 6 heads, width 192
 
 * ``fwd_bwd``: one plain forward+backward (all FULL, no optimizer) per micro-batch;
 * ``train_epoch``: a plain fine-tuning epoch (forward+backward+AdamW step) on a copy of the model;
-* ``scoring``: the scoring pass the callback runs (``score_shared``; weight_magnitude / fisher);
-* ``scoring_3stats``: the pass with all three gradient statistics (gradient_magnitude, fisher, taylor);
-* ``scoring_every10``: ``score_every=10``.
+* ``scoring``: the scoring pass the callback runs by default (``score_shared``; weight_magnitude / fisher:
+  the per-sample empirical Fisher, output gradients only, no weight gradients);
+* ``scoring_fisher_and_batch``: fisher beside a batch-gradient statistic (taylor / fisher: weight gradients
+  and the per-sample sums in one backward);
+* ``scoring_squared_gradient``: the squared mean gradient (what ``fisher`` meant before issue 27);
+* ``scoring_3stats``: the pass with the three batch-gradient statistics (gradient_magnitude,
+  squared_gradient, taylor);
+* ``scoring_every10``: the default pass with ``score_every=10``.
 
-Targets (issue 15): scoring <= 1.2x fwd_bwd, scoring_every10 <= 0.15x fwd_bwd. ``--vit-s16`` adds a
-ViT-S/16 row at 224 px (batch 8, random data). Writes benchmarks/results/scoring_cost.json.
+Times are this process's CPU time (one torch thread; the machine is shared, and its wall time also holds the
+other jobs' share of the 2 cores; the wall times are in the JSON too). Targets: scoring (the per-sample
+Fisher) <= 1.5x fwd_bwd (issue 27), scoring_every10 <= 0.15x fwd_bwd
+(issue 15). ``--vit-s16`` adds a ViT-S/16 row at 224 px (197 tokens; batch 8, random data). Writes
+benchmarks/results/scoring_cost.json.
 """
 
 from __future__ import annotations
@@ -49,10 +57,12 @@ def vit_s16_setup(n_mb: int = 8) -> tuple[D2FTViT, torch.utils.data.DataLoader]:
     return D2FTViT(vit, subnets=74), micro_batch_loader(torch.utils.data.TensorDataset(x, y), 8, seed=0)
 
 
-def _timed(fn) -> float:
-    start = time.perf_counter()
+def _timed(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process): on a shared machine the CPU time, with one torch thread
+    and no loader workers, is the work done; the wall time also holds the other jobs' share of the cores."""
+    start, cpu = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def measure(net: D2FTViT, loader, repeats: int) -> dict:
@@ -79,18 +89,25 @@ def measure(net: D2FTViT, loader, repeats: int) -> dict:
     def scoring(stats, every=1):
         return lambda: score_shared(net, loader, micro_batches, ids[::every], stats, F.cross_entropy)
 
-    cases = {"fwd_bwd": fwd_bwd, "train_epoch": train_epoch, "scoring": scoring(["sq"]),
-             "scoring_3stats": scoring(["abs", "sq", "taylor"]), "scoring_every10": scoring(["sq"], 10)}
+    cases = {"fwd_bwd": fwd_bwd, "train_epoch": train_epoch, "scoring": scoring(["fisher"]),
+             "scoring_fisher_and_batch": scoring(["taylor", "fisher"]), "scoring_squared_gradient": scoring(["sq"]),
+             "scoring_3stats": scoring(["abs", "sq", "taylor"]), "scoring_every10": scoring(["fisher"], 10)}
     fwd_bwd()  # warm-up
     times = {name: [] for name in cases}
+    walls = {name: [] for name in cases}
     for _ in range(repeats):
         for name, fn in cases.items():
-            times[name].append(_timed(fn))
+            wall, cpu = _timed(fn)
+            times[name].append(cpu)
+            walls[name].append(wall)
     med = {name: statistics.median(t) for name, t in times.items()}
     base = med["fwd_bwd"]
-    return {"micro_batches": len(ids), "micro_batch_size": len(micro_batches[0]), "seconds": med,
-            "all_seconds": times, "scoring_vs_fwd_bwd": med["scoring"] / base,
+    return {"micro_batches": len(ids), "micro_batch_size": len(micro_batches[0]), "clock": "process CPU time",
+            "seconds": med, "all_seconds": times, "all_wall_seconds": walls,
+            "scoring_vs_fwd_bwd": med["scoring"] / base,
             "scoring_3stats_vs_fwd_bwd": med["scoring_3stats"] / base,
+            "scoring_fisher_and_batch_vs_fwd_bwd": med["scoring_fisher_and_batch"] / base,
+            "scoring_squared_gradient_vs_fwd_bwd": med["scoring_squared_gradient"] / base,
             "scoring_every10_vs_fwd_bwd": med["scoring_every10"] / base,
             "scoring_vs_train_epoch": med["scoring"] / med["train_epoch"],
             "scoring_every10_vs_train_epoch": med["scoring_every10"] / med["train_epoch"]}
@@ -101,23 +118,28 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
     parser.add_argument("--vit-s16", action="store_true", help="add a ViT-S/16 224 px row (slow on CPU)")
+    parser.add_argument("--vit-s16-micro-batches", type=int, default=8)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = {"demo (width 192, 32 px, 74 subnets, digits)": measure(*demo_setup(), args.repeats)}
     if args.vit_s16:
-        rows["ViT-S/16 224 px, batch 8, 74 subnets"] = measure(*vit_s16_setup(), args.repeats)
+        rows["ViT-S/16 224 px, batch 8, 74 subnets"] = measure(*vit_s16_setup(args.vit_s16_micro_batches),
+                                                               args.repeats)
     table = [{"case": name, "micro_batches": r["micro_batches"], "fwd_bwd_s": r["seconds"]["fwd_bwd"],
               "train_epoch_s": r["seconds"]["train_epoch"], "scoring_s": r["seconds"]["scoring"],
-              "scoring/fwd_bwd": r["scoring_vs_fwd_bwd"], "3stats/fwd_bwd": r["scoring_3stats_vs_fwd_bwd"],
+              "scoring/fwd_bwd": r["scoring_vs_fwd_bwd"],
+              "fisher+taylor/fwd_bwd": r["scoring_fisher_and_batch_vs_fwd_bwd"],
+              "sq_grad/fwd_bwd": r["scoring_squared_gradient_vs_fwd_bwd"],
+              "3stats/fwd_bwd": r["scoring_3stats_vs_fwd_bwd"],
               "every10/fwd_bwd": r["scoring_every10_vs_fwd_bwd"], "scoring/epoch": r["scoring_vs_train_epoch"]}
              for name, r in rows.items()]
     print_table(table, list(table[0]))
-    targets = {name: {"scoring <= 1.2x fwd_bwd": r["scoring_vs_fwd_bwd"] <= 1.2,
+    targets = {name: {"scoring (per-sample fisher) <= 1.5x fwd_bwd": r["scoring_vs_fwd_bwd"] <= 1.5,
                       "every10 <= 0.15x fwd_bwd": r["scoring_every10_vs_fwd_bwd"] <= 0.15} for name, r in rows.items()}
     print(targets)
     path = write_json("scoring_cost.json", {"args": vars(args), "rows": rows, "targets_met": targets,
-                                            "note": "a 2-core machine shared with other jobs: ratios measured "
-                                                    "side by side, interleaved, median of repeats"})
+                                            "note": "a 2-core machine shared with other jobs: process CPU time, "
+                                                    "cases interleaved, median of repeats"})
     print(f"wrote {path}")
 
 

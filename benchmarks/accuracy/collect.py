@@ -24,7 +24,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "accuracy"
 METHODS = ["d2ft", "random", "dpruning", "moe", "full"]
-SCORES = ["weight_magnitude", "gradient_magnitude", "fisher", "taylor", "random"]
+SCORES = ["weight_magnitude", "gradient_magnitude", "squared_gradient", "fisher", "taylor", "random"]
 
 # What the paper reports (SPEC section 7 and ../shared/papers/); it has no digits numbers: these are its
 # claims on CIFAR-10/100 and Stanford Cars with an ImageNet-pretrained ViT-S, to set beside ours.
@@ -85,13 +85,14 @@ def grouped(runs: list[dict], *keys: str) -> dict[tuple, list[float]]:
 def budget_table(runs: list[dict], key: str, table: str, title: str) -> tuple[str, dict]:
     """Rows: methods; columns: the budgets swept (``key``); full fine-tuning as its own row at 1.0."""
     acc = grouped(runs, "method", key)
-    # measured fractions of all-FULL: for a communication budget both the cost model it constrains
-    # (comm_fraction, per (micro-batch, subnet) item) and the bytes the all-to-all really sends (wire)
-    measures = ["comm_fraction", "wire_fraction"] if key == "comm_budget" else ["compute_fraction"]
+    # measured fractions of all-FULL: for a communication budget the bytes the collectives really send (the
+    # wire, which the budget bounds; results.json has no communication figure for a one-device schedule)
+    measures = ["compute_fraction", "wire_fraction"] if key == "comm_budget" else ["compute_fraction"]
     frac = {name: defaultdict(list) for name in measures}
     for r in runs:
         for name in measures:
-            frac[name][(r["method"], r[key])].append(r[name])
+            if r.get(name) is not None:
+                frac[name][(r["method"], r[key])].append(r[name])
     budgets = sorted({b for (_, b) in acc if b is not None})
     if key == "comm_budget" and (("full", None) in acc):
         budgets.append(None)

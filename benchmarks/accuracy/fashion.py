@@ -1,8 +1,9 @@
-"""Fashion-MNIST accuracy sweep (issue 16): paired runs, appended to ``runs.jsonl`` as they finish.
+"""Fashion-MNIST accuracy sweep (issues 16, 27): paired runs, appended to ``runs.jsonl`` as they finish.
 
-    nice -n 10 python benchmarks/accuracy/fashion.py                 # the whole sweep (resumable)
+    nice -n 10 python benchmarks/accuracy/fashion.py                 # the v3 sweep, all tiers (resumable)
     nice -n 10 python benchmarks/accuracy/fashion.py --tiers 1       # the key comparisons only
-    python benchmarks/accuracy/fashion_tables.py                     # tables from runs.jsonl
+    python benchmarks/accuracy/fashion.py --smoke                    # rehearse the pipeline in minutes
+    python benchmarks/accuracy/fashion_tables.py --tag v3            # tables from runs.jsonl
 
 Protocol: a ViT-S-shaped model (12 blocks x 6 heads, narrow) is pretrained on Fashion-MNIST classes 0-4
 (once per seed, cached), then fine-tuned on a seeded subset of classes 5-9 and tested on all 5,000
@@ -11,6 +12,15 @@ fine-tuning subset, the micro-batches (same sampler seed) and the head initialis
 right before the model is built). One process, one CPU device (``trainer=cpu1``-like); runs go in priority
 tiers over all seeds, so a cut-short sweep still holds complete seeds for the key comparisons. A run
 already in the runs file (same settings, seed and ``--tag``) is skipped.
+
+Tag ``v3`` (issue 27): the train-or-skip baselines and their ``_fo`` ablations, the paper's capacity with the
+FULL floor, ``forward_mix``, the per-sample ``fisher`` against ``squared_gradient``, and schedules solved for
+2 and 4 tensor-parallel devices, **executed in one process**: the ops alone decide what a fine-tune learns
+(tensor parallelism splits the same sums over ranks; ``tp_schedule.py`` and
+``tests/integration/test_tensor_parallel_schedule_in_one_process.py``), and on one device with per-step
+capacity D2FT's knapsack is a per-micro-batch top-k. Every row records a hash of its ops (``ops_sha``), so
+the tables say "identical schedules" where two methods gave the same ops. ``--smoke`` runs every tier on a
+few images for 1 epoch and 2 seeds, into ``.cache/fashion-smoke/`` (never into the results).
 """
 
 from __future__ import annotations
@@ -36,6 +46,9 @@ from lightning_d2ft.app.pretrain import held_out_top1, save_state_dict, train_cl
 from lightning_d2ft.data.fashion_mnist import FashionMNISTDataModule  # noqa: E402
 from lightning_d2ft.ops import Op  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tp_schedule import TensorParallelSchedule  # noqa: E402
+
 OUT = REPO / "benchmarks" / "results" / "accuracy" / "fashion"
 CACHE = REPO / ".cache" / "fashion"
 MODEL = "vit_small_patch16_224"  # 12 blocks x 6 heads: 26/38/74 subnets exist
@@ -45,8 +58,12 @@ PRETRAIN = {"classes": [0, 1, 2, 3, 4], "per_class": 2000, "epochs": 4, "lr": 1e
 FINETUNE = {"classes": [5, 6, 7, 8, 9], "per_class": 1000, "epochs": 4, "lr": 5e-4, "batch_size": 50,
             "lora_lr": 5e-3}  # LoRA rows (LoRA and D2FT-LoRA alike): at 5e-4 rank-4 adapters reached only 48%
 SEEDS = [0, 1, 2, 3, 4]
+# a v2 row without the keys added since holds their defaults (fashion_tables reads it so)
 DEFAULT = {"method": "d2ft", "budget": 0.6, "comm_budget": None, "subnets": 74, "backward_score": "weight_magnitude",
-           "forward_score": "fisher", "score_every": 1, "lora_rank": None}
+           "forward_score": "fisher", "score_every": 1, "lora_rank": None, "devices": 1, "capacity": "step",
+           "forward_mix": 0.5}
+SMOKE = {"pretrain_per_class": 60, "pretrain_epochs": 1, "per_class": 40, "epochs": 1, "batch_size": 10,
+         "test_per_class": 100, "seeds": [0, 1]}
 
 
 def _runs(*specs: dict) -> list[dict]:
@@ -54,6 +71,22 @@ def _runs(*specs: dict) -> list[dict]:
 
 
 BASELINES = ("random", "dpruning", "moe")
+TRAIN_OR_SKIP = BASELINES
+ABLATIONS = ("random_fo", "dpruning_fo", "moe_fo")
+TIERS_V3: dict[int, list[dict]] = {
+    # the targets: full, D2FT, the train-or-skip baselines and their _fo ablations at budgets 0.6 and 0.4
+    1: _runs({"method": "full", "budget": 1.0},
+             *({"method": m, "budget": b} for b in (0.6, 0.4) for m in ("d2ft", *TRAIN_OR_SKIP, *ABLATIONS))),
+    # schedules solved for 2 and 4 tensor-parallel devices (executed in one process): D2FT is not MoE there
+    2: _runs(*({"devices": d, "budget": b} for b in (0.6, 0.4) for d in (2, 4))),
+    # the paper's capacity with its floor, forward_mix, fisher (per sample) against squared_gradient
+    3: _runs(*({"capacity": "epoch", "budget": b} for b in (0.6, 0.4)),
+             {"forward_mix": 0.0}, {"forward_mix": 1.0},
+             {"forward_score": "squared_gradient"}, {"backward_score": "fisher"},
+             {"backward_score": "squared_gradient"}),
+    # the wire budget (2 devices: one device sends nothing) at compute 1.0
+    4: _runs({"devices": 2, "budget": 1.0, "comm_budget": 0.5}),
+}
 TIERS: dict[int, list[dict]] = {
     # the targets: full, default D2FT and every baseline at budget 0.6 / 74 subnets, D2FT at comm budget 0.5
     1: _runs({"method": "full", "budget": 1.0}, {}, *({"method": m} for m in BASELINES),
@@ -72,7 +105,20 @@ KEY_FIELDS = (*DEFAULT, "seed", "tag")
 
 
 def _key(row: dict) -> tuple:
-    return tuple(row.get(k) for k in KEY_FIELDS)
+    return tuple(row.get(k, DEFAULT.get(k)) for k in KEY_FIELDS)
+
+
+def use_smoke_sizes() -> None:
+    """Shrink everything (pretraining, fine-tuning, test images) so the whole pipeline runs in minutes, and
+    keep its files apart from the results (the pretrained checkpoints are cached by their sizes anyway)."""
+    global CACHE, TEST_PER_CLASS
+    PRETRAIN.update(per_class=SMOKE["pretrain_per_class"], epochs=SMOKE["pretrain_epochs"])
+    FINETUNE.update(per_class=SMOKE["per_class"], epochs=SMOKE["epochs"], batch_size=SMOKE["batch_size"])
+    CACHE = REPO / ".cache" / "fashion-smoke"
+    TEST_PER_CLASS = SMOKE["test_per_class"]
+
+
+TEST_PER_CLASS: int | None = None  # None: every official test image of the classes
 
 
 def pretrained(seed: int) -> Path:
@@ -92,8 +138,14 @@ def pretrained(seed: int) -> Path:
 
 
 def top1(net: torch.nn.Module, dm: FashionMNISTDataModule) -> float:
-    """Percent correct on every test image of the data module's classes (the full model, eval mode)."""
-    return held_out_top1(net, dm.test_dataloader(), len(dm.val_set))
+    """Percent correct on every test image of the data module's classes (the full model, eval mode); with
+    ``--smoke`` on the first ``TEST_PER_CLASS`` x classes of them."""
+    if TEST_PER_CLASS is None:
+        return held_out_top1(net, dm.test_dataloader(), len(dm.val_set))
+    n = min(len(dm.val_set), TEST_PER_CLASS * dm.num_classes)
+    picks = list(range(0, len(dm.val_set), max(1, len(dm.val_set) // n)))[:n]  # spread over the classes
+    subset = torch.utils.data.Subset(dm.val_set, picks)
+    return held_out_top1(net, torch.utils.data.DataLoader(subset, batch_size=250), len(picks))
 
 
 class OneCycleClassifier(ViTClassifier):
@@ -113,16 +165,24 @@ def _lr(spec: dict) -> float:
     return FINETUNE["lora_lr"] if spec["lora_rank"] else FINETUNE["lr"]
 
 
+def ops_sha(ops: torch.Tensor) -> str:
+    """A short hash of a schedule's ops: two runs with the same hash executed the same schedule."""
+    return hashlib.sha256(ops.to(torch.int8).contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
 def finetune(spec: dict, seed: int, checkpoint: Path, dm: FashionMNISTDataModule, root: Path) -> dict:
     """One fine-tune on the seed's shared subset and micro-batches; returns the run's row."""
     from lightning.pytorch import Trainer, seed_everything
 
     from lightning_d2ft.callback import D2FTCallback
 
-    callback = D2FTCallback(budget=spec["budget"], subnets=spec["subnets"], backward_score=spec["backward_score"],
-                            forward_score=spec["forward_score"], method=spec["method"],
-                            comm_budget=spec["comm_budget"], score_every=spec["score_every"],
-                            cache_dir=CACHE / "scores", seed=seed, progress=False, lora_rank=spec["lora_rank"])
+    kw = dict(budget=spec["budget"], subnets=spec["subnets"], backward_score=spec["backward_score"],
+              forward_score=spec["forward_score"], method=spec["method"], comm_budget=spec["comm_budget"],
+              score_every=spec["score_every"], capacity=spec["capacity"], forward_mix=spec["forward_mix"],
+              cache_dir=CACHE / "scores", seed=seed, progress=False, lora_rank=spec["lora_rank"])
+    devices = spec["devices"]
+    # a schedule for `devices` tensor-parallel ranks, executed here in one process (tp_schedule.py)
+    callback = TensorParallelSchedule(devices=devices, **kw) if devices > 1 else D2FTCallback(**kw)
     seed_everything(seed, verbose=False)  # the same head initialisation for every method of this seed
     module = OneCycleClassifier(model=MODEL, num_classes=dm.num_classes, subnets=spec["subnets"],
                            checkpoint=str(checkpoint), lr=_lr(spec), model_kwargs=KWARGS)
@@ -133,12 +193,16 @@ def finetune(spec: dict, seed: int, checkpoint: Path, dm: FashionMNISTDataModule
     trainer.fit(module, dm)
     seconds = time.perf_counter() - start
     s = callback.schedule
-    per_mb_full = (s.ops == Op.FULL).sum(1) if s is not None else None
-    return {"top1": top1(module.net, dm), "compute_fraction": s.compute_fraction, "comm_fraction": s.comm_fraction,
-            "workload_variance": s.workload_variance, "lockstep_fraction": getattr(s, "lockstep_fraction", None),
-            "step_compute_min": float(s.step_loads.sum(1).min() / s.step_loads.sum(1).mean())
-            if hasattr(s, "step_loads") else None,
-            "untrained_micro_batches": int((per_mb_full == 0).sum()) if per_mb_full is not None else None,
+    m = s.metrics()
+    per_mb_full = (s.ops == Op.FULL).sum(1)
+    return {"top1": top1(module.net, dm), "ops_sha": ops_sha(s.ops), "schedule_devices": s.num_devices,
+            "compute_fraction": s.compute_fraction, "wire_fraction": m.get("wire_fraction"),
+            "forward_only_share": s.op_counts()["FORWARD_ONLY"] / max(1, int(s.scheduled.sum()) * s.num_micro_batches),
+            "workload_variance": s.workload_variance, "lockstep_fraction": s.lockstep_fraction,
+            "step_compute_min": float(s.step_loads.sum(1).min() / s.step_loads.sum(1).mean()),
+            "untrained_micro_batches": int((per_mb_full == 0).sum()),
+            "never_full_subnets": m["never_full_subnets"], "distinct_full_sets": m["distinct_full_sets"],
+            "ever_full_per_block": [n for n, _ in s.ever_full_per_block().values()],
             "scoring_seconds": callback.scoring_seconds, "fit_seconds": round(seconds, 1)}
 
 
@@ -149,14 +213,24 @@ def _git() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tiers", default="1,2,3", help="comma-separated tiers of TIERS to run, in order")
-    parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
-    parser.add_argument("--tag", default="v2", help="code and size label; part of a run's identity")
-    parser.add_argument("--runs", type=Path, default=OUT / "runs.jsonl")
+    parser.add_argument("--tiers", default=None, help="comma-separated tiers to run, in order (default: all)")
+    parser.add_argument("--seeds", default=None, help=f"default {SEEDS} ({SMOKE['seeds']} with --smoke)")
+    parser.add_argument("--tag", default="v3", help="code and size label; part of a run's identity ('v2', "
+                        "'merged': the earlier sweeps' tiers)")
+    parser.add_argument("--runs", type=Path, default=None, help="the runs file (default: the results' runs.jsonl; "
+                        "with --smoke .cache/fashion-smoke/runs.jsonl)")
+    parser.add_argument("--smoke", action="store_true", help="rehearse: a few images, 1 epoch, 2 seeds, tag "
+                        "'smoke', files under .cache/fashion-smoke/ (never the results)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--shard", default="0/1", help="i/n: run every n-th pending run from the i-th (parallel "
                         "processes share one runs file; each pretrained checkpoint is cached once per seed)")
     args = parser.parse_args()
+    if args.smoke:
+        use_smoke_sizes()
+        args.tag = "smoke"
+    args.runs = args.runs or (CACHE / "runs.jsonl" if args.smoke else OUT / "runs.jsonl")
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else (SMOKE["seeds"] if args.smoke else SEEDS)
+    tiers = TIERS_V3 if args.tag not in ("v2", "merged") else TIERS
     torch.set_num_threads(args.threads)
     # Lightning's CPU DDP-style strategies otherwise raise torch's threads to cores / processes after the first
     # fit, and two sweep processes on 2 cores then thrash (measured: a 400-step fine-tune took 11 minutes)
@@ -167,12 +241,11 @@ def main() -> None:
     args.runs.parent.mkdir(parents=True, exist_ok=True)
     done = {_key(json.loads(line)) for line in args.runs.read_text().splitlines() if line.strip()} \
         if args.runs.exists() else set()
-    seeds = [int(s) for s in args.seeds.split(",")]
     data: dict[int, FashionMNISTDataModule] = {}
     index, count = (int(v) for v in args.shard.split("/"))
     position = -1
-    for tier in (int(t) for t in args.tiers.split(",")):
-        for spec in TIERS[tier]:
+    for tier in (int(t) for t in args.tiers.split(",")) if args.tiers else sorted(tiers):
+        for spec in tiers[tier]:
             for seed in seeds:
                 row = {**spec, "seed": seed, "tag": args.tag}
                 if _key(row) in done:

@@ -20,7 +20,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 RUNS = REPO / "benchmarks" / "results" / "accuracy" / "runs"
-METRICS = "weight_magnitude,gradient_magnitude,fisher,taylor,random"
+METRICS = "weight_magnitude,gradient_magnitude,squared_gradient,fisher,taylor,random"
+# a comm budget bounds the tensor-parallel wire: one device sends nothing (refused), so 2 processes
+WIRE = ["trainer=cpu2"]
 
 # 2 processes as 2 data-parallel replicas (no tensor parallelism): DDP gradients vs lo-fi averaging
 LOFI = ["trainer=cpu2", "trainer.tensor_parallel_size=1", "trainer.data_parallel=sync,lofi"]
@@ -30,8 +32,8 @@ TABLES: dict[str, dict[str, list[list[str]]]] = {
     "full": {
         "t1_compute": [["schedule.method=d2ft,random,dpruning,moe", "schedule.budget=0.4,0.6,0.8"],
                        ["schedule.method=full", "schedule.budget=1.0"]],
-        "t2_comm": [["schedule.method=d2ft,random,dpruning,moe", "schedule.budget=1.0",
-                     "schedule.comm_budget=0.4,0.6,0.8"]],
+        "t2_comm": [WIRE + ["schedule.method=d2ft,random,dpruning,moe", "schedule.budget=1.0",
+                            "schedule.comm_budget=0.4,0.6,0.8"]],
         "t3_subnets": [["model.subnets=26,38,74", "schedule.budget=0.6"]],
         "t4_scores": [[f"schedule.backward_score={METRICS}", f"schedule.forward_score={METRICS}",
                        "schedule.budget=0.6"]],
@@ -41,7 +43,7 @@ TABLES: dict[str, dict[str, list[list[str]]]] = {
     "quick": {
         "t1_compute": [["schedule.method=d2ft,random,dpruning,moe", "schedule.budget=0.6"],
                        ["schedule.method=full", "schedule.budget=1.0"]],
-        "t2_comm": [["schedule.method=d2ft,moe", "schedule.budget=1.0", "schedule.comm_budget=0.5"]],
+        "t2_comm": [WIRE + ["schedule.method=d2ft,moe", "schedule.budget=1.0", "schedule.comm_budget=0.5"]],
         "t3_subnets": [["model.subnets=26,74", "schedule.budget=0.6"]],
         "t4_scores": [["schedule.backward_score=weight_magnitude,fisher", "schedule.forward_score=fisher,random",
                        "schedule.budget=0.6"]],

@@ -425,7 +425,7 @@ def _result(cfg: DictConfig, metrics: dict[str, float], schedule: Schedule, newe
     s = cfg.schedule
     return {
         "val_acc": metrics.get("val/acc"),
-        **schedule.metrics(),  # compute, comm and wire fractions, per-step and per-epoch balance, solve + check time
+        **schedule.metrics(),  # compute (and, on 2+ devices, wire) fractions, balance, FULL dynamics, solve time
         "bytes_sent_all_ranks_last_epoch": metrics.get("d2ft/bytes_sent"),
         "scoring_seconds": schedule.info.get("scoring_seconds"),
         "fit_seconds": seconds,  # None: results redone from the final checkpoint, the fit's time is not known
@@ -438,6 +438,17 @@ def _result(cfg: DictConfig, metrics: dict[str, float], schedule: Schedule, newe
     }
 
 
+def _full_dynamics(result: dict[str, Any]) -> str:
+    """How dynamic the FULL set was, from a results.json: subnets never FULL, distinct FULL sets, and the
+    subnets of each block FULL at least once."""
+    blocks = sorted((int(k.rsplit("_", 1)[1]), int(v)) for k, v in result.items() if k.startswith("ever_full_block_"))
+    line = (f"FULL dynamics: {int(result['never_full_subnets'])} subnets never FULL, "
+            f"{int(result['distinct_full_sets'])} distinct FULL set(s)")
+    if blocks:
+        line += "; subnets ever FULL per block: " + " ".join(str(n) for _, n in blocks)
+    return line
+
+
 def print_summary(result: dict[str, Any]) -> None:
     print("\n=== D2FT fine-tune ===")
     devices = result["devices"]
@@ -447,9 +458,11 @@ def print_summary(result: dict[str, Any]) -> None:
     print(f"compute: {result['compute_fraction']:.3f} of full fine-tuning "
           f"({1 - result['compute_fraction']:.0%} saved)")
     tp = result.get("tensor_parallel_size")
-    if (result["devices"] if tp is None else tp) > 1:  # one tensor-parallel rank: no tensor-parallel wire
-        print(f"communication: {result['wire_fraction']:.3f} of full fine-tuning on the wire "
-              f"({1 - result['wire_fraction']:.0%} saved); per-item cost model {result['comm_fraction']:.3f}")
+    wire = result.get("wire_fraction")  # the one communication figure; a one-device schedule has none
+    if wire is not None and (result["devices"] if tp is None else tp) > 1:
+        print(f"communication: {wire:.3f} of full fine-tuning on the wire ({1 - wire:.0%} saved)")
+    if result.get("never_full_subnets") is not None:
+        print(_full_dynamics(result))
     if result["val_acc"] is not None:
         print(f"validation top-1 accuracy: {result['val_acc']:.2%}")
     scoring = result["scoring_seconds"]

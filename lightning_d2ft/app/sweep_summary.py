@@ -1,5 +1,8 @@
 """When a Hydra multirun ends, one summary of its jobs in the sweep directory: ``summary.md`` (a markdown
-table), ``summary.csv`` and ``summary.png`` (accuracy and compute per swept setting)."""
+table), ``summary.csv`` and ``summary.png`` (accuracy and compute per swept setting).
+
+Per run: accuracy, compute, the wire (only for runs whose schedule spans 2+ tensor-parallel devices), the
+FULL dynamics (subnets never FULL, distinct FULL sets, subnets ever FULL per block) and the fit time."""
 
 from __future__ import annotations
 
@@ -14,7 +17,15 @@ from omegaconf import DictConfig, OmegaConf
 
 __all__ = ["SweepSummary", "summarize_sweep"]
 log = logging.getLogger(__name__)
-COLUMNS = ("val_acc", "compute_fraction", "wire_fraction", "fit_seconds")
+COLUMNS = ("val_acc", "compute_fraction", "wire_fraction", "never_full_subnets", "distinct_full_sets",
+           "ever_full_per_block", "fit_seconds")
+
+
+def _column(data: dict[str, Any], name: str) -> Any:
+    if name == "ever_full_per_block":  # "6 6 4 ...": block by block, from the ever_full_block_<l> keys
+        blocks = sorted((int(k.rsplit("_", 1)[1]), v) for k, v in data.items() if k.startswith("ever_full_block_"))
+        return " ".join(str(int(v)) for _, v in blocks) if blocks else None
+    return data.get(name)
 
 
 class SweepSummary(Callback):
@@ -35,7 +46,7 @@ def _jobs(sweep_dir: Path) -> list[dict[str, Any]]:
         setting = " ".join(str(o) for o in overrides if "=" in str(o) and not str(o).startswith("hydra."))
         data = json.loads(result.read_text())
         rows.append({"job": str(result.parent.relative_to(sweep_dir)), "setting": setting or "(defaults)",
-                     **{c: data.get(c) for c in COLUMNS}})
+                     **{c: _column(data, c) for c in COLUMNS}})
     return rows
 
 

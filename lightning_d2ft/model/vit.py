@@ -106,6 +106,8 @@ class D2FTViT(nn.Module):
         self.full_shapes: dict[str, torch.Size] | None = None  # the unsharded vit's shapes, once sharded
         self.scheduled_ops: Tensor | None = None  # set per micro-batch by the strategy; used in training
         self.graphs: PatternGraphs | None = None  # CUDA-graph replay of training steps (use_cuda_graphs)
+        # every block through the general path (its projections can be observed: the per-sample Fisher)
+        self.general_path_only = False
 
     def use_cuda_graphs(self, enabled: bool = True, max_patterns: int = 1024) -> None:
         """Replay each ops pattern's training forward+backward as CUDA graphs (see :mod:`.cuda_graphs`).
@@ -226,7 +228,7 @@ class D2FTViT(nn.Module):
         return self.tp is None or self.tp.world == 1
 
     def _block(self, l: int, blk: nn.Module, x: Tensor, block_ops: list[int]) -> Tensor:
-        if self._unsharded():
+        if self._unsharded() and not self.general_path_only:
             if max(block_ops) == Op.SHORTCUT:
                 return x
             fast = fast_path_ok(blk)

@@ -23,65 +23,78 @@ RESOLUTION = 1000
 
 @dataclass
 class DeviceBudget:
-    """One device's limits for one row (a micro-batch in step mode, all micro-batches in epoch mode)."""
+    """One device's limits for one row (a micro-batch in step mode, all micro-batches in epoch mode).
+
+    Communication is counted in *messages* (:mod:`lightning_d2ft.schedule.wire`): a (block, direction) the
+    device is active in, whichever number of its groups there run. A FULL group opens both directions of its
+    block, a FORWARD_ONLY group only the forward one; groups of a block already open cost nothing more.
+    """
 
     capacity: int  # total compute, integer units
     outer_capacity: int  # compute the FULL level may use
-    comm: float  # communication units allowed (inf: no communication budget)
-    planned_full: int = 0  # item counts a uniform-cost device would get; baselines spend the same
-    planned_fo: int = 0
+    messages: int | None = None  # messages allowed (None: no communication budget)
+    outer_messages: int | None = None  # messages the FULL level may use (2 per block it opens)
+    floor_capacity: int = 0  # capacity="epoch": compute every (device, micro-batch) keeps for FULL first
 
 
 def int_costs(unit: Tensor, per_op: float) -> np.ndarray:
     return np.maximum(1, np.rint(unit.numpy() * per_op * RESOLUTION)).astype(np.int64)
 
 
-def count_cap(comm_left: float, per_item: float) -> int:
-    if math.isinf(comm_left) or per_item == 0:
+def count_cap(messages: int | None, per_item: int) -> int:
+    """How many items of ``per_item`` messages each fit in ``messages`` (no cap: 2^62)."""
+    if messages is None:
         return 2**62
-    return max(0, math.floor(comm_left / per_item + 1e-9))
+    return max(0, messages // per_item)
 
 
 def device_budgets(rows: int, place: Tensor, speed: Tensor, unit: Tensor, cost: CostModel, budget: float,
-                   comm_budget: float | None, forward_mix: float) -> list[DeviceBudget]:
-    """Budgets of every device for a row of ``rows`` micro-batches (1 in step mode)."""
+                   messages: list[int] | None, slots: list[int] | None, forward_mix: float,
+                   full_floor: float | None = None) -> list[DeviceBudget]:
+    """Budgets of every device for a row of ``rows`` micro-batches (1 in step mode).
+
+    ``messages``: each device's message cap for the row (None: no communication budget); ``slots``: the
+    messages each device would send all FULL (2 per block it holds part of, per micro-batch of the row).
+    ``full_floor`` (epoch mode): every (device, micro-batch) keeps that fraction of its per-step FULL share,
+    and at least one FULL subnet where that share holds one, as the floor of FULL work that no pooling can
+    take away.
+    """
     devices = speed.numel()
     all_full = torch.stack([unit[place == d].sum() * rows * cost.full for d in range(devices)])
     if torch.allclose(speed, speed[0].expand_as(speed)):
         share = budget * all_full
     else:  # equal time: capacity proportional to speed, at most all-FULL
         share = speed_shares(budget * all_full.sum(), speed, all_full)
-    full_w = int(int_costs(torch.tensor([1.0]), cost.full)[0])
-    fo_w = int(int_costs(torch.tensor([1.0]), cost.forward_only)[0])
     budgets = []
     for d in range(devices):
         b_d = float(share[d] / all_full[d])
-        full_fraction = _full_fraction(b_d, comm_budget, cost, forward_mix)
         capacity = math.floor(float(share[d]) * RESOLUTION + 1e-6)
-        outer = math.floor(full_fraction * float(all_full[d]) * RESOLUTION + 1e-6)
-        if comm_budget is not None and comm_budget < b_d:  # check_comm_budget's floor promises one FULL pair
-            outer = max(outer, min(full_w, capacity))
-        n_items = int((place == d).sum()) * rows
-        comm = math.inf if comm_budget is None else comm_budget * n_items * cost.comm_full
-        b = DeviceBudget(capacity=capacity, outer_capacity=min(outer, capacity), comm=comm)
-        b.planned_full = min(n_items, b.outer_capacity // full_w, count_cap(comm, cost.comm_full))
-        b.planned_fo = min(n_items - b.planned_full, (capacity - b.planned_full * full_w) // fo_w,
-                           count_cap(comm - b.planned_full * cost.comm_full, cost.comm_forward_only))
+        w_min = int(int_costs(unit[place == d], cost.full).min())
+        msgs = None if messages is None else messages[d]
+        comm = None if msgs is None else msgs / max(slots[d], 1)  # the device's effective comm fraction
+        if comm is not None and comm < b_d:  # communication binds: forward_mix splits the messages
+            outer = capacity
+            outer_msgs = math.floor(_full_fraction(comm, 0.5, forward_mix) * slots[d] + 1e-6)
+            outer_msgs = max(outer_msgs, min(2, msgs))  # check_comm_budget's floor promises one FULL block
+        else:
+            outer = math.floor(_full_fraction(b_d, cost.forward_only / cost.full, forward_mix) * float(all_full[d])
+                               * RESOLUTION + 1e-6)
+            outer_msgs = msgs
+        b = DeviceBudget(capacity=capacity, outer_capacity=min(outer, capacity), messages=msgs,
+                         outer_messages=outer_msgs)
+        if full_floor is not None:
+            step_outer = b.outer_capacity / rows  # this device's FULL share of one micro-batch
+            b.floor_capacity = max(math.floor(full_floor * step_outer + 1e-6), w_min if step_outer >= w_min else 0)
         budgets.append(b)
     return budgets
 
 
-def _full_fraction(budget: float, comm_budget: float | None, cost: CostModel, forward_mix: float) -> float:
-    """Share of the items the FULL level may take: ``forward_mix`` of the way from "FULL takes all the budget
-    allows" to "the fewest FULL with which FORWARD_ONLY still spends the budget", measured on whichever budget
-    binds an all-FULL schedule. (Measured on compute alone, a binding comm budget gave FULL every pair it
-    allowed and FORWARD_ONLY none: at comm 0.5, half of all subnets SHORTCUT in every step, 11 points below
-    full fine-tuning on Fashion-MNIST.)"""
-    comm = math.inf if comm_budget is None else comm_budget
-    if comm < budget:  # communication binds: FULL pays comm_full, FORWARD_ONLY comm_forward_only
-        top, ratio = comm, cost.comm_forward_only / cost.comm_full
-    else:
-        top, ratio = budget, cost.forward_only / cost.full
+def _full_fraction(top: float, ratio: float, forward_mix: float) -> float:
+    """Share of the binding budget ``top`` the FULL level may take: ``forward_mix`` of the way from "FULL
+    takes all of it" to "the fewest FULL with which FORWARD_ONLY, at ``ratio`` of FULL's cost, still spends
+    it". On communication ``ratio`` is 0.5 (a FORWARD_ONLY block sends the forward message only). (Measured
+    on compute alone, a binding comm budget gave FULL every pair it allowed and FORWARD_ONLY none: at comm
+    0.5, half of all subnets SHORTCUT in every step, 11 points below full fine-tuning on Fashion-MNIST.)"""
     min_full = max(0.0, (top - ratio) / (1.0 - ratio)) if ratio < 1 else top
     return top - forward_mix * (top - min_full)
 
@@ -123,13 +136,30 @@ class Rows:
     budget: DeviceBudget
     cost: CostModel
     step: bool  # one row per micro-batch (integer profits) or one row for the epoch (float scores)
+    group: np.ndarray | None = None  # [m] message group (block) of every item; None: one item per group
+    fixed: np.ndarray | None = None  # [R, m] items FULL before the outer level (capacity="epoch"'s floor)
+
+    @property
+    def grouped(self) -> bool:
+        """A message cap with several items sharing a (device, block) group: the grouped solvers' model."""
+        return self.budget.messages is not None and self.group is not None \
+            and len(np.unique(self.group)) < self.group.size
 
     @property
     def full_cap(self) -> int:
-        return count_cap(self.budget.comm, self.cost.comm_full)
+        """FULL items the messages allow when every item is its own group (a FULL item sends 2 messages)."""
+        return count_cap(self.budget.outer_messages, 2)
 
     def fo_cap(self, n_full: int) -> int:
-        return count_cap(self.budget.comm - n_full * self.cost.comm_full, self.cost.comm_forward_only)
+        """FORWARD_ONLY items the messages left allow when every item is its own group (1 message each)."""
+        return count_cap(None if self.budget.messages is None else self.budget.messages - 2 * n_full, 1)
+
+    def outer_left(self, r: int) -> tuple[np.ndarray, int, int]:
+        """Row ``r``'s items still free for the outer level, its compute and its item count cap left."""
+        if self.fixed is None:
+            return np.ones(self.back.shape[1], dtype=bool), self.budget.outer_capacity, self.full_cap
+        fixed = self.fixed[r]
+        return ~fixed, self.budget.outer_capacity - int(self.w_full[fixed].sum()), self.full_cap - int(fixed.sum())
 
 
 def _profits(scores: np.ndarray, rank: np.ndarray) -> np.ndarray:
@@ -144,8 +174,10 @@ def _profits(scores: np.ndarray, rank: np.ndarray) -> np.ndarray:
 
 
 def make_rows(back: np.ndarray, fwd: np.ndarray, unit: Tensor, budget: DeviceBudget, cost: CostModel,
-              step: bool) -> Rows:
-    """One device's rows: ``back``/``fwd`` are ``[micro_batches, subnets of the device]``."""
+              step: bool, group: np.ndarray | None = None, fixed: np.ndarray | None = None) -> Rows:
+    """One device's rows: ``back``/``fwd`` are ``[micro_batches, subnets of the device]``; ``group`` the
+    message group of each subnet (step mode); ``fixed`` ``[micro_batches, subnets]`` FULL before the outer
+    level (epoch mode's floor)."""
     n_mb, n_cols = back.shape
     b, f = np.ascontiguousarray(back), np.ascontiguousarray(fwd)
     w_full, w_fo = int_costs(unit, cost.full), int_costs(unit, cost.forward_only)
@@ -153,14 +185,16 @@ def make_rows(back: np.ndarray, fwd: np.ndarray, unit: Tensor, budget: DeviceBud
         b, f = b.reshape(1, -1), f.reshape(1, -1)
         w_full, w_fo = np.tile(w_full, n_mb), np.tile(w_fo, n_mb)
         # FULL ties go to lower forward scores, which leaves the better ones for the inner level
-        return Rows(b, f, b, f, f, -f, w_full, w_fo, budget, cost, step)
+        return Rows(b, f, b, f, f, -f, w_full, w_fo, budget, cost, step,
+                    fixed=None if fixed is None else fixed.reshape(1, -1))
     m = n_cols
     by_fwd = np.argsort(f, axis=1, kind="stable")  # lower forward score (then lower index) ranks higher
     rank_out = np.empty_like(by_fwd)
     np.put_along_axis(rank_out, by_fwd, np.arange(m, 0, -1)[None, :].repeat(n_mb, 0), axis=1)
     rank_in = np.arange(m, 0, -1)[None, :].repeat(n_mb, 0)  # lower index ranks higher
     zeros = np.zeros((n_mb, m))
-    return Rows(b, f, _profits(b, rank_out), zeros, _profits(f, rank_in), zeros, w_full, w_fo, budget, cost, step)
+    return Rows(b, f, _profits(b, rank_out), zeros, _profits(f, rank_in), zeros, w_full, w_fo, budget, cost, step,
+                group=group, fixed=fixed)
 
 
 def epilogue(rows: Rows, full: np.ndarray, fo: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

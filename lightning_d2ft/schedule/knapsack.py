@@ -2,27 +2,37 @@
 
 Each device is a knapsack. With ``capacity="step"`` (default) every (device, micro-batch) pair is its own
 small knapsack (a *row*: that device's subnets for that micro-batch); with ``"epoch"`` a device is one row
-of all its (micro-batch, subnet) items. The outer level picks FULL items maximising backward scores within
-the outer capacity; the inner level picks FORWARD_ONLY items among the rest maximising forward scores
-within what is left; the rest is SHORTCUT. A communication budget caps the item counts.
+of all its (micro-batch, subnet) items, after a floor of FULL work that every (device, micro-batch) keeps
+(a step-mode knapsack per micro-batch: no micro-batch is starved). The outer level picks FULL items
+maximising backward scores within the outer capacity; the inner level picks FORWARD_ONLY items among the
+rest maximising forward scores within what is left; the rest is SHORTCUT. A communication budget (step
+mode) caps the *messages* of a (device, micro-batch) on the wire model of :mod:`.wire`: a FULL item opens
+both messages of its (device, block) group, a FORWARD_ONLY item the forward one where no FULL did, and the
+items of an open group send nothing more. Where every group holds one item (no blocks given) that is a cap
+on the item counts; where groups hold several, both levels are a knapsack over groups.
 
 Both solvers share one prologue (:class:`Rows`) and one epilogue (ops, and per-row objectives summed from
 the float scores). In step mode an item's profit is its score quantised to 2^-Q of the row's largest score
 (Q = 36 for 36 subnets) times K, plus a distinct rank (lower forward score first for FULL, lower index
 first for FORWARD_ONLY), K above every rank sum: both solvers maximise the same integers and so break
 score ties the same way. In epoch mode SCIP sees the float scores, and a second solve breaks FULL ties the
-DP's way (among the best FULL sets, the most items, then the lowest forward-score sum); where item costs
-differ the two may still pick different tied sets, which can change the FORWARD_ONLY objective (then the
-check fails loudly).
+DP's way (among the best FULL sets, the most items, then the lowest forward-score sum). SCIP may still
+return another FULL set within its optimality tolerance (measured: 2.6e-8 of the objective lower, on a row
+of exact ties: the default weight_magnitude score is the same for every micro-batch), and the inner
+objective depends on which FULL set was taken, so in epoch mode the check compares the FULL objectives
+(relative 1e-6) and then the FORWARD_ONLY objective that the DP reaches on OR-Tools' own FULL set.
 
 Solvers (:data:`SOLVERS`): ``ortools`` (step: OR-Tools' dedicated knapsack solver per row and level, the
-64-item solver or branch and bound; epoch: two SCIP MIPs per device) and ``dp`` (ours: items of equal cost
-form a class, the best of a class go first, a DP over capacity picks how many of each class; one class is
-a top-k, vectorised over rows).
+64-item solver or branch and bound, or CP-SAT per row and level where a comm budget groups items by block;
+epoch: two SCIP MIPs per device) and ``dp`` (ours: items of equal cost form a class, the best of a class go
+first, a DP over capacity picks how many of each class; one class is a top-k, vectorised over rows; grouped
+items: a DP over the groups with state (capacity, groups opened), vectorised over rows).
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 import os
 import tempfile
 import time
@@ -48,20 +58,36 @@ class SolverMismatchError(RuntimeError):
 # -- the DP ------------------------------------------------------------------------------------------
 def solve_dp(rows: Rows, time_limit: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Exact bi-level solution of every row: FULL items first, then FORWARD_ONLY with what is left."""
+    if rows.grouped:
+        return _dp_grouped(rows)
     if len(np.unique(rows.w_full)) == 1 and len(np.unique(rows.w_fo)) == 1:
         return _dp_one_class(rows)
-    full = np.zeros(rows.back.shape, dtype=bool)
+    full = np.zeros(rows.back.shape, dtype=bool) if rows.fixed is None else rows.fixed.copy()
     fo = np.zeros_like(full)
     b = rows.budget
     for r in range(full.shape[0]):
-        pick = knapsack_by_class(rows.value_out[r], rows.tie_out[r], rows.w_full, b.outer_capacity, rows.full_cap)
-        full[r, pick] = True
+        avail, cap, count = rows.outer_left(r)
+        free = np.flatnonzero(avail)
+        pick = knapsack_by_class(rows.value_out[r, free], rows.tie_out[r, free], rows.w_full[free], cap, count)
+        full[r, free[pick]] = True
         rest = np.flatnonzero(~full[r])
-        used = int(rows.w_full[pick].sum())
+        used = int(rows.w_full[full[r]].sum())
         inner = knapsack_by_class(rows.value_in[r, rest], rows.tie_in[r, rest], rows.w_fo[rest],
-                                  b.capacity - used, rows.fo_cap(pick.size))
+                                  b.capacity - used, rows.fo_cap(int(full[r].sum())))
         fo[r, rest[inner]] = True
     return full, fo
+
+
+def dp_inner(rows: Rows, full: np.ndarray) -> np.ndarray:
+    """The DP's FORWARD_ONLY level for a given FULL set ``full`` (items not grouped by messages)."""
+    fo = np.zeros_like(full)
+    for r in range(full.shape[0]):
+        rest = np.flatnonzero(~full[r])
+        used = int(rows.w_full[full[r]].sum())
+        inner = knapsack_by_class(rows.value_in[r, rest], rows.tie_in[r, rest], rows.w_fo[rest],
+                                  rows.budget.capacity - used, rows.fo_cap(int(full[r].sum())))
+        fo[r, rest[inner]] = True
+    return fo
 
 
 def _best_first(value: np.ndarray, tie: np.ndarray, k: int, distinct: bool) -> np.ndarray:
@@ -74,27 +100,162 @@ def _best_first(value: np.ndarray, tie: np.ndarray, k: int, distinct: bool) -> n
 
 
 def _dp_one_class(rows: Rows) -> tuple[np.ndarray, np.ndarray]:
-    """All items cost the same: every row takes its best ``k`` items, the same ``k`` in every row."""
+    """All items cost the same: every row takes its best ``k`` items, the same ``k`` in every row (items
+    ``fixed`` FULL count towards it: epoch mode, one row)."""
     n_rows, m = rows.back.shape
     b, wf, wo = rows.budget, int(rows.w_full[0]), int(rows.w_fo[0])
     k_full = max(0, min(m, b.outer_capacity // wf, rows.full_cap))
-    k_fo = max(0, min(m - k_full, (b.capacity - k_full * wf) // wo, rows.fo_cap(k_full)))
+    low = np.iinfo(np.int64).min // 2 if rows.step else -np.inf
     full = np.zeros((n_rows, m), dtype=bool)
-    if k_full:
-        np.put_along_axis(full, _best_first(rows.value_out, rows.tie_out, k_full, rows.step), True, axis=1)
+    value_out, tie_out, k_new = rows.value_out, rows.tie_out, k_full
+    if rows.fixed is not None:  # one row (epoch): the floor's items first, the best others after them
+        full |= rows.fixed
+        k_new = max(0, k_full - int(rows.fixed.sum(1).max()))
+        value_out, tie_out = np.where(rows.fixed, low, value_out), np.where(rows.fixed, np.inf, tie_out)
+        k_full = max(k_full, int(rows.fixed.sum(1).max()))
+    if k_new:
+        np.put_along_axis(full, _best_first(value_out, tie_out, k_new, rows.step), True, axis=1)
+    k_fo = max(0, min(m - k_full, (b.capacity - k_full * wf) // wo, rows.fo_cap(k_full)))
     fo = np.zeros_like(full)
     if k_fo:
-        value_in = np.where(full, np.iinfo(np.int64).min // 2 if rows.step else -np.inf, rows.value_in)
+        value_in = np.where(full, low, rows.value_in)
         tie_in = np.where(full, np.inf, rows.tie_in)
         np.put_along_axis(fo, _best_first(value_in, tie_in, k_fo, rows.step), True, axis=1)
     return full, fo
 
 
+# -- the DP over (device, block) message groups ---------------------------------------------------------
+_NEG = -(2**53)  # an unavailable item's profit: above every row's profit sum, so a choice holding one loses
+_DP_CELLS_PER_CHUNK = 4_000_000
+_MAX_GROUP_OPTIONS = 4096
+
+
+def _dp_grouped(rows: Rows) -> tuple[np.ndarray, np.ndarray]:
+    """Step mode under a message cap with several items per (device, block): both levels by
+    :func:`group_knapsack` (FULL opens a block's two messages; FORWARD_ONLY opens the forward one where no
+    FULL did)."""
+    b, group = rows.budget, rows.group
+    n_rows, m = rows.back.shape
+    n_groups = int(group.max()) + 1
+    everything = np.ones((n_rows, m), dtype=bool)
+    no_free = np.zeros((n_rows, n_groups), dtype=bool)
+    full = group_knapsack(rows.value_out, rows.w_full, group, everything, no_free,
+                          np.full(n_rows, b.outer_capacity), np.full(n_rows, b.outer_messages // 2))
+    opened = np.stack([full[:, group == gid].any(1) for gid in range(n_groups)], axis=1)
+    used = (full * rows.w_full).sum(1)
+    fo = group_knapsack(rows.value_in, rows.w_fo, group, ~full, opened, b.capacity - used,
+                        b.messages - 2 * opened.sum(1))
+    return full, fo
+
+
+def group_knapsack(values: np.ndarray, weights: np.ndarray, group: np.ndarray, avail: np.ndarray,
+                   free: np.ndarray, capacity: np.ndarray, max_groups: np.ndarray) -> np.ndarray:
+    """Per row, a max-value subset of the ``avail`` items with weight <= ``capacity[r]`` that opens at most
+    ``max_groups[r]`` of the groups not ``free[r]`` (a group is open when any of its items is taken).
+
+    Items of one group and one weight are interchangeable but for their value, so a group's choices are how
+    many of each weight class it takes (the best ones); a DP over the groups with state (capacity, groups
+    opened) picks them, vectorised over the rows. ``values`` are int64 profits (exact sums).
+    """
+    n_rows, m = values.shape
+    out = np.zeros((n_rows, m), dtype=bool)
+    capacity, max_groups = np.maximum(np.asarray(capacity), 0), np.maximum(np.asarray(max_groups), 0)
+    if m == 0 or not avail.any():
+        return out
+    g = int(np.gcd.reduce(weights))
+    w = weights // g
+    cap = capacity // g
+    n_groups = int(group.max()) + 1
+    c_max, k_max = int(min(cap.max(), w.sum())), int(min(max_groups.max(), n_groups))
+    cells = (c_max + 1) * (k_max + 1)
+    chunk = max(1, _DP_CELLS_PER_CHUNK // cells)
+    for start in range(0, n_rows, chunk):
+        sl = slice(start, min(n_rows, start + chunk))
+        out[sl] = _group_dp_rows(np.where(avail[sl], values[sl], _NEG), w, group, free[sl],
+                                 np.minimum(cap[sl], c_max), np.minimum(max_groups[sl], k_max), c_max, k_max)
+    return out & avail
+
+
+def _group_options(values: np.ndarray, w: np.ndarray, members: np.ndarray):
+    """A group's choices: (weight, [R] value, per-class (items in best-first order [R, n_c], count))."""
+    classes = np.unique(w[members])
+    per_class = []
+    for c in classes:
+        idx = members[w[members] == c]
+        order = idx[np.argsort(-values[:, idx], axis=1, kind="stable")]  # value desc, then index
+        prefix = np.concatenate([np.zeros((values.shape[0], 1), dtype=np.int64),
+                                 np.cumsum(np.take_along_axis(values, order, axis=1), axis=1)], axis=1)
+        per_class.append((int(c), order, prefix))
+    n_options = math.prod(order.shape[1] + 1 for _, order, _ in per_class)
+    if n_options > _MAX_GROUP_OPTIONS:
+        raise ValueError(f"a (device, block) group holds {members.size} subnets of {len(per_class)} different costs "
+                         f"({n_options:,} choices); under a comm budget use uniform subnet costs or fewer groups")
+    options = []
+    for counts in itertools.product(*(range(order.shape[1] + 1) for _, order, _ in per_class)):
+        if any(counts):
+            weight = sum(j * c for j, (c, _, _) in zip(counts, per_class))
+            value = sum(prefix[:, j] for j, (_, _, prefix) in zip(counts, per_class))
+            options.append((weight, value, counts))
+    return per_class, options
+
+
+def _group_dp_rows(values: np.ndarray, w: np.ndarray, group: np.ndarray, free: np.ndarray, cap: np.ndarray,
+                   kcap: np.ndarray, c_max: int, k_max: int) -> np.ndarray:
+    n_rows, m = values.shape
+    best = np.zeros((n_rows, c_max + 1, k_max + 1), dtype=np.int64)  # best value, weight <= c, groups <= k
+    plans, choices = [], []
+    for gid in range(int(group.max()) + 1):
+        members = np.flatnonzero(group == gid)
+        if members.size == 0:
+            plans.append(None)
+            choices.append(None)
+            continue
+        per_class, options = _group_options(values, w, members)
+        new = best.copy()
+        choice = np.zeros(best.shape, dtype=np.int16)
+        charged = ~free[:, gid]
+        for o, (weight, value, _) in enumerate(options, start=1):
+            if weight > c_max:
+                continue
+            cand = np.full(best.shape, _NEG, dtype=np.int64)
+            shifted = best[:, : c_max + 1 - weight, :] + value[:, None, None]
+            cand[:, weight:, :] = np.where(charged[:, None, None], _NEG, shifted)
+            if k_max:
+                cand[charged, weight:, 1:] = shifted[charged, :, :k_max]
+            better = cand > new
+            new = np.where(better, cand, new)
+            choice[better] = o
+        best = new
+        plans.append((per_class, options, charged))
+        choices.append(choice)
+    rows = np.arange(n_rows)
+    c, k = cap.astype(np.int64).copy(), kcap.astype(np.int64).copy()
+    out = np.zeros((n_rows, m), dtype=bool)
+    for gid in range(len(plans) - 1, -1, -1):
+        if plans[gid] is None:
+            continue
+        per_class, options, charged = plans[gid]
+        o = choices[gid][rows, c, k].astype(np.int64)
+        took = o > 0
+        weights = np.array([0] + [opt[0] for opt in options])
+        counts = np.array([[0] * len(per_class)] + [list(opt[2]) for opt in options])
+        for ci, (_, order, _) in enumerate(per_class):
+            j = counts[o, ci]
+            mark = np.arange(order.shape[1])[None, :] < j[:, None]
+            out[rows[:, None].repeat(order.shape[1], 1)[mark], order[mark]] = True
+        c -= weights[o]
+        k -= (took & charged).astype(np.int64)
+    return out
+
+
 # -- OR-Tools ----------------------------------------------------------------------------------------
 def solve_ortools(rows: Rows, time_limit: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """OR-Tools: the dedicated knapsack solver per row in step mode, SCIP MIPs in epoch mode."""
+    """OR-Tools: the dedicated knapsack solver per row in step mode (CP-SAT where a message cap groups the
+    items by block), SCIP MIPs in epoch mode."""
     if not rows.step:
         return _solve_scip(rows, time_limit)
+    if rows.grouped:
+        return _solve_cpsat_grouped(rows, time_limit)
     solvers = _knapsack_solvers(time_limit)
     full = np.zeros(rows.back.shape, dtype=bool)
     fo = np.zeros_like(full)
@@ -118,6 +279,54 @@ def solve_ortools(rows: Rows, time_limit: float | None = None) -> tuple[np.ndarr
                 pick = _ks(solvers, profits, rows.w_fo[rest], cap, rows.fo_cap(n_full), "inner")
             fo[r, rest[pick]] = True
     return full, fo
+
+
+def _solve_cpsat_grouped(rows: Rows, time_limit: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """Step mode under a message cap with items grouped by block: two CP-SAT models per row (x_i <= y_block,
+    at most the messages' worth of open blocks), integer profits as the DP's, so the optima are the same."""
+    b, group = rows.budget, rows.group
+    full = np.zeros(rows.back.shape, dtype=bool)
+    fo = np.zeros_like(full)
+    for r in range(full.shape[0]):
+        full[r] = _cpsat(rows.value_out[r], rows.w_full, group, np.ones(group.size, dtype=bool), set(),
+                         b.outer_capacity, b.outer_messages // 2, time_limit, "outer")
+        opened = set(group[full[r]].tolist())
+        used = int(rows.w_full[full[r]].sum())
+        fo[r] = _cpsat(rows.value_in[r], rows.w_fo, group, ~full[r], opened, b.capacity - used,
+                       b.messages - 2 * len(opened), time_limit, "inner")
+    return full, fo
+
+
+def _cpsat(values: np.ndarray, weights: np.ndarray, group: np.ndarray, avail: np.ndarray, free: set[int],
+           capacity: int, max_groups: int, time_limit: float | None, level: str) -> np.ndarray:
+    from ortools.sat.python import cp_model
+
+    out = np.zeros(values.size, dtype=bool)
+    items = np.flatnonzero(avail)
+    if items.size == 0 or capacity <= 0:
+        return out
+    model = cp_model.CpModel()
+    x = {int(i): model.NewBoolVar(f"x{i}") for i in items}
+    y = {}
+    for i in items:
+        gid = int(group[i])
+        if gid not in free:
+            if gid not in y:
+                y[gid] = model.NewBoolVar(f"y{gid}")
+            model.AddImplication(x[int(i)], y[gid])
+    model.Add(sum(int(weights[i]) * x[int(i)] for i in items) <= int(capacity))
+    if y:
+        model.Add(sum(y.values()) <= max(0, int(max_groups)))
+    model.Maximize(sum(int(values[i]) * x[int(i)] for i in items))
+    solver = cp_model.CpSolver()
+    solver.parameters.num_workers = 1
+    if time_limit is not None:
+        solver.parameters.max_time_in_seconds = float(time_limit)
+    if solver.Solve(model) != cp_model.OPTIMAL:
+        raise RuntimeError(f"OR-Tools did not prove the {level} level optimal (CP-SAT, comm budget by block)")
+    for i in items:
+        out[i] = bool(solver.Value(x[int(i)]))
+    return out
 
 
 def _knapsack_solvers(time_limit: float | None) -> dict:
@@ -175,8 +384,13 @@ class Solution:
 
 def solve_devices(back: Tensor, fwd: Tensor, place: Tensor, unit: Tensor, budgets: list[DeviceBudget],
                   cost: CostModel, solver: str, step: bool, validate: bool, time_limit: float | None,
-                  instance: dict) -> Solution:
-    """Solve every device with ``solver``; with ``validate`` the DP re-solves each device and must agree."""
+                  instance: dict, column_group: np.ndarray | None = None) -> Solution:
+    """Solve every device with ``solver``; with ``validate`` the DP re-solves each device and must agree.
+
+    ``column_group``: each column's message group (its block; the messages of a device's groups in one block
+    are shared). In epoch mode a device's ``floor_capacity`` is first given to FULL in every micro-batch (a
+    step-mode knapsack per micro-batch), and the pooled capacity is solved beside it.
+    """
     n_mb, n_cols = back.shape
     back_np, fwd_np, place_np = back.numpy(), fwd.numpy(), place.numpy()
     ops = np.full((n_mb, n_cols), int(Op.FULL), dtype=np.int64)
@@ -184,13 +398,31 @@ def solve_devices(back: Tensor, fwd: Tensor, place: Tensor, unit: Tensor, budget
     solve_s = check_s = 0.0
     for d, budget in enumerate(budgets):
         cols = np.flatnonzero(place_np == d)
+        group = None if column_group is None else np.unique(column_group[cols], return_inverse=True)[1].reshape(-1)
+        fixed = None
         t = time.perf_counter()  # the shared prologue counts as solve time
-        rows = make_rows(back_np[:, cols], fwd_np[:, cols], unit[cols], budget, cost, step)
-        found, obj = epilogue(rows, *SOLVERS[solver](rows, time_limit))
+        if not step and budget.floor_capacity > 0:
+            floor = DeviceBudget(capacity=budget.floor_capacity, outer_capacity=budget.floor_capacity)
+            floor_rows = make_rows(back_np[:, cols], fwd_np[:, cols], unit[cols], floor, cost, True)
+            fixed, _ = SOLVERS[solver](floor_rows, time_limit)
+            solve_s += time.perf_counter() - t
+            if validate and solver != "dp":
+                t = time.perf_counter()
+                ref, _ = solve_dp(floor_rows)
+                _compare(np.stack([(floor_rows.back * fixed).sum(1), np.zeros(n_mb)], 1),
+                         np.stack([(floor_rows.back * ref).sum(1), np.zeros(n_mb)], 1), d, True, solver, instance)
+                check_s += time.perf_counter() - t
+            t = time.perf_counter()
+        rows = make_rows(back_np[:, cols], fwd_np[:, cols], unit[cols], budget, cost, step, group, fixed)
+        full, fo = SOLVERS[solver](rows, time_limit)
+        found, obj = epilogue(rows, full, fo)
         solve_s += time.perf_counter() - t
         if validate and solver != "dp":
             t = time.perf_counter()
             _, ref = epilogue(rows, *solve_dp(rows))
+            if not step:  # SCIP may return another FULL set within its tolerance: check the inner level on its own
+                _, given = epilogue(rows, full, dp_inner(rows, full))
+                ref = np.stack([ref[:, 0], given[:, 1]], axis=1)
             _compare(obj, ref, d, step, solver, instance)
             check_s += time.perf_counter() - t
         ops[:, cols] = found.reshape(n_mb, cols.size)
@@ -300,15 +532,18 @@ def _dp_counts(prefix: list[np.ndarray], w: list[int], capacity: int, max_count:
 
 # -- SCIP, for capacity="epoch" ------------------------------------------------------------------------
 def _solve_scip(rows: Rows, time_limit: float | None) -> tuple[np.ndarray, np.ndarray]:
-    """The epoch row as two SCIP MIPs: the outer level, then the inner level on what is left."""
-    full = np.zeros(rows.back.shape, dtype=bool)
+    """The epoch row as two SCIP MIPs: the outer level (beside the floor's ``fixed`` items), then the inner
+    level on what is left."""
+    full = np.zeros(rows.back.shape, dtype=bool) if rows.fixed is None else rows.fixed.copy()
     fo = np.zeros_like(full)
     b = rows.budget
     for r in range(full.shape[0]):
         # ties among the FULL sets go to lower forward scores, as the DP breaks them (the default score,
         # weight_magnitude, is the same for every micro-batch: the epoch row is full of exact ties)
-        full[r] = _mip(rows.back[r], rows.w_full, b.outer_capacity, rows.full_cap, time_limit, "outer",
-                       tie=rows.tie_out[r])
+        avail, cap, count = rows.outer_left(r)
+        free = np.flatnonzero(avail)
+        full[r, free] = _mip(rows.back[r, free], rows.w_full[free], cap, count, time_limit, "outer",
+                             tie=rows.tie_out[r, free])
         rest = np.flatnonzero(~full[r])
         cap = b.capacity - int(rows.w_full[full[r]].sum())
         fo[r, rest] = _mip(rows.fwd[r, rest], rows.w_fo[rest], cap, rows.fo_cap(int(full[r].sum())), time_limit,

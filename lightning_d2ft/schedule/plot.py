@@ -26,10 +26,20 @@ def plot_schedule(schedule: Schedule, path: str | os.PathLike) -> Path:
     fig, (ax, steps, bars) = plt.subplots(1, 3, figsize=(15, 4.5), gridspec_kw={"width_ratios": [4, 3, 1]})
     cmap = ListedColormap(["#f0f0f0", "#7fb3d5", "#1f4e79"])
     ax.imshow(schedule.ops.T.numpy(), aspect="auto", interpolation="nearest", cmap=cmap, vmin=0, vmax=2)
+    wire = f", wire {m['wire_fraction']:.2f}" if "wire_fraction" in m else ""
+    never = schedule.never_full_columns.tolist()
     ax.set(xlabel="micro-batch", ylabel="subnet",
-           title=f"{schedule.method}: compute {m['compute_fraction']:.2f}, comm {m['comm_fraction']:.2f}")
+           title=f"{schedule.method}: compute {m['compute_fraction']:.2f}{wire}, {len(never)} subnets never FULL, "
+                 f"{m['distinct_full_sets']} FULL set(s)")
+    ax.title.set_fontsize(9)
+    n_mb = schedule.num_micro_batches
+    # never-FULL subnets: a red mark at the left edge of their row (they are never trained)
+    ax.scatter([-0.5 - 0.01 * n_mb] * len(never), never, marker=">", s=12, color="#d62728", clip_on=False)
+    ax.set_xlim(-0.5, n_mb - 0.5)
     handles = [plt.Rectangle((0, 0), 1, 1, color=cmap(i)) for i in range(3)]
-    ax.legend(handles, [o.name for o in Op], loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, fontsize=7)
+    handles.append(plt.Line2D([], [], marker=">", ls="", color="#d62728"))
+    ax.legend(handles, [o.name for o in Op] + ["never FULL"], loc="upper center", bbox_to_anchor=(0.5, -0.14),
+              ncol=4, fontsize=7)
     times = (schedule.step_loads / schedule.speeds).numpy()
     for d in range(times.shape[1]):
         steps.plot(range(times.shape[0]), times[:, d], drawstyle="steps-mid", lw=1, label=f"device {d}")

@@ -9,7 +9,8 @@ its scoring pass; :meth:`ScheduleProblem.solve` then turns scores into ops (:mod
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -22,6 +23,7 @@ from lightning_d2ft.schedule.baselines import BASELINES
 from lightning_d2ft.schedule.capacity import RESOLUTION, DeviceBudget, device_budgets
 from lightning_d2ft.schedule.knapsack import solve_devices
 from lightning_d2ft.schedule.settings import ScheduleSettings
+from lightning_d2ft.schedule.wire import WireLayout, message_caps
 
 __all__ = ["ScheduleProblem", "check_scores"]
 
@@ -65,15 +67,28 @@ class ScheduleProblem:
         """
         cost = cost or CostModel()
         place, devices, placement_speeds = _column_devices(placement, always_full, num_subnets, devices)
-        if settings.comm_budget is not None:
-            check_comm_budget(settings.comm_budget, num_micro_batches, place, devices, settings.capacity)
+        if column_blocks is not None:
+            column_blocks = torch.as_tensor(column_blocks, dtype=torch.long).flatten()
+            if column_blocks.numel() != num_subnets:
+                raise ValueError(f"column_blocks has {column_blocks.numel()} entries for {num_subnets} subnets")
+        layout = WireLayout(place, column_blocks, devices)
+        messages = slots = None
+        if settings.comm_budget is not None:  # step mode only (ScheduleSettings refuses it with "epoch")
+            check_comm_budget(settings.comm_budget, layout)
+            messages = message_caps(layout, settings.comm_budget)
+            slots = [2 * int(layout.owners[:, d].sum()) for d in range(devices)]
         speed = torch.tensor(check_speeds(speeds if speeds is not None else placement_speeds or [1.0] * devices,
                                           devices), dtype=torch.float64)
         unit = _subnet_costs(subnet_costs, num_subnets)
         rows = 1 if settings.capacity == "step" else num_micro_batches
-        budgets = device_budgets(rows, place, speed, unit, cost, settings.budget, settings.comm_budget,
-                                 settings.forward_mix)
+        floor = settings.full_floor if settings.capacity == "epoch" else None
+        budgets = device_budgets(rows, place, speed, unit, cost, settings.budget, messages, slots,
+                                 settings.forward_mix, floor)
         return cls(settings, num_micro_batches, place, speed, unit, cost, tuple(budgets), column_blocks)
+
+    @property
+    def wire_layout(self) -> WireLayout:
+        return WireLayout(self.place, self.column_blocks, self.num_devices)
 
     def solve(self, backward_scores: Tensor | np.ndarray, forward_scores: Tensor | np.ndarray, seed: int = 0,
               ortools_time_limit: float | None = None) -> tuple[Tensor, dict]:
@@ -90,39 +105,54 @@ class ScheduleProblem:
             return self._baseline_ops(back, fwd, seed), info
         instance = dict(backward_scores=back, forward_scores=fwd, placement=self.place, speeds=self.speeds,
                         subnet_costs=self.unit, cost=self.cost, **s.as_dict())
+        layout = self.wire_layout
+        group = np.full(self.place.numel(), -1, dtype=np.int64)
+        group[layout.columns.numpy()] = layout.block_of.numpy()
         sol = solve_devices(back, fwd, self.place, self.unit, list(self.budgets), self.cost, s.solver, self.step,
-                            s.validate, ortools_time_limit, instance)
+                            s.validate, ortools_time_limit, instance, column_group=group)
         info.update(objective=sol.objective, solve_seconds=sol.solve_seconds, check_seconds=sol.check_seconds)
         return sol.ops, info
 
     def _baseline_ops(self, back: Tensor, fwd: Tensor, seed: int) -> Tensor:
-        """A baseline's ops, spending the FULL and FORWARD_ONLY counts D2FT's capacities plan for."""
-        rows = self.num_micro_batches if self.step else 1
-        n_full = sum(b.planned_full for b in self.budgets) * rows
-        n_fo = sum(b.planned_fo for b in self.budgets) * rows
-        ops = torch.full(back.shape, int(Op.FULL), dtype=torch.long)
+        """A baseline's ops. Each spends what D2FT's schedule of the same problem spends (solved here with the
+        DP): the ``*_fo`` ablations its numbers of FULL and FORWARD_ONLY items, the train-or-skip baselines as
+        many FULL items as its compute buys (rounded down: within one item per micro-batch)."""
+        baseline = BASELINES[self.settings.method]
         cols = (self.place >= 0).nonzero().flatten()
-        ops[:, cols] = BASELINES[self.settings.method](back[:, cols], fwd[:, cols], n_full, n_fo, seed)
+        ops = torch.full(back.shape, int(Op.FULL), dtype=torch.long)
+        n_full = n_fo = 0
+        if baseline.needs_counts:
+            d2ft_settings = replace(self.settings, method="d2ft", solver="dp", validate=False)
+            d2ft = replace(self, settings=d2ft_settings).solve(back, fwd)[0][:, cols]
+            n_full, n_fo = int((d2ft == Op.FULL).sum()), int((d2ft == Op.FORWARD_ONLY).sum())
+            if baseline.train_or_skip:  # FORWARD_ONLY's compute buys FULL items instead
+                n_full = min(d2ft.numel(), math.floor(float(self.cost.compute(d2ft).sum()) / self.cost.full + 1e-9))
+                n_fo = 0
+        ops[:, cols] = baseline(back[:, cols], fwd[:, cols], n_full, n_fo, seed, self.settings)
         return ops
 
 
-def check_comm_budget(comm_budget: float, num_micro_batches: int, place: Tensor, devices: int,
-                      capacity: str = "step") -> None:
-    """Reject a communication budget too small for one FULL (micro-batch, subnet) pair on every device:
-    below that floor a device could only run FORWARD_ONLY, and no gradient would reach its subnets.
-
-    With ``capacity="step"`` the budget holds per (device, micro-batch), so the floor is per step;
-    with ``"epoch"`` it holds over all micro-batches of a device.
-    """
-    rows = 1 if capacity == "step" else num_micro_batches
-    fewest = min(int((place == d).sum()) for d in range(devices)) * rows
-    floor = 1.0 / fewest if fewest else 1.0
-    if comm_budget < floor - 1e-12:
-        per = " per micro-batch" if capacity == "step" else ""
+def check_comm_budget(comm_budget: float, layout: WireLayout) -> None:
+    """Reject a communication budget too small for one FULL (micro-batch, subnet) pair per device and step:
+    below that floor a device could only run FORWARD_ONLY, and no gradient would reach its subnets. A FULL
+    subnet sends both messages of its (device, block); a device may send ``comm_budget`` x its share of the
+    all-FULL wire (:mod:`.wire`)."""
+    if layout.world < 2:
+        raise ValueError(f"comm_budget={comm_budget} bounds the bytes on the tensor-parallel wire, and on one device "
+                         "nothing is sent: drop comm_budget, or solve for 2 or more devices (the schedule of a "
+                         "tensor-parallel group runs in one process too: only its ops decide the accuracy)")
+    shares = layout.rank_shares().sum(1)
+    fewest = float(shares.min()) if shares.numel() else 0.0
+    floor = 1.0 / fewest if fewest > 0 else 1.0
+    if comm_budget < floor - 1e-9:
+        tail = f"use comm_budget in [{floor:.3g}, 1] or drop it" if floor <= 1 else (
+            f"no comm_budget allows that on this layout ({layout.world} ranks, {layout.num_blocks} blocks: an "
+            "all-FULL block is one all_reduce, a partly active one an all_to_all from each active rank): drop it")
         raise ValueError(
             f"comm_budget={comm_budget} is below {floor:.3g}, the least that lets every device train one "
-            f"(micro-batch, subnet) pair FULL{per} ({fewest} pairs on the smallest device"
-            f"{' per step' if capacity == 'step' else ''}); use comm_budget in [{floor:.3g}, 1] or drop it")
+            f"(micro-batch, subnet) pair FULL per micro-batch (a FULL subnet sends its block's forward and "
+            f"backward messages; the smallest device may send {fewest:.3g} x 2 message(s) per step all FULL); "
+            + tail)
 
 
 # -- input checks ----------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from lightning_d2ft.io import StaleFileError, read_checked, write_checked
 from lightning_d2ft.ops import CostModel, Op
 from lightning_d2ft.schedule.problem import ColumnPlacement, ScheduleProblem, check_scores
 from lightning_d2ft.schedule.settings import ScheduleSettings
+from lightning_d2ft.schedule.wire import WireLayout, wire_fraction
 
 __all__ = ["Schedule"]
 
@@ -82,30 +83,21 @@ class Schedule:
         return self.cost.compute(ops).sum(1) / (ops.shape[1] * self.cost.full)
 
     @property
-    def comm_fraction(self) -> float:
-        """Communication units of the scheduled items relative to all FULL (SPEC's per-item cost model)."""
-        ops = self.ops[:, self.scheduled]
-        return float(self.cost.comm(ops).sum() / (ops.numel() * self.cost.comm_full))
+    def wire_layout(self) -> WireLayout:
+        return WireLayout(self.placement, self.column_blocks, self.num_devices)
 
     @property
     def wire_fraction(self) -> float:
-        """Predicted bytes on the wire relative to all FULL for tensor-parallel execution.
+        """Bytes the tensor-parallel collectives put on the wire, relative to all FULL (:mod:`.wire`: a rank
+        sends a block's forward partial sum when any of its groups there runs, its backward input gradient
+        when any is FULL; 0.0 on one device, where nothing is sent). ``comm_budget`` bounds it."""
+        return wire_fraction(self.ops, self.wire_layout)
 
-        A rank sends one forward partial sum per (micro-batch, block) if any of its subnets there runs, and
-        one backward input gradient if any runs FULL; the subnets of a rank in a block share those messages.
-        """
-        blocks = self.column_blocks if self.column_blocks is not None else torch.arange(self.ops.shape[1])
-        cols = self.scheduled
-        key = blocks[cols] * self.num_devices + self.placement[cols]
-        groups = torch.unique(key, return_inverse=True)[1]
-        n_groups = int(groups.max()) + 1 if groups.numel() else 0
-        ops = self.ops[:, cols]
-        sent = 0.0
-        for wanted in (Op.FORWARD_ONLY, Op.FULL):  # forward partial sum, then backward input gradient
-            runs = (ops >= wanted).double()
-            hit = torch.zeros(ops.shape[0], n_groups, dtype=torch.float64).index_add_(1, groups, runs) > 0
-            sent += float(hit.sum())
-        return sent / (2.0 * ops.shape[0] * n_groups) if n_groups else 0.0
+    @property
+    def comm_fraction(self) -> float:
+        """The schedule's one communication figure: :attr:`wire_fraction` (the per-item cost model that used to
+        be reported beside it promised savings the wire never saw)."""
+        return self.wire_fraction
 
     @property
     def device_times(self) -> Tensor:
@@ -145,33 +137,83 @@ class Schedule:
         ops = self.ops[:, self.scheduled]
         return {op.name: int((ops == op).sum()) for op in Op}
 
+    # -- dynamics: is the FULL set really dynamic? ------------------------------------------------
+    @property
+    def ever_full(self) -> Tensor:
+        """``[K]`` bool: scheduled columns FULL in at least one micro-batch (always-FULL columns: True)."""
+        return (self.ops == Op.FULL).any(0) | ~self.scheduled
+
+    @property
+    def never_full_columns(self) -> Tensor:
+        """Scheduled columns FULL in no micro-batch: subnets this schedule never trains."""
+        return (~self.ever_full).nonzero().flatten()
+
+    @property
+    def distinct_full_sets(self) -> int:
+        """Distinct FULL sets over the micro-batches (1: the same subnets train in every step)."""
+        full = self.ops[:, self.scheduled] == Op.FULL
+        return int(torch.unique(full, dim=0).shape[0]) if full.numel() else min(1, self.num_micro_batches)
+
+    def ever_full_per_block(self) -> dict[int, tuple[int, int]]:
+        """Per block (where ``column_blocks`` is known): (scheduled subnets ever FULL, scheduled subnets)."""
+        if self.column_blocks is None:
+            return {}
+        blocks = torch.as_tensor(self.column_blocks)
+        out = {}
+        for b in sorted(set(blocks[self.scheduled].tolist())):
+            if b < 0:
+                continue
+            cols = (blocks == b) & self.scheduled
+            out[int(b)] = (int(self.ever_full[cols].sum()), int(cols.sum()))
+        return out
+
     def metrics(self) -> dict[str, float]:
-        """The figures for results.json and logging (plain floats)."""
+        """The figures for results.json and logging (plain floats). The wire fraction only with more than one
+        device (one device sends nothing); ``ever_full_block_<l>``: subnets of block l FULL at least once."""
         imbalance = self.step_imbalance
         starved = int(((self.ops[:, self.scheduled] == Op.FULL).sum(1) == 0).sum())
-        return {
-            "compute_fraction": self.compute_fraction, "comm_fraction": self.comm_fraction,
-            "wire_fraction": self.wire_fraction, "workload_variance": self.workload_variance,
+        out = {"compute_fraction": self.compute_fraction}
+        if self.num_devices > 1:
+            out["wire_fraction"] = self.wire_fraction
+        out.update({
+            "workload_variance": self.workload_variance,
             "step_max_over_mean": float(imbalance.mean()), "step_max_over_mean_worst": float(imbalance.max()),
             "lockstep_fraction": self.lockstep_fraction, "micro_batches_without_full": starved,
             "distinct_patterns": self.distinct_patterns,
+            "never_full_subnets": int(self.never_full_columns.numel()), "distinct_full_sets": self.distinct_full_sets,
+            **{f"ever_full_block_{b}": n for b, (n, _) in self.ever_full_per_block().items()},
             "solve_seconds": float(self.info.get("solve_seconds", 0.0)),
             "check_seconds": float(self.info.get("check_seconds", 0.0)),
-        }
+        })
+        return out
+
+    def dynamics_line(self) -> str:
+        """How dynamic the FULL set is, in words: never-FULL subnets, distinct FULL sets, per block."""
+        n_sched = int(self.scheduled.sum())
+        line = (f"FULL dynamics: {int(self.never_full_columns.numel())} of {n_sched} scheduled subnets never FULL, "
+                f"{self.distinct_full_sets} distinct FULL set(s) over {self.num_micro_batches} micro-batches")
+        per_block = self.ever_full_per_block()
+        if per_block:
+            line += "; ever FULL per block " + " ".join(f"{n}/{k}" for n, k in per_block.values())
+            dead = [b for b, (n, _) in per_block.items() if n == 0]
+            if dead:
+                line += f" (block(s) {dead} never trained)"
+        return line
 
     def summary(self) -> str:
         counts = self.op_counts()
         total = sum(counts.values())
         mix = ", ".join(f"{name} {n / total:.0%}" for name, n in counts.items())
         m = self.metrics()
+        wire = f", wire {m['wire_fraction']:.3f}" if "wire_fraction" in m else ""
         return (
             f"{self.method} schedule: {self.num_micro_batches} micro-batches x {self.ops.shape[1]} subnets "
             f"({int(self.scheduled.sum())} scheduled; {int((~self.scheduled).sum())} always FULL: stem and head) "
-            f"on {self.num_devices} devices | compute {m['compute_fraction']:.3f}, comm {m['comm_fraction']:.3f}, "
-            f"wire {m['wire_fraction']:.3f} of all-FULL | {mix} | per step: max/mean load "
+            f"on {self.num_devices} devices | compute {m['compute_fraction']:.3f}{wire} of all-FULL | {mix} | "
+            f"per step: max/mean load "
             f"{m['step_max_over_mean']:.3f} (worst {m['step_max_over_mean_worst']:.3f}), lockstep time "
             f"{m['lockstep_fraction']:.3f} of all-FULL | epoch workload variance {m['workload_variance']:.4f} | "
-            f"{m['micro_batches_without_full']} micro-batches without FULL | "
+            f"{m['micro_batches_without_full']} micro-batches without FULL | {self.dynamics_line()} | "
             f"{m['distinct_patterns']} distinct op patterns | solve {m['solve_seconds']:.3f} s, "
             f"check {m['check_seconds']:.3f} s"
         )

@@ -49,17 +49,26 @@ class ScheduleSettings:
 
     Args:
         budget: compute, a fraction of all-FULL in (0, 1].
-        comm_budget: communication, a fraction of all-FULL in (0, 1], or None (no limit).
+        comm_budget: communication, a fraction of the all-FULL bytes on the tensor-parallel wire in (0, 1], or
+            None (no limit); it bounds the bytes the collectives really send (:mod:`lightning_d2ft.schedule.wire`),
+            per (device, micro-batch): ``capacity="step"`` only.
         backward_score / forward_score: score metrics deciding FULL / FORWARD_ONLY
             (:data:`lightning_d2ft.scoring.scores.METRICS`).
         solver: "ortools" (checked by the DP on every solve when ``validate``) or "dp" (the DP alone).
-        method: "d2ft" or a baseline ("random", "dpruning", "moe", "full", or a registered one).
+        method: "d2ft" or a baseline (:mod:`lightning_d2ft.schedule.baselines`): the train-or-skip "random",
+            "dpruning", "moe", their ``*_fo`` ablations with D2FT's FORWARD_ONLY share, "full", or a registered one.
         forward_mix: share of the budget kept for FORWARD_ONLY, in [0, 1] (0: FULL may take it all; 1: the
             fewest FULL that still let FORWARD_ONLY spend the budget).
         score_every: score every k-th micro-batch only (a cheaper scoring pass).
         capacity: "step" (default) gives every (device, micro-batch) its own capacity, so every lockstep step
-            is balanced and no micro-batch goes without FULL work unless the budget forces it; "epoch" pools a
-            device's capacity over all micro-batches.
+            is balanced and no micro-batch goes without FULL work unless the budget forces it; "epoch" is the
+            paper's: one capacity per device over the whole (micro-batch x subnet) table, after a floor of FULL
+            work that every (device, micro-batch) keeps (``full_floor``), so no micro-batch is starved.
+        full_floor: with ``capacity="epoch"``, the share of its per-step FULL capacity that every (device,
+            micro-batch) keeps (at least one FULL subnet where the step share holds one), in (0, 1]; the rest is
+            pooled over the epoch. 1 leaves only the FORWARD_ONLY level pooled.
+        moe_capacity_factor: ``moe`` routing's per-subnet capacity, as a multiple (>= 1) of a subnet's fair
+            share of the routed micro-batches (MoE routers' capacity factor).
         validate: after OR-Tools, the DP re-solves every instance and the objectives must agree.
 
     ``where`` (not a field) prefixes the names in error messages, e.g. ``"schedule."`` for the app's config.
@@ -74,6 +83,8 @@ class ScheduleSettings:
     forward_mix: float = 0.5
     score_every: int = 1
     capacity: str = "step"
+    full_floor: float = 0.5
+    moe_capacity_factor: float = 1.25
     validate: bool = True
     where: InitVar[str] = ""
 
@@ -89,6 +100,16 @@ class ScheduleSettings:
             raise ValueError(f"{where}forward_mix must be a number in [0, 1], got {self.forward_mix!r}")
         if isinstance(self.score_every, bool) or not isinstance(self.score_every, int) or self.score_every < 1:
             raise ValueError(f"{where}score_every must be an int >= 1, got {self.score_every!r}")
+        for name, low, closed in (("full_floor", 0.0, False), ("moe_capacity_factor", 1.0, True)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) \
+                    or not (value >= low if closed else value > low) or (name == "full_floor" and value > 1):
+                allowed = "(0, 1]" if name == "full_floor" else ">= 1"
+                raise ValueError(f"{where}{name} must be a number {allowed}, got {value!r}")
+        if self.comm_budget is not None and self.capacity == "epoch":
+            raise ValueError(f"{where}comm_budget bounds the bytes of every step (per device and micro-batch); it "
+                             f"cannot be combined with {where}capacity='epoch': use capacity='step' or drop "
+                             "comm_budget")
         if not isinstance(self.validate, bool):
             raise ValueError(f"{where}validate must be true or false, got {self.validate!r}")
         from lightning_d2ft.scoring.scores import check_metric  # lazy: scoring imports the model (and timm)

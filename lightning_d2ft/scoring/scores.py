@@ -9,7 +9,10 @@ FORWARD_ONLY among the rest), each from any of the metrics:
   micro-batch) capacity a per-row factor cannot change the FULL choice, and with per-epoch capacity it gave
   the high-loss micro-batches every FULL pair and starved the rest (issue 16), so it was removed.
 * ``gradient_magnitude``: sum |g| of the micro-batch gradient over the subnet's weights.
-* ``fisher``: sum g^2 (empirical Fisher of the micro-batch gradient, not of per-sample gradients).
+* ``squared_gradient``: sum g^2 of the micro-batch (mean) gradient. It was called ``fisher`` until issue 27;
+  it is not the empirical Fisher, which sums squared *per-sample* gradients.
+* ``fisher``: the empirical Fisher, ``(1/B) sum_i sum g_i^2`` over the per-sample gradients g_i of the B
+  samples (:mod:`lightning_d2ft.scoring.per_sample`; the stem and head, never scheduled, score 0).
 * ``taylor``: sum |w * g| (first-order Taylor estimate of the loss change if the subnet were removed).
 * ``random``: uniform in [0, 1), seeded.
 
@@ -45,10 +48,13 @@ from lightning_d2ft.scoring.scoring_pass import SubnetIndex, score_pass
 
 __all__ = ["METRICS", "Scores", "compute_scores", "data_fingerprint", "subnet_sums", "weights_digest"]
 
-METRICS = ("weight_magnitude", "gradient_magnitude", "fisher", "taylor", "random")
-#: which per-element gradient statistic each gradient metric sums
-_GRAD_STAT = {"gradient_magnitude": "abs", "fisher": "sq", "taylor": "taylor"}
-_CACHE_VERSION = 2  # 2: keyed by a data fingerprint and the scored micro-batches; weight_magnitude unscaled
+METRICS = ("weight_magnitude", "gradient_magnitude", "squared_gradient", "fisher", "taylor", "random")
+#: which gradient statistic each gradient metric sums ("fisher": squared per-sample gradients)
+_GRAD_STAT = {"gradient_magnitude": "abs", "squared_gradient": "sq", "taylor": "taylor", "fisher": "fisher"}
+# 2: keyed by a data fingerprint and the scored micro-batches; weight_magnitude unscaled. 3: "fisher" is the
+# per-sample empirical Fisher (before, the squared mean gradient, now "squared_gradient"): a version-2 file
+# under the name "fisher" holds the other metric, so it is recomputed, never read
+_CACHE_VERSION = 3
 _FINGERPRINT_SAMPLES = 16
 log = logging.getLogger(__name__)
 
@@ -75,7 +81,7 @@ def check_metric(role: str, metric: str) -> None:
 def grad_stats(metrics: Iterable[str]) -> list[str]:
     """The gradient statistics ``metrics`` need, in a fixed order (empty: no forward/backward needed)."""
     wanted = {_GRAD_STAT[m] for m in metrics if m in _GRAD_STAT}
-    return [s for s in ("abs", "sq", "taylor") if s in wanted]
+    return [s for s in ("abs", "sq", "taylor", "fisher") if s in wanted]
 
 
 # -- cheap identifiers ------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ sums only its own head groups; the replicated stem and head are counted by tenso
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from contextlib import contextmanager
@@ -31,8 +32,10 @@ from lightning_d2ft.parallel.layout import group_param
 __all__ = ["GRAD_STATS", "SubnetIndex", "micro_batches_to_train", "score_pass", "score_shared", "scoring_loader",
            "sum_over_ranks"]
 
-#: per-element statistics of a gradient ``g`` (and weight ``w``) the gradient metrics are built from
-GRAD_STATS = ("abs", "sq", "taylor")
+#: statistics the gradient metrics are built from: per element of the micro-batch gradient ``g`` (and weight
+#: ``w``), and "fisher", the squared per-sample gradients (:mod:`lightning_d2ft.scoring.per_sample`)
+GRAD_STATS = ("abs", "sq", "taylor", "fisher")
+_BATCH_STATS = ("abs", "sq", "taylor")
 _STEM = ("patch_embed.", "norm_pre.")
 _STEM_TOKENS = ("cls_token", "reg_token", "pos_embed")
 
@@ -157,22 +160,40 @@ def score_pass(net: D2FTViT, batches: Iterable, loss_fn: Callable[[Tensor, Tenso
 
     Returns ``([n, len(stats), num_subnets] float64, losses [n] float64)``, both on the model's device;
     nothing is synced to the host per micro-batch (non-finite losses are for the caller to check).
-    The model's mode, gradients and ``requires_grad`` flags are restored.
+    The model's mode, gradients and ``requires_grad`` flags are restored. With "fisher" alone the backward
+    computes the output gradients of the scored layers only (no weight gradients).
     """
     from tqdm.auto import tqdm
 
+    from lightning_d2ft.scoring.per_sample import PerSampleFisher
+
     device = next(net.parameters()).device
+    batch_stats = [s for s in stats if s in _BATCH_STATS]
+    fisher = PerSampleFisher(net) if "fisher" in stats else None
     rows, losses = [], []
     with _scoring_mode(net, index.base_params if stats else []):
         for x, y in tqdm(batches, desc="D2FT scores", disable=not progress, leave=False, total=total):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with torch.set_grad_enabled(bool(stats)):
+            with torch.set_grad_enabled(bool(stats)), (fisher.recording() if fisher else contextlib.nullcontext()):
                 loss = loss_fn(net(x), y)
             if stats:
-                loss.backward()
-                rows.append(index.grad_sums(stats))
-                for p in index.base_params:
-                    p.grad = None
+                row = {}
+                if batch_stats:
+                    if fisher is not None:  # the per-sample statistic reads the layers' output gradients
+                        outputs = fisher.outputs
+                        for out in outputs:
+                            out.retain_grad()
+                    loss.backward()
+                    row.update(zip(batch_stats, index.grad_sums(batch_stats)))
+                    for p in index.base_params:
+                        p.grad = None
+                    if fisher is not None:
+                        row["fisher"] = fisher.sums([out.grad for out in outputs])
+                else:  # fisher alone: the layers' output gradients, no weight gradients
+                    outputs = fisher.outputs
+                    grads = torch.autograd.grad(loss, outputs, allow_unused=True) if outputs else []
+                    row["fisher"] = fisher.sums(list(grads))
+                rows.append(torch.stack([row[s].to(device) for s in stats]))
             losses.append(loss.detach().double().reshape(1))
     if not losses:
         raise ValueError("no micro-batches to score: the dataloader is empty")

@@ -25,12 +25,18 @@ def test_an_old_schedule_file_loads():
     assert schedule.ops.shape == (3, 14) and 0.5 < schedule.compute_fraction < 0.7
 
 
-def test_an_old_score_cache_loads_under_its_key(tmp_path):
+def test_an_old_score_cache_is_recomputed_not_misread(tmp_path):
+    """Issue 27: this cache holds weight_magnitude / fisher as d00f4a6 computed "fisher" (the squared mean
+    gradient, now squared_gradient). Score caches are version 3 since, so it is ignored (with a warning) and
+    the scores are recomputed, never read as the per-sample Fisher."""
+    import pytest
+
     old = next(OLD.glob("d00f4a6-scores-*.pt"))
     shutil.copy(old, tmp_path / old.name.removeprefix("d00f4a6-"))
-    key = read_checked(old, _CACHE_VERSION, "score cache")["key"]
-    scores = load_cached(tmp_path, key)
-    assert scores is not None and scores.backward.shape == (3, 14)
+    payload = read_checked(old, 2, "score cache")
+    assert payload["metrics"] == ["weight_magnitude", "fisher"] and _CACHE_VERSION == 3
+    with pytest.warns(UserWarning, match="recomputing"):
+        assert load_cached(tmp_path, payload["key"]) is None
 
 
 def test_an_old_checkpoint_resumes_a_fit(tmp_path):

@@ -110,12 +110,16 @@ def test_sweep_summary_writes_table_csv_and_plot(tmp_path):
         (run / ".hydra").mkdir(parents=True)
         (run / ".hydra" / "overrides.yaml").write_text(f"- schedule.budget={budget}\n- hydra.job.num={job}\n")
         (run / "results.json").write_text(json.dumps({"val_acc": acc, "compute_fraction": budget,
-                                                      "wire_fraction": 0.5, "fit_seconds": 1.0}))
+                                                      "wire_fraction": 0.5, "fit_seconds": 1.0,
+                                                      "never_full_subnets": 40 - 10 * job, "distinct_full_sets": 1,
+                                                      "ever_full_block_0": 6, "ever_full_block_1": job}))
     md, csv, png = summarize_sweep(tmp_path)
     table = md.read_text()
     assert "| 0 | schedule.budget=0.4 | 0.7 | 0.4 |" in table and "schedule.budget=0.8 | 0.9 | 0.8" in table
+    assert "| 40 | 1 | 6 0 |" in table and "| 30 | 1 | 6 1 |" in table  # the FULL dynamics of each run
     assert "hydra.job" not in table
-    assert csv.read_text().splitlines()[0] == "job,setting,val_acc,compute_fraction,wire_fraction,fit_seconds"
+    assert csv.read_text().splitlines()[0] == ("job,setting,val_acc,compute_fraction,wire_fraction,never_full_subnets,"
+                                               "distinct_full_sets,ever_full_per_block,fit_seconds")
     assert png.stat().st_size > 1000
 
 
@@ -190,11 +194,22 @@ def test_the_summary_has_no_tensor_parallel_wire_line_without_tensor_parallelism
     from lightning_d2ft.app.run import print_summary
 
     base = {"method": "d2ft", "budget": 0.6, "subnets": 74, "devices": 2, "compute_fraction": 0.6, "val_acc": 0.9,
-            "scoring_seconds": 1.0, "fit_seconds": 10.0, "wire_fraction": 0.958, "comm_fraction": 0.6}
+            "scoring_seconds": 1.0, "fit_seconds": 10.0, "wire_fraction": 0.958}
     print_summary({**base, "tensor_parallel_size": 1})  # two data-parallel replicas
     assert "on the wire" not in capsys.readouterr().out
     print_summary({**base, "tensor_parallel_size": 2})
-    assert "0.958 of full fine-tuning on the wire" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "0.958 of full fine-tuning on the wire (4% saved)\n" in out and "per-item" not in out  # the wire only
+
+
+def test_the_summary_prints_the_full_dynamics(capsys):
+    from lightning_d2ft.app.run import print_summary
+
+    print_summary({"method": "d2ft", "budget": 0.6, "subnets": 26, "devices": 1, "compute_fraction": 0.6,
+                   "val_acc": 0.9, "scoring_seconds": 1.0, "fit_seconds": 10.0, "never_full_subnets": 5,
+                   "distinct_full_sets": 1, "ever_full_block_1": 0, "ever_full_block_0": 2})
+    assert "FULL dynamics: 5 subnets never FULL, 1 distinct FULL set(s); subnets ever FULL per block: 2 0" \
+        in capsys.readouterr().out
 
 
 def test_the_subnet_count_is_the_models_and_the_old_key_still_works_with_a_note(caplog):

@@ -18,13 +18,13 @@ def _shares(s: Schedule) -> tuple[float, float]:
     return float((ops == Op.FULL).float().mean()), float((ops == Op.FORWARD_ONLY).float().mean())
 
 
-@pytest.mark.parametrize("devices", [1, 2])
+@pytest.mark.parametrize("devices", [2, 3])
 @pytest.mark.parametrize("mix", [0.0, 0.5, 1.0])
 def test_forward_mix_splits_a_binding_communication_budget(devices, mix):
-    """At compute budget 1.0 and comm budget 0.5 the comm budget binds. FULL pairs cost 1 comm unit and
-    FORWARD_ONLY 0.5, so FORWARD_ONLY alone could spend it: mix 0 gives FULL half of the pairs, mix 1 none
-    beyond one per device and step, mix 0.5 a quarter with FORWARD_ONLY on half. (Measured on compute
-    alone, every mix gave FULL half of the pairs and FORWARD_ONLY none.)"""
+    """At compute budget 1.0 and comm budget 0.5 the comm budget binds. Each subnet its own block here: a FULL
+    pair sends 2 messages and FORWARD_ONLY 1, so FORWARD_ONLY alone could spend it: mix 0 gives FULL half of
+    the pairs, mix 1 none beyond one per device and step, mix 0.5 a quarter with FORWARD_ONLY on half.
+    (Measured on compute alone, every mix gave FULL half of the pairs and FORWARD_ONLY none.)"""
     back, fwd = _scores(0, 6, 2 + 48)
     s = Schedule.solve(back, fwd, budget=1.0, comm_budget=0.5, devices=devices, forward_mix=mix, solver="dp")
     full, fo = _shares(s)

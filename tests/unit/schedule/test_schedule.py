@@ -61,15 +61,22 @@ def test_distinct_patterns_counts_the_distinct_rows_each_a_cuda_graph_capture():
     assert repeated.distinct_patterns == 1 and "1 distinct op patterns" in repeated.summary()
 
 
-def test_epoch_capacity_hides_imbalance_that_step_capacity_removes():
+def test_epoch_capacity_pools_the_table_but_its_floor_starves_no_micro_batch():
     # scores scaled per micro-batch (like a loss-weighted score): with one pooled capacity per device the
-    # high-loss micro-batches take the FULL work, and lockstep ranks wait on every unbalanced step
+    # high-loss micro-batches take the extra FULL work, and lockstep ranks wait on every unbalanced step; the
+    # floor keeps FULL work in every (device, micro-batch), so no micro-batch goes untrained (issue 16's
+    # starvation: before the floor, 5 of these 32 micro-batches had no FULL pair)
     back, fwd = _realistic(32, 26, seed=3)
-    scale = torch.linspace(0.1, 10, 32).unsqueeze(1)
+    scale = torch.logspace(-2, 2, 32).unsqueeze(1)
     epoch = Schedule.solve(back * scale, fwd, budget=0.6, devices=2, capacity="epoch", solver="dp")
     step = Schedule.solve(back * scale, fwd, budget=0.6, devices=2)
-    assert epoch.workload_variance < 1e-3 and epoch.metrics()["micro_batches_without_full"] > 0
-    assert epoch.metrics()["step_max_over_mean_worst"] > 1.0 + 1e-6
+    assert epoch.workload_variance < 1e-3 and epoch.metrics()["micro_batches_without_full"] == 0
+    full = epoch.ops == Op.FULL
+    for d in range(2):
+        assert (full[:, epoch.placement == d].sum(1) >= 1).all()  # every (device, micro-batch)
+    assert epoch.metrics()["step_max_over_mean_worst"] > 1.0 + 1e-6  # what pooling does to lockstep steps
+    per_mb = full[:, epoch.scheduled].sum(1)
+    assert per_mb[-8:].float().mean() > per_mb[:8].float().mean()  # the pooled FULL work follows the scores
     assert step.metrics()["micro_batches_without_full"] == 0
     assert step.metrics()["step_max_over_mean_worst"] == pytest.approx(1.0)
 
@@ -180,14 +187,18 @@ def test_bad_inputs_give_clear_errors():
         Schedule.solve(back, fwd, comm_budget=2.0)
     with pytest.raises(ValueError, match="speeds"):
         Schedule.solve(back, fwd, devices=2, speeds=[1.0, 0.0])
-    # 3 scheduled subnets on the smaller device: one FULL pair per step needs comm 1/3 (per epoch: 1/12)
+    # 3 scheduled subnets on the smaller device: one FULL pair per step needs comm 1/3
     with pytest.raises(ValueError, match=r"comm_budget=0.3 is below 0.333.*\[0.333, 1\]"):
         Schedule.solve(back, fwd, devices=2, comm_budget=0.3)
     assert ((Schedule.solve(back, fwd, devices=2, comm_budget=1 / 3).ops == Op.FULL).sum(1) >= 2 + 2).all()
-    with pytest.raises(ValueError, match=r"comm_budget=0.05 is below 0.0833.*\[0.0833, 1\]"):
-        Schedule.solve(back, fwd, devices=2, comm_budget=0.05, capacity="epoch")
-    assert (Schedule.solve(back, fwd, devices=2, comm_budget=1 / 12,
-                           capacity="epoch").ops == Op.FULL).sum() >= 2 + 2 * 4
+    with pytest.raises(ValueError, match=r"comm_budget .* cannot be combined with capacity='epoch'"):
+        Schedule.solve(back, fwd, devices=2, comm_budget=0.5, capacity="epoch")
+    with pytest.raises(ValueError, match="on one device nothing is sent"):
+        Schedule.solve(back, fwd, devices=1, comm_budget=0.5)
+    with pytest.raises(ValueError, match=r"full_floor must be a number \(0, 1\]"):
+        Schedule.solve(back, fwd, capacity="epoch", full_floor=0.0)
+    with pytest.raises(ValueError, match="moe_capacity_factor must be a number >= 1"):
+        Schedule.solve(back, fwd, method="moe", moe_capacity_factor=0.5)
     with pytest.raises(ValueError, match=r"unknown capacity 'batch'; choose one of \['step', 'epoch'\]"):
         Schedule.solve(back, fwd, capacity="batch")
     with pytest.raises(ValueError, match="(?i)validate must be true or false"):
@@ -219,7 +230,7 @@ def test_wire_fraction_groups_a_rank_s_subnets_of_a_block():
     s = Schedule(ops=ops, placement=torch.tensor([-1, 0, 1, 0, 1, -1]), speeds=torch.ones(2),
                  column_blocks=torch.tensor([-1, 0, 0, 0, 0, -1]))
     assert s.wire_fraction == 1.0  # each rank has one FULL subnet in the block: both send both messages
-    assert s.comm_fraction == 0.5  # while per item, half the subnets are silent
+    assert s.comm_fraction == s.wire_fraction  # the one communication figure (per item, half were silent)
 
 
 # -- fuzz: a valid instance solves to a valid schedule; one injected fault gives a clear error ------
@@ -260,13 +271,14 @@ def _fuzz_inputs(draw):
     fwd = draw(hnp.arrays(np.float64, (n_mb, n_cols), elements=scores))
     devices = draw(st.integers(1, min(3, n_cols - 2)))
     capacity = draw(st.sampled_from(["step", "step", "epoch"]))
-    rows = 1 if capacity == "step" else n_mb
+    comm = capacity == "step" and devices > 1  # a comm budget bounds the wire of every step, of 2+ devices
     kw = dict(capacity=capacity,
         budget=draw(st.floats(0.01, 1.0)), devices=devices,
-        method=draw(st.sampled_from(["d2ft", "d2ft", "random", "dpruning", "moe", "full"])),
+        method=draw(st.sampled_from(["d2ft", "d2ft", "random", "dpruning", "moe", "random_fo", "dpruning_fo",
+                                     "moe_fo", "full"])),
         # SCIP (epoch) may pick another of several equally good FULL sets on exact ties: see the README
         solver=draw(st.sampled_from(["dp", "ortools", "ortools"])) if capacity == "step" else "dp",
-        comm_budget=draw(st.none() | st.floats(1.0 / (rows * ((n_cols - 2) // devices)), 1.0)),  # >= 1 FULL pair
+        comm_budget=draw(st.none() | st.floats(1.0 / ((n_cols - 2) // devices), 1.0)) if comm else None,
         forward_mix=draw(st.floats(0.0, 1.0)),
         speeds=draw(st.none() | st.lists(st.floats(0.1, 4.0), min_size=devices, max_size=devices)),
     )
@@ -294,9 +306,50 @@ def test_fuzz_solve_returns_a_valid_schedule_or_raises_a_clear_error(case):
     assert set(s.ops.unique().tolist()) <= {int(o) for o in Op}
     assert (s.ops[:, ~s.scheduled] == Op.FULL).all()
     assert torch.isfinite(s.device_loads).all() and (s.device_loads >= 0).all()
-    if kw["method"] in ("d2ft", "random"):  # dpruning and moe pick whole columns and may round by one
+    if kw["method"] in ("d2ft", "random", "dpruning", "moe"):  # within D2FT's compute (the _fo ones round)
         assert s.compute_fraction <= kw["budget"] + 1e-9
     if kw["method"] == "d2ft" and kw["comm_budget"] is not None:
         assert s.comm_fraction <= kw["comm_budget"] + 1e-9
     if kw["budget"] == 1.0 and kw["comm_budget"] is None:
         assert (s.ops == Op.FULL).all()
+
+
+def test_metrics_say_how_dynamic_the_full_set_is(tmp_path):
+    """Issue 27: the demo's schedule had 40 of 72 subnets never FULL and one FULL set, and nothing said so."""
+    blocks = torch.tensor([-1, 0, 0, 1, 1, 2, 2, -1])
+    F, O, S = int(Op.FULL), int(Op.FORWARD_ONLY), int(Op.SHORTCUT)
+    ops = torch.tensor([[F, F, O, S, O, F, S, F],
+                        [F, F, S, O, O, S, F, F],
+                        [F, F, O, S, S, F, S, F]])
+    s = Schedule(ops=ops, placement=torch.tensor([-1, 0, 1, 0, 1, 0, 1, -1]), speeds=torch.ones(2),
+                 column_blocks=blocks)
+    m = s.metrics()
+    assert m["never_full_subnets"] == 3 and s.never_full_columns.tolist() == [2, 3, 4]
+    assert m["distinct_full_sets"] == 2  # {1, 5} twice, {1, 6} once
+    assert (m["ever_full_block_0"], m["ever_full_block_1"], m["ever_full_block_2"]) == (1, 0, 2)
+    assert "3 of 6 scheduled subnets never FULL, 2 distinct FULL set(s) over 3 micro-batches; ever FULL per " \
+           "block 1/2 0/2 2/2 (block(s) [1] never trained)" in s.summary()
+    static = Schedule.solve(*_realistic(8, 2 + 12), budget=0.5, devices=1, method="dpruning")
+    assert static.metrics()["distinct_full_sets"] == 1 and static.metrics()["never_full_subnets"] > 0
+    assert "ever_full_block_0" not in static.metrics()  # no blocks given: no per-block count
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    seen = {}
+    real_savefig = plt.Figure.savefig
+
+    def spy(fig, *args, **kw):  # the heatmap marks exactly the never-FULL rows
+        heat = fig.axes[0]
+        seen["rows"] = sorted({int(y) for c in heat.collections for _, y in c.get_offsets()})
+        seen["title"] = heat.get_title()
+        return real_savefig(fig, *args, **kw)
+
+    plt.Figure.savefig = spy
+    try:
+        s.plot(tmp_path / "s.png")
+    finally:
+        plt.Figure.savefig = real_savefig
+    assert seen["rows"] == [2, 3, 4] and "3 subnets never FULL" in seen["title"]

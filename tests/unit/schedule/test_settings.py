@@ -24,7 +24,10 @@ def test_defaults_are_ortools_per_step_and_validated():
     ("budget", True, r"budget must be .* got True"),
     ("comm_budget", 1.5, r"comm_budget must be .* in \(0, 1\], got 1.5"),
     ("solver", "cplex", r"unknown solver 'cplex'; choose one of \['dp', 'ortools'\]"),
-    ("method", "greedy", r"unknown method 'greedy'; choose one of \['d2ft', 'random', 'dpruning', 'moe', 'full'\]"),
+    ("method", "greedy", r"unknown method 'greedy'; choose one of \['d2ft', 'random', 'dpruning', 'moe', "
+                         r"'random_fo', 'dpruning_fo', 'moe_fo', 'full'\]"),
+    ("full_floor", 1.5, r"full_floor must be a number \(0, 1\], got 1.5"),
+    ("moe_capacity_factor", 0.9, r"moe_capacity_factor must be a number >= 1, got 0.9"),
     ("capacity", "batch", r"unknown capacity 'batch'; choose one of \['step', 'epoch'\]"),
     ("forward_mix", 1.5, r"forward_mix must be a number in \[0, 1\], got 1.5"),
     ("forward_mix", "abc", r"forward_mix must be a number in \[0, 1\], got 'abc'"),

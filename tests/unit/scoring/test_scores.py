@@ -10,6 +10,12 @@ from lightning_d2ft import D2FTViT
 from lightning_d2ft.scoring.scores import METRICS, compute_scores, subnet_sums
 
 
+def copy_of(module):
+    import copy
+
+    return copy.deepcopy(module)
+
+
 def _data(n: int = 5, batch: int = 4):
     return [(torch.randn(batch, 3, 32, 32), torch.randint(0, 5, (batch,))) for _ in range(n)]
 
@@ -27,7 +33,7 @@ def test_every_metric_in_either_role(backward, forward, make_vit):
 def test_gradient_metrics_are_exact_per_subnet_sums(make_vit):
     net = D2FTViT(make_vit("tiny3"), groups_per_block=3)
     x, y = _data(1)[0]
-    s = compute_scores(net, [(x, y)], "fisher", "taylor", progress=False)
+    s = compute_scores(net, [(x, y)], "squared_gradient", "taylor", progress=False)
     plain = make_vit("tiny3")  # an independent plain timm model with the same weights
     plain.load_state_dict(net.vit.state_dict())
     F.cross_entropy(plain.eval()(x), y).backward()
@@ -110,7 +116,7 @@ def _reference(vit, x, y, G):
 def _sums(stem, blocks, head):
     out = {}
     stats = {"gradient_magnitude": lambda p, i: p.grad[i].abs().sum(),
-             "fisher": lambda p, i: p.grad[i].square().sum(),
+             "squared_gradient": lambda p, i: p.grad[i].square().sum(),
              "taylor": lambda p, i: (p.grad[i] * p.detach()[i]).abs().sum()}
     for name, f in stats.items():
         def whole(ps, f=f):
@@ -126,14 +132,63 @@ def test_every_gradient_metric_equals_a_plain_timm_reference_on_every_shape(vit_
     net = D2FTViT(vit)
     img = vit.patch_embed.img_size[0]
     data = [(torch.randn(3, 3, img, img), torch.randint(0, 3, (3,))) for _ in range(2)]
-    first = compute_scores(net, data, "gradient_magnitude", "fisher", progress=False)
+    first = compute_scores(net, data, "gradient_magnitude", "squared_gradient", progress=False)
     taylor = compute_scores(net, data, "taylor", "random", progress=False).backward
     plain = make_vit(vit_shape)  # an independent plain timm model with the same weights
     plain.load_state_dict(net.vit.state_dict())
     for n, (x, y) in enumerate(data):
         ref = _reference(plain, x, y, net.groups_per_block)
-        for metric, got in (("gradient_magnitude", first.backward), ("fisher", first.forward), ("taylor", taylor)):
+        for metric, got in (("gradient_magnitude", first.backward), ("squared_gradient", first.forward),
+                            ("taylor", taylor)):
             assert torch.allclose(got[n], ref[metric], rtol=1e-4, atol=1e-9), metric
+
+
+@pytest.mark.parametrize("with_batch_stats", [False, True])
+def test_fisher_is_the_mean_of_squared_per_sample_gradients_on_every_shape(vit_shape, make_vit, with_batch_stats):
+    """The empirical Fisher: each sample's own gradient squared, averaged over the micro-batch (not the square
+    of the mean gradient, which is squared_gradient: the two differ); stem and head score 0."""
+    vit = make_vit(vit_shape)
+    net = D2FTViT(vit)
+    img = vit.patch_embed.img_size[0]
+    data = [(torch.randn(3, 3, img, img), torch.randint(0, 3, (3,))) for _ in range(2)]
+    other = "taylor" if with_batch_stats else "weight_magnitude"  # fisher alone: no weight gradients at all
+    got = compute_scores(net, data, other, "fisher", progress=False).forward
+    squared = compute_scores(net, data, "squared_gradient", "random", progress=False).backward
+    plain = make_vit(vit_shape)  # an independent plain timm model with the same weights
+    plain.load_state_dict(net.vit.state_dict())
+    for n, (x, y) in enumerate(data):
+        per_sample = [_reference(plain, x[i : i + 1], y[i : i + 1], net.groups_per_block)["squared_gradient"]
+                      for i in range(3)]
+        want = torch.stack(per_sample).mean(0)
+        want[0] = want[-1] = 0.0
+        assert torch.allclose(got[n], want, rtol=1e-4, atol=1e-12)
+        assert not torch.allclose(got[n, 1:-1], squared[n, 1:-1], rtol=1e-2)
+
+
+def test_fisher_on_a_tensor_parallel_shard_counts_only_its_groups(make_vit):
+    """A sharded model runs the grouped path (F.linear on full-width views of the shard's weights): the same
+    per-sample sums for the shard's columns (stand-in collectives: one rank holding every group's partial)."""
+    from lightning_d2ft.parallel.placement import Placement
+    from lightning_d2ft.scoring.scoring_pass import SubnetIndex, score_pass
+
+    class OneRank:  # a tensor-parallel group of one rank over the general (sharded) path
+        rank, world = 0, 1
+
+        def reduce_partial(self, partial, like, active):
+            return partial
+
+        def copy_to_ranks(self, h, active):
+            return h
+
+    vit = make_vit("tiny3")
+    net = D2FTViT(vit)
+    whole = D2FTViT(copy_of(vit))
+    data = [(torch.randn(3, 3, 32, 32), torch.randint(0, 3, (3,)))]
+    ref = compute_scores(whole, data, "weight_magnitude", "fisher", progress=False).forward
+    net.shard_(Placement.round_robin(net.depth, net.groups_per_block, 1), OneRank())
+    net.tp.world = 2  # take the sharded (general) path, as a real rank does
+    sums, _ = score_pass(net, data, F.cross_entropy, ["fisher"], SubnetIndex(net))
+    assert torch.allclose(sums[0, 0, 1:-1], ref[0, 1:-1], rtol=1e-4, atol=1e-12)
 
 
 def test_sampling_scores_a_subset(make_vit):
@@ -165,6 +220,23 @@ def test_cache_is_used_and_stale_or_corrupt_caches_are_recomputed(tmp_path, make
         with pytest.warns(UserWarning, match="recomputing"):
             redo = compute_scores(net, data2, "taylor", "fisher", cache_dir=tmp_path, progress=False)
         assert not redo.from_cache and torch.equal(redo.backward, other_data.backward)
+
+
+def test_scores_cached_as_fisher_before_it_meant_per_sample_gradients_are_recomputed(tmp_path, make_vit,
+                                                                                      monkeypatch):
+    """Until issue 27 "fisher" was the squared mean gradient: a cache written then under that name holds the
+    other metric, so it must never be read as the per-sample Fisher."""
+    from lightning_d2ft.scoring import scores
+
+    net = D2FTViT(make_vit("tiny3"))
+    data = _data(2)
+    monkeypatch.setattr(scores, "_CACHE_VERSION", 2)
+    monkeypatch.setitem(scores._GRAD_STAT, "fisher", "sq")  # the old meaning, written by the old version
+    old = compute_scores(net, data, "weight_magnitude", "fisher", cache_dir=tmp_path, progress=False)
+    monkeypatch.undo()
+    new = compute_scores(net, data, "weight_magnitude", "fisher", cache_dir=tmp_path, progress=False)
+    assert not new.from_cache and not torch.allclose(new.forward[:, 1:-1], old.forward[:, 1:-1], rtol=1e-2)
+    assert compute_scores(net, data, "weight_magnitude", "fisher", cache_dir=tmp_path, progress=False).from_cache
 
 
 def test_unknown_metric_is_rejected(make_vit):

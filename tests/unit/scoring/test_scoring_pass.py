@@ -50,9 +50,10 @@ def test_the_streamed_pass_gives_compute_scores_numbers_and_only_the_asked_micro
     loader = micro_batch_loader(data, 4, seed=0)
     mbs = loader.sampler.micro_batches
     net = D2FTViT(make_vit("tiny3"))
-    sums, losses, weights = score_shared(net, loader, mbs, [1, 4], ["abs", "sq", "taylor"], F.cross_entropy)
+    sums, losses, weights = score_shared(net, loader, mbs, [1, 4], ["abs", "sq", "taylor", "fisher"],
+                                         F.cross_entropy)
     batches = [(data.x[mb], data.y[mb]) for mb in mbs]
-    for j, metric in enumerate(("gradient_magnitude", "fisher", "taylor")):
+    for j, metric in enumerate(("gradient_magnitude", "squared_gradient", "taylor", "fisher")):
         ref = compute_scores(net, batches, metric, metric, progress=False).backward
         assert torch.allclose(sums[:, j], ref[[1, 4]], rtol=1e-5)
     assert torch.allclose(losses, torch.stack([F.cross_entropy(net.vit.eval()(x), y) for x, y in
