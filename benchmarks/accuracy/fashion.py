@@ -86,6 +86,10 @@ TIERS_V3: dict[int, list[dict]] = {
              {"backward_score": "squared_gradient"}),
     # the wire budget (2 devices: one device sends nothing) at compute 1.0
     4: _runs({"devices": 2, "budget": 1.0, "comm_budget": 0.5}),
+    # issue 25: v2's tier-1 rows again with only the optimizer semantics changed (per-group Parameters): v2's
+    # "fisher" is today's squared_gradient and v2's baselines are today's _fo ones (tier 1 has full and random_fo,
+    # tier 3 D2FT with squared_gradient); v2's comm-budget row has no equivalent (one device sends nothing now)
+    5: _runs(*({"method": m, "forward_score": "squared_gradient"} for m in ("dpruning_fo", "moe_fo"))),
 }
 TIERS: dict[int, list[dict]] = {
     # the targets: full, default D2FT and every baseline at budget 0.6 / 74 subnets, D2FT at comm budget 0.5
