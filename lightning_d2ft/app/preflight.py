@@ -4,6 +4,7 @@ what it adapts)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -15,9 +16,9 @@ from torch.utils.data import TensorDataset
 
 from lightning_d2ft.io import check_regular_file
 from lightning_d2ft.model.vit import D2FTViT
-from lightning_d2ft.ops import CostModel
 from lightning_d2ft.parallel.placement import resolve_placement, speed_aware
-from lightning_d2ft.schedule.capacity import device_budgets
+from lightning_d2ft.schedule.problem import ScheduleProblem
+from lightning_d2ft.schedule.settings import ScheduleSettings
 
 __all__ = ["MAX_SEED", "DataCheck", "check_inputs", "degenerate_settings"]
 log = logging.getLogger(__name__)
@@ -47,12 +48,13 @@ def degenerate_settings(cfg: DictConfig, net: D2FTViT) -> list[str]:
         world = t.devices * int(t.extra.get("num_nodes", 1))
         tp = world if t.tensor_parallel_size == "auto" else int(t.tensor_parallel_size)
         speeds = list(t.speeds) if t.speeds is not None else None
+        settings = ScheduleSettings.from_mapping(s)
         try:
-            starved = _devices_without_full(net, tp, speeds, s.budget, s.comm_budget, s.forward_mix)
+            starved = _devices_without_full(net, tp, speeds, settings)
         except ValueError:  # a layout the strategy will refuse, naming it, when the Trainer is built
             starved = []
         if starved:
-            least = _least_budget(net, tp, speeds, s.comm_budget, s.forward_mix, s.budget)
+            least = _least_budget(net, tp, speeds, settings)
             raise_to = f"schedule.budget >= {least:.3g}" if least is not None else "a larger schedule.budget"
             found.append(f"schedule.budget={s.budget} leaves tensor-parallel rank(s) {starved} of {tp} no FULL subnet "
                          f"in any step (with schedule.forward_mix={s.forward_mix}"
@@ -73,25 +75,20 @@ def degenerate_settings(cfg: DictConfig, net: D2FTViT) -> list[str]:
     return found
 
 
-def _devices_without_full(net: D2FTViT, tp: int, speeds: list[float] | None, budget: float,
-                          comm_budget: float | None, forward_mix: float) -> list[int]:
+def _devices_without_full(net: D2FTViT, tp: int, speeds: list[float] | None, settings: ScheduleSettings) -> list[int]:
+    """The ranks whose per-step capacities (the schedule problem's own, one micro-batch) plan no FULL subnet."""
     placement = resolve_placement(speed_aware(speeds) if speeds else None, net.depth, net.groups_per_block, tp)
-    place = placement.column_devices()
-    speed = torch.as_tensor(placement.speeds, dtype=torch.float64)
-    unit = torch.ones(place.numel(), dtype=torch.float64)
-    budgets = device_budgets(1, place, speed, unit, CostModel(), budget, comm_budget, forward_mix)
-    return [d for d, b in enumerate(budgets) if b.planned_full == 0]
+    return ScheduleProblem.build(settings, 1, net.num_subnets, placement).devices_without_full()
 
 
-def _least_budget(net: D2FTViT, tp: int, speeds: list[float] | None, comm_budget: float | None,
-                  forward_mix: float, low: float) -> float | None:
+def _least_budget(net: D2FTViT, tp: int, speeds: list[float] | None, settings: ScheduleSettings) -> float | None:
     """The least compute budget (to 1e-3) that gives every rank a FULL subnet per step; None if even 1.0 does not."""
-    if _devices_without_full(net, tp, speeds, 1.0, comm_budget, forward_mix):
+    if _devices_without_full(net, tp, speeds, dataclasses.replace(settings, budget=1.0)):
         return None
-    high = 1.0
+    low, high = settings.budget, 1.0
     while high - low > 1e-3:
         mid = (low + high) / 2
-        if _devices_without_full(net, tp, speeds, mid, comm_budget, forward_mix):
+        if _devices_without_full(net, tp, speeds, dataclasses.replace(settings, budget=mid)):
             low = mid
         else:
             high = mid

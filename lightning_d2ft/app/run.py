@@ -299,7 +299,7 @@ def refusals_before_training() -> Iterator[None]:
     it must be, a run directory held by another run, Lightning refusing a Trainer argument) become SetupError."""
     try:
         yield
-    except (ValueError, TypeError, OSError, RunDirBusyError, MisconfigurationException) as err:
+    except (ValueError, OSError, RunDirBusyError, MisconfigurationException) as err:
         raise SetupError(str(err)) from err
 
 

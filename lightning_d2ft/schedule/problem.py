@@ -20,7 +20,7 @@ from torch import Tensor
 from lightning_d2ft.ops import CostModel, Op
 from lightning_d2ft.parallel.placement import Placement, check_speeds, round_robin
 from lightning_d2ft.schedule.baselines import BASELINES
-from lightning_d2ft.schedule.capacity import RESOLUTION, DeviceBudget, device_budgets
+from lightning_d2ft.schedule.capacity import RESOLUTION, DeviceBudget, device_budgets, int_costs
 from lightning_d2ft.schedule.knapsack import solve_devices
 from lightning_d2ft.schedule.settings import ScheduleSettings
 from lightning_d2ft.schedule.wire import WireLayout, message_caps
@@ -89,6 +89,17 @@ class ScheduleProblem:
     @property
     def wire_layout(self) -> WireLayout:
         return WireLayout(self.place, self.column_blocks, self.num_devices)
+
+    def devices_without_full(self) -> list[int]:
+        """The devices whose capacity (per micro-batch in step mode) buys not one FULL subnet: the compute the FULL
+        level may use is below their cheapest subnet's FULL cost, or their message cap below the two messages of
+        one FULL block. Nothing on them would ever be trained."""
+        starved = []
+        for d, b in enumerate(self.budgets):
+            cheapest = int(int_costs(self.unit[self.place == d], self.cost.full).min())
+            if b.outer_capacity < cheapest or (b.outer_messages is not None and b.outer_messages < 2):
+                starved.append(d)
+        return starved
 
     def solve(self, backward_scores: Tensor | np.ndarray, forward_scores: Tensor | np.ndarray, seed: int = 0,
               ortools_time_limit: float | None = None) -> tuple[Tensor, dict]:
