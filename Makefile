@@ -28,7 +28,7 @@ lint: $(STAMP)
 	$(VENV)/bin/lint-imports
 
 bench: $(STAMP)
-	$(PY) benchmarks/ops_cost.py
+	$(PY) benchmarks/speed/ops_cost.py
 
 # Fashion-MNIST accuracy sweep (resumable; appends to benchmarks/results/accuracy/fashion/runs.jsonl), then tables
 bench-accuracy: $(STAMP)

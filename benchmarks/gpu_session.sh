@@ -41,6 +41,6 @@ step gpu-fit-random 8 timeout 150 $PY benchmarks/gpu_fit.py $FIT --executors gra
 step gpu-fit-at-once 8 timeout 150 $PY benchmarks/gpu_fit.py $FIT --executors graphs --nonfinite-check at-once \
   --out "$OUT/gpu_fit_at_once.json"
 # 4. the step benchmark of issue 14 (ratios to plain timm), with a profile of one step
-step ops-cost 60 timeout 200 $PY benchmarks/ops_cost.py --device cuda --amp bf16 $OPS --profile \
+step ops-cost 60 timeout 200 $PY benchmarks/speed/ops_cost.py --device cuda --amp bf16 $OPS --profile \
   --out "$OUT/ops_cost_cuda.json"
 echo "gpu session done" | tee -a "$LOG"

@@ -2,8 +2,8 @@
 
     python benchmarks/accuracy/collect.py --preset full
 
-Reads ``benchmarks/results/accuracy/runs/<preset>/<table>/**/results.json`` (and each run's
-``.hydra/config.yaml``), writes ``benchmarks/results/accuracy/<preset>/<table>.md|png`` and
+Reads ``benchmarks/results/accuracy/digits/runs/<preset>/<table>/**/results.json`` (and each run's
+``.hydra/config.yaml``), writes ``benchmarks/results/accuracy/digits/<preset>/<table>.md|png`` and
 ``summary.json``. Accuracy is top-1 on the held-out validation split of digits 5-9, in percent, mean ±
 standard deviation over the seeds that ran (the count is in every cell).
 """
@@ -22,7 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "accuracy"
+ROOT = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "accuracy" / "digits"
 METHODS = ["d2ft", "random", "dpruning", "moe", "full"]
 SCORES = ["weight_magnitude", "gradient_magnitude", "squared_gradient", "fisher", "taylor", "random"]
 

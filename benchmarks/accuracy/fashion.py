@@ -53,7 +53,8 @@ OUT = REPO / "benchmarks" / "results" / "accuracy" / "fashion"
 CACHE = REPO / ".cache" / "fashion"
 MODEL = "vit_small_patch16_224"  # 12 blocks x 6 heads: 26/38/74 subnets exist
 KWARGS = {"img_size": 28, "patch_size": 7, "embed_dim": 96, "in_chans": 1}
-# sized (pilot, tag "v2") for a full-fine-tuning seed SD under 1 point; tag "merged" used 1000/3 and 400/3
+# sized (pilot, tag "v2") for a full-fine-tuning seed SD under 1 point; tag "v1" (first called "merged") used
+# 1000/3 and 400/3
 PRETRAIN = {"classes": [0, 1, 2, 3, 4], "per_class": 2000, "epochs": 4, "lr": 1e-3, "batch_size": 50}
 FINETUNE = {"classes": [5, 6, 7, 8, 9], "per_class": 1000, "epochs": 4, "lr": 5e-4, "batch_size": 50,
             "lora_lr": 5e-3}  # LoRA rows (LoRA and D2FT-LoRA alike): at 5e-4 rank-4 adapters reached only 48%
@@ -220,7 +221,7 @@ def main() -> None:
     parser.add_argument("--tiers", default=None, help="comma-separated tiers to run, in order (default: all)")
     parser.add_argument("--seeds", default=None, help=f"default {SEEDS} ({SMOKE['seeds']} with --smoke)")
     parser.add_argument("--tag", default="v3", help="code and size label; part of a run's identity ('v2', "
-                        "'merged': the earlier sweeps' tiers)")
+                        "'v1': the earlier sweeps' tiers)")
     parser.add_argument("--runs", type=Path, default=None, help="the runs file (default: the results' runs.jsonl; "
                         "with --smoke .cache/fashion-smoke/runs.jsonl)")
     parser.add_argument("--smoke", action="store_true", help="rehearse: a few images, 1 epoch, 2 seeds, tag "
@@ -234,7 +235,7 @@ def main() -> None:
         args.tag = "smoke"
     args.runs = args.runs or (CACHE / "runs.jsonl" if args.smoke else OUT / "runs.jsonl")
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else (SMOKE["seeds"] if args.smoke else SEEDS)
-    tiers = TIERS_V3 if args.tag not in ("v2", "merged") else TIERS
+    tiers = TIERS_V3 if args.tag not in ("v1", "v2") else TIERS
     torch.set_num_threads(args.threads)
     # Lightning's CPU DDP-style strategies otherwise raise torch's threads to cores / processes after the first
     # fit, and two sweep processes on 2 cores then thrash (measured: a 400-step fine-tune took 11 minutes)

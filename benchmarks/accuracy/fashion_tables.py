@@ -10,7 +10,7 @@ Runs that record their ops' hash (``ops_sha``, tag ``v3`` on) get the issue-27 t
 identical schedules on every seed the table says "identical schedules" instead of an interval (a tie by
 construction is not a finding), and a comparison against D2FT gets a verdict: "resolved" when the 95%
 interval excludes 0, a "tie" when it lies within +-0.5 point, "not resolved" otherwise. Tags ``v2`` and
-``merged`` keep their tables (their ``random``/``dpruning``/``moe`` are today's ``*_fo`` ablations, and their
+``v1`` keep their tables (their ``random``/``dpruning``/``moe`` are today's ``*_fo`` ablations, and their
 ``fisher`` is today's ``squared_gradient``).
 """
 

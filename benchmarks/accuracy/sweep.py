@@ -6,7 +6,7 @@
 
 Every table is one or two ``python -m lightning_d2ft -m ...`` multiruns (the bundled default: a ViT-S-shaped
 model pretrained here on digits 0-4, fine-tuned on digits 5-9; see the README), one process, jobs one
-after another, each under ``benchmarks/results/accuracy/runs/<preset>/<table>/s<i>/<overrides>/``
+after another, each under ``benchmarks/results/accuracy/digits/runs/<preset>/<table>/s<i>/<overrides>/``
 (results.json, .hydra/overrides.yaml). Jobs that already have a results.json are skipped
 (``skip_existing=true``), so an interrupted sweep resumes where it stopped.
 """
@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-RUNS = REPO / "benchmarks" / "results" / "accuracy" / "runs"
+RUNS = REPO / "benchmarks" / "results" / "accuracy" / "digits" / "runs"
 METRICS = "weight_magnitude,gradient_magnitude,squared_gradient,fisher,taylor,random"
 # a comm budget bounds the tensor-parallel wire: one device sends nothing (refused), so 2 processes
 WIRE = ["trainer=cpu2"]

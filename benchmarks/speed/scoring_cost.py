@@ -1,6 +1,6 @@
 """What the scoring pass costs, against a plain forward+backward pass and a plain training epoch.
 
-    PYTHONPATH=. python benchmarks/scoring_cost.py [--repeats 3] [--threads 1] [--vit-s16]
+    PYTHONPATH=. python benchmarks/speed/scoring_cost.py [--repeats 3] [--threads 1] [--vit-s16]
 
 The default is `make demo`'s shape: ViT-S-shaped (12 blocks x 6 heads, width 192, 32 px, 8 px patches),
 74 subnets, digits 5-9 in micro-batches of 32. Measured side by side in one run, interleaved, median of
@@ -21,7 +21,7 @@ Times are this process's CPU time (one torch thread; the machine is shared, and 
 other jobs' share of the 2 cores; the wall times are in the JSON too). Targets: scoring (the per-sample
 Fisher) <= 1.5x fwd_bwd (issue 27), scoring_every10 <= 0.15x fwd_bwd
 (issue 15). ``--vit-s16`` adds a ViT-S/16 row at 224 px (197 tokens; batch 8, random data). Writes
-benchmarks/results/scoring_cost.json.
+benchmarks/results/speed/scoring_cost.json.
 """
 
 from __future__ import annotations
@@ -29,10 +29,14 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/_common.py
 from _common import print_table, write_json
 from timm.models.vision_transformer import VisionTransformer
 
@@ -137,7 +141,7 @@ def main() -> None:
     targets = {name: {"scoring (per-sample fisher) <= 1.5x fwd_bwd": r["scoring_vs_fwd_bwd"] <= 1.5,
                       "every10 <= 0.15x fwd_bwd": r["scoring_every10_vs_fwd_bwd"] <= 0.15} for name, r in rows.items()}
     print(targets)
-    path = write_json("scoring_cost.json", {"args": vars(args), "rows": rows, "targets_met": targets,
+    path = write_json("speed/scoring_cost.json", {"args": vars(args), "rows": rows, "targets_met": targets,
                                             "note": "a 2-core machine shared with other jobs: process CPU time, "
                                                     "cases interleaved, median of repeats"})
     print(f"wrote {path}")

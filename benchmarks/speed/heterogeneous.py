@@ -1,6 +1,6 @@
 """Two tensor-parallel ranks of unequal speed: per-rank step time with and without speed-aware schedules.
 
-    python benchmarks/heterogeneous.py [--steps 12] [--warmup 3] [--budget 0.6]
+    python benchmarks/speed/heterogeneous.py [--steps 12] [--warmup 3] [--budget 0.6]
 
 Rank 1 is slowed on purpose: it is pinned to CPU core 1, which it shares with a busy-loop process, while
 rank 0 has core 0 to itself (needs 2 cores). A short calibration (the same matmuls timed on each rank)
@@ -12,7 +12,7 @@ measures the speed ratio. Then three D2FT fits at the same budget on the same mo
 
 Per rank: *busy* time per step = step wall time minus the time spent inside tensor-parallel collectives
 (where a fast rank waits for a slow one). The spread (max - min busy) / mean is 0 for a balanced step;
-the step time itself is what a user waits for. Writes ``benchmarks/results/heterogeneous.json``.
+the step time itself is what a user waits for. Writes ``benchmarks/results/speed/heterogeneous.json``.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/_common.py
 from _common import print_table, write_json
 from lightning.pytorch import Callback, Trainer, seed_everything
 
@@ -172,7 +174,7 @@ def main() -> None:
     for r in rows:
         r["step_vs_equal"] = r["step_s"] / base
     print_table(rows, ["case", "step_s", "step_vs_equal", "busy_rank0_s", "busy_rank1_s", "busy_spread"])
-    path = write_json("heterogeneous.json", {"args": vars(args), "speeds": speeds, "rows": rows})
+    path = write_json("speed/heterogeneous.json", {"args": vars(args), "speeds": speeds, "rows": rows})
     print(f"wrote {path}")
 
 

@@ -1,6 +1,6 @@
 """Step time, bytes per step and peak memory per rank: plain DDP vs D2FT, on 2 CPU processes, one invocation.
 
-    python benchmarks/strategy_speed.py [--steps 16] [--warmup 3] [--batch 32] [--img-size 32]
+    python benchmarks/speed/strategy_speed.py [--steps 16] [--warmup 3] [--batch 32] [--img-size 32]
 
 Runs, one after another, each as a Lightning fit on 2 spawned CPU processes (gloo), over the same global
 batch per step (DDP: half of it per rank; tensor-parallel: all of it on both ranks):
@@ -14,7 +14,7 @@ batch per step (DDP: half of it per rank; tensor-parallel: all of it on both ran
 Step time is the median wall time of a training step after ``warmup`` steps (rank 0; both ranks wait on
 each other in every collective). Bytes are what each rank sends per step (ring all-reduce: 2(n-1)/n of
 the payload; sparse all-to-all: what it sends). Peak memory is the rise of the process's resident set
-(VmHWM after - VmRSS before) during fit. Writes ``benchmarks/results/strategy_speed.json``. Targets
+(VmHWM after - VmRSS before) during fit. Writes ``benchmarks/results/speed/strategy_speed.json``. Targets
 (issue 4): D2FT 1.0 within 10% of plain TP; D2FT 0.6 at most 0.7x of D2FT 1.0; D2FT 0.6 bytes at most
 the schedule's wire fraction of D2FT 1.0's.
 """
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +32,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/_common.py
 from _common import print_table, write_json
 from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.strategies import DDPStrategy
@@ -177,7 +180,7 @@ def main() -> None:
     print(f"D2FT 0.6 vs 1.0: time {six['step_s'] / one['step_s']:.3f}, bytes {bytes_ratio:.3f} "
           f"(schedule wire fraction {six['wire_fraction']:.3f}, compute fraction {six['compute_fraction']:.3f})")
     print("targets met:", targets)
-    path = write_json("strategy_speed.json", {"args": vars(args), "rows": rows, "bytes_0.6_vs_1.0": bytes_ratio,
+    path = write_json("speed/strategy_speed.json", {"args": vars(args), "rows": rows, "bytes_0.6_vs_1.0": bytes_ratio,
                                               "targets_met": targets})
     print(f"wrote {path}")
 

@@ -1,8 +1,8 @@
 """Time, optimizer step, FLOPs, aten ops and memory of one training step of a ViT-S/16 under each op mix, vs
 plain timm.
 
-    PYTHONPATH=. python benchmarks/ops_cost.py                                # CPU, batch 8, 224 px
-    PYTHONPATH=. python benchmarks/ops_cost.py --device cuda --amp bf16       # GPU, batch 64, 224 px
+    PYTHONPATH=. python benchmarks/speed/ops_cost.py                                # CPU, batch 8, 224 px
+    PYTHONPATH=. python benchmarks/speed/ops_cost.py --device cuda --amp bf16       # GPU, batch 64, 224 px
 
 Cases: ``plain timm``, ``all FULL``, ``all FORWARD_ONLY``, ``half SHORTCUT`` and ``budget 0.6`` (every
 micro-batch of a ``Schedule.solve(..., budget=0.6, devices=1, solver="dp")`` on random scores, 74 subnets;
@@ -23,7 +23,7 @@ after a reset, plus, for graphed rows, the free part of the CUDA-graph pool (the
 its intermediates, which the allocator counts as reserved, not allocated; ``graph_pool_mib`` is the whole
 pool, shared by every captured pattern). Aten ops are counted per
 forward+backward (TorchDispatchMode, views and detaches not counted) after a warm-up step. Writes
-``benchmarks/results/ops_cost.json`` (CPU) or ``ops_cost_cuda.json``
+``benchmarks/results/speed/ops_cost.json`` (CPU) or ``benchmarks/results/gpu/ops_cost_cuda.json``
 (CUDA) unless ``--out`` says otherwise; without CUDA ``--device cuda`` runs on CPU and says so.
 
 Needs only torch, timm and this package (no hydra, no ortools). Targets (issues 14 and 25), as ratios to
@@ -47,7 +47,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/_common.py
 from _common import print_table, write_json
 
 from lightning_d2ft.model.cuda_graphs import PatternGraphs
@@ -266,7 +266,7 @@ def finish(args, rows, device, batch, note, net) -> None:
     targets.update({f"optimizer step {case} <= {limit} x all FULL": by_case[case]["optimizer_ratio"] <= limit
                     for case, limit in OPTIMIZER_TARGETS.items()})
     print("targets:", targets)
-    out = args.out or ("ops_cost_cuda.json" if device.type == "cuda" else "ops_cost.json")
+    out = args.out or ("gpu/ops_cost_cuda.json" if device.type == "cuda" else "speed/ops_cost.json")
     path = write_json(out, {"device": name, "torch": torch.__version__, "note": note, "args": vars(args),
                             "optimizer": "AdamW(fused=True)", "load_average": _load_average(),
                             "memory": "saved_mib: bytes saved for backward in one eager training forward "

@@ -1,7 +1,7 @@
 """Time the schedule's solvers: the default (OR-Tools + DP check) against the DP alone, the OR-Tools
 formulations on the per-step sub-problems, and the scoring pass against a training epoch.
 
-    python benchmarks/schedule_solvers.py [--quick] [--no-scoring]
+    python benchmarks/speed/schedule_solvers.py [--quick] [--no-scoring]
 
 Part 1 (targets, issue 18): 74 subnets, budget 0.6, capacity "step", one run per size: the default
 ``Schedule.solve`` (OR-Tools' knapsack solver per (device, micro-batch) and level, then the DP re-solves
@@ -10,7 +10,7 @@ Part 2: the exact OR-Tools formulations on the same per-step sub-problems (knaps
 SCIP MIP), microseconds per sub-problem and level, and the epoch-capacity SCIP MIPs vs the DP.
 Part 3: the scoring pass (all micro-batches, and every 10th) and the solve, as a fraction of one plain
 fine-tuning epoch over the same micro-batches (ViT-S/16, 224px, batch 8, CPU).
-Writes benchmarks/results/schedule_solvers.json. Timings on a shared machine are noisy: ratios are
+Writes benchmarks/results/speed/schedule_solvers.json. Timings on a shared machine are noisy: ratios are
 measured side by side in one run.
 """
 
@@ -19,11 +19,15 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/_common.py
 from _common import RESULTS, machine, print_table, write_json
 from timm.models.vision_transformer import VisionTransformer
 
@@ -165,7 +169,7 @@ def main() -> None:
     print_table(epoch, ["micro_batches", "devices", "ortools_scip_s", "scip_solve_s", "dp_check_s", "dp_s", "speedup"])
     cost = None
     if args.no_scoring:  # keep the last measured part 3, labelled as such
-        previous = RESULTS / "schedule_solvers.json"
+        previous = RESULTS / "speed" / "schedule_solvers.json"
         if previous.exists() and json.loads(previous.read_text()).get("scoring"):
             cost = {**json.loads(previous.read_text())["scoring"], "from_previous_run": True}
     else:
@@ -184,7 +188,7 @@ def main() -> None:
     print("targets:", targets)
     payload = {"machine": machine(), "args": vars(args), "solvers": rows, "formulations": forms,
                "epoch_capacity": epoch, "scoring": cost, "targets_met": targets}
-    print(f"wrote {write_json('schedule_solvers.json', payload)}")
+    print(f"wrote {write_json('speed/schedule_solvers.json', payload)}")
 
 
 if __name__ == "__main__":
