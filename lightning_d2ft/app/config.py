@@ -76,6 +76,10 @@ class TrainerConfig:
     checkpoint_every_n_steps: int | None = None
     # seconds any collective waits for a peer before it fails, naming the op and the rank (null: 30 minutes)
     timeout: float | None = None
+    # torch threads per process (OMP_NUM_THREADS, which the spawned ranks inherit): a fixed count makes a CPU run
+    # give the same figures on machines with other core counts (float sums follow the thread split); null: as
+    # many as Lightning gives (the cores over the processes)
+    threads: int | None = None
     # the progress bar reads the logged loss back at every refresh: on a GPU each read waits for the queue
     progress_refresh_rate: int = 1
     extra: dict[str, Any] = field(default_factory=dict)  # any other lightning.Trainer argument
@@ -158,6 +162,8 @@ def check_config(cfg: DictConfig) -> ScheduleSettings:
         if not torch.cuda.is_available():
             raise ValueError(f"trainer.accelerator={t.accelerator} (trainer=gpu1) needs a CUDA GPU and this machine "
                              "has none: use trainer=cpu1 (one process) or trainer=cpu2 (two processes)")
+    if t.threads is not None:
+        _at_least("trainer.threads", t.threads, 1)
     if t.timeout is not None and not t.timeout > 0:
         raise ValueError(f"trainer.timeout must be null or a number of seconds > 0, got {t.timeout}")
     check_trainer_extra(dict(t.extra))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -269,6 +270,7 @@ def _trainer(cfg: DictConfig, out: Path, callbacks: list) -> Trainer:
     Trainer argument comes from ``trainer.extra`` and wins over the app's own."""
     t = cfg.trainer
     speeds = t.get("speeds")
+    _pin_threads(t.get("threads"))
     # one device runs in this process (popen launches nobody for rank 0): no spawned copy of the run
     extra = OmegaConf.to_container(t.extra, resolve=True) if "extra" in t else {}
     start_method = "popen" if t.devices == 1 and extra.get("num_nodes", 1) == 1 else t.start_method
@@ -286,6 +288,15 @@ def _trainer(cfg: DictConfig, out: Path, callbacks: list) -> Trainer:
     if extra.get("enable_progress_bar", True):
         kwargs["callbacks"] = [*kwargs["callbacks"], TQDMProgressBar(refresh_rate=t.progress_refresh_rate)]
     return Trainer(**{**kwargs, **extra})
+
+
+def _pin_threads(threads: int | None) -> None:
+    """``threads`` torch threads in this process and, through OMP_NUM_THREADS (which Lightning then leaves alone),
+    in the ranks it spawns; None leaves Lightning's choice (the cores over the processes)."""
+    if threads is None:
+        return
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
 
 
 class SetupError(ValueError):

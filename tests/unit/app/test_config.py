@@ -224,3 +224,25 @@ def test_the_subnet_count_is_the_models_and_the_old_key_still_works_with_a_note(
     with pytest.raises(ValueError, match="schedule.subnets=38 and model.subnets=26 disagree"):
         check_config(_compose("schedule.subnets=38", "model.subnets=26"))
 
+
+
+def test_trainer_threads_pin_torch_threads_here_and_in_the_spawned_ranks(tmp_path, monkeypatch):
+    """A CPU run's figures depend on how float sums are split over threads: the CPU configs fix the count."""
+    import os
+
+    import torch
+
+    from lightning_d2ft.app.run import _trainer
+
+    assert _compose("trainer=cpu2").trainer.threads == 1 and _compose("trainer=cpu1").trainer.threads == 2
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    try:
+        cfg = _compose("trainer=cpu1", "trainer.threads=1")
+        check_config(cfg)
+        _trainer(cfg, tmp_path, [])
+        assert torch.get_num_threads() == 1 and os.environ["OMP_NUM_THREADS"] == "1"
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="trainer.threads must be an int >= 1"):
+        check_config(_compose("trainer.threads=0"))
