@@ -207,7 +207,8 @@ class D2FTCallback(Callback):
         replica, replicas, tp_rank = _replica_of(trainer)
         sums, losses, weights = score_shared(
             net, trainer.train_dataloader, sampler.micro_batches, ids, stats, torch.nn.functional.cross_entropy,
-            replica=replica, replicas=replicas, count_replicated=tp_rank == 0, progress=self.progress)
+            replica=replica, replicas=replicas, count_replicated=tp_rank == 0,
+            progress=self.progress and trainer.is_global_zero)  # one bar, not one per rank
         if stats:
             check_finite_losses(losses, ids)  # the gathered losses: every rank raises together
         backward, forward = score_tables(sums, stats, weights, ids, total, *metrics, self.seed)

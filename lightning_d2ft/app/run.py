@@ -453,8 +453,9 @@ def _full_dynamics(result: dict[str, Any]) -> str:
     """How dynamic the FULL set was, from a results.json: subnets never FULL, distinct FULL sets, and the
     subnets of each block FULL at least once."""
     blocks = sorted((int(k.rsplit("_", 1)[1]), int(v)) for k, v in result.items() if k.startswith("ever_full_block_"))
-    line = (f"FULL dynamics: {int(result['never_full_subnets'])} subnets never FULL, "
-            f"{int(result['distinct_full_sets'])} distinct FULL set(s)")
+    never, sets = int(result["never_full_subnets"]), int(result["distinct_full_sets"])
+    line = (f"FULL dynamics: {never} subnet{'s' if never != 1 else ''} never FULL, "
+            f"{sets} distinct FULL set{'s' if sets != 1 else ''}")
     if blocks:
         line += "; subnets ever FULL per block: " + " ".join(str(n) for _, n in blocks)
     return line

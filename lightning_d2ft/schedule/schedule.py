@@ -191,7 +191,8 @@ class Schedule:
         """How dynamic the FULL set is, in words: never-FULL subnets, distinct FULL sets, per block."""
         n_sched = int(self.scheduled.sum())
         line = (f"FULL dynamics: {int(self.never_full_columns.numel())} of {n_sched} scheduled subnets never FULL, "
-                f"{self.distinct_full_sets} distinct FULL set(s) over {self.num_micro_batches} micro-batches")
+                f"{_count(self.distinct_full_sets, 'distinct FULL set')} over "
+                f"{_count(self.num_micro_batches, 'micro-batch')}")
         per_block = self.ever_full_per_block()
         if per_block:
             line += "; ever FULL per block " + " ".join(f"{n}/{k}" for n, k in per_block.values())
@@ -207,14 +208,15 @@ class Schedule:
         m = self.metrics()
         wire = f", wire {m['wire_fraction']:.3f}" if "wire_fraction" in m else ""
         return (
-            f"{self.method} schedule: {self.num_micro_batches} micro-batches x {self.ops.shape[1]} subnets "
+            f"{self.method} schedule: {_count(self.num_micro_batches, 'micro-batch')} x "
+            f"{_count(self.ops.shape[1], 'subnet')} "
             f"({int(self.scheduled.sum())} scheduled; {int((~self.scheduled).sum())} always FULL: stem and head) "
-            f"on {self.num_devices} devices | compute {m['compute_fraction']:.3f}{wire} of all-FULL | {mix} | "
-            f"per step: max/mean load "
+            f"on {_count(self.num_devices, 'device')} | compute {m['compute_fraction']:.3f}{wire} of all-FULL | "
+            f"{mix} | per step: max/mean load "
             f"{m['step_max_over_mean']:.3f} (worst {m['step_max_over_mean_worst']:.3f}), lockstep time "
             f"{m['lockstep_fraction']:.3f} of all-FULL | epoch workload variance {m['workload_variance']:.4f} | "
-            f"{m['micro_batches_without_full']} micro-batches without FULL | {self.dynamics_line()} | "
-            f"{m['distinct_patterns']} distinct op patterns | solve {m['solve_seconds']:.3f} s, "
+            f"{_count(m['micro_batches_without_full'], 'micro-batch')} without FULL | {self.dynamics_line()} | "
+            f"{_count(m['distinct_patterns'], 'distinct op pattern')} | solve {m['solve_seconds']:.3f} s, "
             f"check {m['check_seconds']:.3f} s"
         )
 
@@ -321,3 +323,8 @@ def _check_state(state: dict) -> None:
                              f"not fit its {ops.shape[1]} subnet columns on {devices} device(s)")
     if not (torch.isfinite(speeds).all() and (speeds > 0).all()):
         raise StaleFileError(f"its device speeds {speeds.tolist()} are not positive finite numbers")
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 device``, ``2 devices``, ``1 micro-batch``, ``3 micro-batches``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}{'es' if noun.endswith('ch') else 's'}"

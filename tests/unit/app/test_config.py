@@ -113,9 +113,12 @@ def test_sweep_summary_writes_table_csv_and_plot(tmp_path):
                                                       "wire_fraction": 0.5, "fit_seconds": 1.0,
                                                       "never_full_subnets": 40 - 10 * job, "distinct_full_sets": 1,
                                                       "ever_full_block_0": 6, "ever_full_block_1": job}))
+        (run / ".hydra" / "overrides.yaml").write_text(f"- schedule.budget={budget}\n- trainer=cpu1\n"
+                                                       f"- hydra.job.num={job}\n")
     md, csv, png = summarize_sweep(tmp_path)
     table = md.read_text()
     assert "| 0 | schedule.budget=0.4 | 0.7 | 0.4 |" in table and "schedule.budget=0.8 | 0.9 | 0.8" in table
+    assert "Every job: `trainer=cpu1`" in table and "cpu1 |" not in table  # un-swept overrides once, not per row
     assert "| 40 | 1 | 6 0 |" in table and "| 30 | 1 | 6 1 |" in table  # the FULL dynamics of each run
     assert "hydra.job" not in table
     assert csv.read_text().splitlines()[0] == ("job,setting,val_acc,compute_fraction,wire_fraction,never_full_subnets,"
@@ -208,7 +211,7 @@ def test_the_summary_prints_the_full_dynamics(capsys):
     print_summary({"method": "d2ft", "budget": 0.6, "subnets": 26, "devices": 1, "compute_fraction": 0.6,
                    "val_acc": 0.9, "scoring_seconds": 1.0, "fit_seconds": 10.0, "never_full_subnets": 5,
                    "distinct_full_sets": 1, "ever_full_block_1": 0, "ever_full_block_0": 2})
-    assert "FULL dynamics: 5 subnets never FULL, 1 distinct FULL set(s); subnets ever FULL per block: 2 0" \
+    assert "FULL dynamics: 5 subnets never FULL, 1 distinct FULL set; subnets ever FULL per block: 2 0" \
         in capsys.readouterr().out
 
 
