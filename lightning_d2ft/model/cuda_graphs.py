@@ -322,6 +322,14 @@ class BlockGraphs:
     def supports(self, x: Tensor) -> bool:
         return self.failure is None and self.backend.supports(x)
 
+    def summary(self) -> str:
+        """One line for the end of a fit: what was captured, what it cost, what ran eagerly instead."""
+        if self.failure is not None:
+            return f"D2FT: CUDA-graph capture failed ({self.failure}); blocks ran eagerly"
+        return (f"D2FT: {self.backend.name} graphs: {self.captures} block keys captured in "
+                f"{self.capture_seconds:.2f} s ({self.warmups} eager warm-ups), {self.eager_runs} block runs eager "
+                "while their backward was pending")
+
     def run(self, l: int, blk: nn.Module, x: Tensor, ops: tuple[int, ...]) -> Tensor | None:
         """Block ``l`` (module ``blk``) on ``x`` with its groups' ``ops`` through the graphs; None: run it eagerly."""
         plan = block_plan(ops)

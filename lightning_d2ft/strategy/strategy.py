@@ -36,7 +36,7 @@ from lightning.pytorch.overrides.distributed import _sync_module_states
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
@@ -336,6 +336,9 @@ class D2FTStrategy(DDPStrategy):
         self._settle_deferred_check()
         super().on_train_end()
         self.runner.stop(self.lightning_module)
+        graphs = find_d2ft(self.lightning_module).graphs
+        if graphs is not None and (graphs.captures or graphs.failure):
+            rank_zero_info(graphs.summary())  # the capture time is the first epochs' one-off cost
         if self.replicas.differ:  # lo-fi: the replicas' mean is the model
             self.replicas.average_(self._replica_tensors())
 

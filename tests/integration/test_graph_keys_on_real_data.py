@@ -41,8 +41,10 @@ def _fit(tmp_path, graphs: bool):
     return find_d2ft(module), callback.schedule
 
 
-def test_a_digits_schedule_captures_within_the_bound_and_trains_as_eager(tmp_path):
-    net, schedule = _fit(tmp_path, graphs=True)
+def test_a_digits_schedule_captures_within_the_bound_and_trains_as_eager(tmp_path, caplog):
+    with caplog.at_level("INFO"):
+        net, schedule = _fit(tmp_path, graphs=True)
+    assert f"stand-in graphs: {net.graphs.captures} block keys captured in" in caplog.text
     eager, eager_schedule = _fit(tmp_path, graphs=False)
     assert torch.equal(schedule.ops, eager_schedule.ops)
     G = net.groups_per_block
