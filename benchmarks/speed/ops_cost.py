@@ -5,26 +5,26 @@ plain timm.
     PYTHONPATH=. python benchmarks/speed/ops_cost.py --device cuda --amp bf16       # GPU, batch 64, 224 px
 
 Cases: ``plain timm``, ``all FULL``, ``all FORWARD_ONLY``, ``half SHORTCUT`` and ``budget 0.6`` (every
-micro-batch of a ``Schedule.solve(..., budget=0.6, devices=1, solver="dp")`` on random scores, 74 subnets;
-its time is the mean over those columns). On CUDA these D2FT rows replay CUDA graphs (one per op pattern,
-``D2FTViT.use_cuda_graphs``), and ``... (eager)`` rows run the same mixes without graphs; ``plain timm`` is
-always timm's eager step, on a plain timm copy of the same weights with its own optimizer (``all FULL``
-with graphs is every block's FULL groups replayed as graphs, so it says how much of a ratio comes from the
-graphs alone). A step is forward, backward and a fused AdamW step over the model's parameters (D2FT: one
-Parameter per head group, so the step only touches the groups that ran FULL, see
+micro-batch of a ``Schedule.solve(..., budget=0.6, devices=1, solver="dp")`` on random scores, 74 subnets; its
+time is the mean over those columns). On CUDA these D2FT rows replay CUDA graphs (one pair per block and
+FULL/active group counts, ``D2FTViT.use_cuda_graphs``), and ``... (eager)`` rows run the same mixes without
+graphs; ``plain timm`` is always timm's eager step, on a plain timm copy of the same weights with its own
+optimizer (``all FULL`` with graphs is every block's FULL groups replayed as graphs, so it says how much of a
+ratio comes from the graphs alone). A step is forward, backward and a fused AdamW step over the model's
+parameters (D2FT: one Parameter per head group, so the step only touches the groups that ran FULL, see
 ``lightning_d2ft.model.grouped``). The cases are timed interleaved (one step of each case per round);
-``seconds`` is the median over ``--steps`` rounds and ``time_ratio`` the median over rounds of the case's
-time in that round over plain timm's in the same round (paired, so the drift of a shared machine between
-rounds cancels); ``optimizer_seconds`` is the ``optimizer.step()`` alone (median), ``optimizer_ratio`` its
-paired median ratio to the ``all FULL`` step's in the same round. Memory: ``saved_mib``, the bytes autograd
-saves for backward in one training forward (``saved_tensors_hooks``, every packed tensor summed; eager path,
-mean over a case's columns), and on CUDA ``peak_mib``, ``torch.cuda.max_memory_allocated`` over one step
-after a reset, plus, for graphed rows, the free part of the CUDA-graph pool (the memory a replay reuses for
-its intermediates, which the allocator counts as reserved, not allocated; ``graph_pool_mib`` is the whole
-pool, shared by every captured pattern). Aten ops are counted per
-forward+backward (TorchDispatchMode, views and detaches not counted) after a warm-up step. Writes
-``benchmarks/results/speed/ops_cost.json`` (CPU) or ``benchmarks/results/gpu/ops_cost_cuda.json``
-(CUDA) unless ``--out`` says otherwise; without CUDA ``--device cuda`` runs on CPU and says so.
+``seconds`` is the median over ``--steps`` rounds and ``time_ratio`` the median over rounds of the case's time
+in that round over plain timm's in the same round (paired, so the drift of a shared machine between rounds
+cancels); ``optimizer_seconds`` is the ``optimizer.step()`` alone (median), ``optimizer_ratio`` its paired
+median ratio to the ``all FULL`` step's in the same round. Memory: ``saved_mib``, the bytes autograd saves for
+backward in one training forward (``saved_tensors_hooks``, every packed tensor summed; eager path, mean over a
+case's columns), and on CUDA ``peak_mib``, ``torch.cuda.max_memory_allocated`` over one step after a reset,
+plus, for graphed rows, the free part of the CUDA-graph pool (the memory a replay reuses for its
+intermediates, which the allocator counts as reserved, not allocated; ``graph_pool_mib`` is the whole of the
+pools, one per block, shared by the block's keys). Aten ops are counted per forward+backward
+(TorchDispatchMode, views and detaches not counted) after a warm-up step. Writes
+``benchmarks/results/speed/ops_cost.json`` (CPU) or ``benchmarks/results/gpu/ops_cost_cuda.json`` (CUDA)
+unless ``--out`` says otherwise; without CUDA ``--device cuda`` runs on CPU and says so.
 
 Needs only torch, timm and this package (no hydra, no ortools). Targets (issues 14 and 25), as ratios to
 plain timm: GPU: all FULL <= 1.05, budget 0.6 <= 0.70, half SHORTCUT <= 0.60, all FORWARD_ONLY <= 0.45;
@@ -50,7 +50,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/_common.py
 from _common import print_table, write_json
 
-from lightning_d2ft.model.cuda_graphs import PatternGraphs
+from lightning_d2ft.model.cuda_graphs import BlockGraphs, graph_pool_mib
 from lightning_d2ft.model.vit import D2FTViT
 from lightning_d2ft.ops import Op, count_aten_ops
 from lightning_d2ft.schedule.schedule import Schedule
@@ -114,7 +114,7 @@ def main() -> None:
     target = torch.randint(0, 100, (batch,), device=device)
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.amp == "bf16" else contextlib.nullcontext()
 
-    graphs = PatternGraphs() if device.type == "cuda" else None
+    graphs = BlockGraphs() if device.type == "cuda" else None
 
     def fwd_bwd(ops, graphed: bool = False) -> None:
         net.graphs = graphs if graphed else None
@@ -163,10 +163,10 @@ def main() -> None:
         cases = {"plain timm": (mixes["plain timm"], False)}
         cases.update({name: (columns, True) for name, columns in mixes.items() if name != "plain timm"})
         cases.update({f"{name} (eager)": (columns, False) for name, columns in mixes.items() if name != "plain timm"})
-    rows = measure(cases, step, fwd_bwd, saved_mib, lambda: _graph_pool_mib(graphs), device, args.steps)
+    rows = measure(cases, step, fwd_bwd, saved_mib, lambda: graph_pool_mib(graphs), device, args.steps)
     if graphs is not None:
-        print(f"CUDA graphs: {graphs.captures} patterns captured, {graphs.warmups} eager warm-ups, "
-              f"failure: {graphs.failure}", flush=True)
+        print(f"CUDA graphs: {graphs.captures} block keys captured in {graphs.capture_seconds:.2f} s, "
+              f"{graphs.warmups} eager warm-ups, failure: {graphs.failure}", flush=True)
     if args.profile:
         profile(cases, step, device)
     finish(args, rows, device, batch, note, net)
@@ -275,16 +275,6 @@ def finish(args, rows, device, batch, note, net) -> None:
                                       "for graphed rows (CUDA only); graph_pool_mib: the whole pool",
                             "batch": batch, "rows": rows, "targets_met": targets})
     print(f"wrote {path}")
-
-
-def _graph_pool_mib(graphs: PatternGraphs | None) -> tuple[float, float]:
-    """(MiB of the CUDA-graph private pool, MiB of it not held by live tensors), from the allocator's snapshot."""
-    pool = getattr(graphs, "_pool", None)
-    if pool is None:
-        return 0.0, 0.0
-    segments = [s for s in torch.cuda.memory_snapshot() if tuple(s.get("segment_pool_id", ())) == tuple(pool)]
-    total = sum(s["total_size"] for s in segments)
-    return total / 2**20, (total - sum(s["allocated_size"] for s in segments)) / 2**20
 
 
 def _load_average() -> list[float] | None:

@@ -90,9 +90,9 @@ class ViTClassifier(LightningModule):
         if self.hparams.optimizer == "adamw":
             return _fused_if_supported(torch.optim.AdamW, params, self._trainer, lr=self.hparams.lr,
                                        weight_decay=self.hparams.weight_decay)
-        if self.hparams.optimizer == "sgd":
-            return _fused_if_supported(torch.optim.SGD, params, self._trainer, lr=self.hparams.lr, momentum=0.9,
-                                       weight_decay=self.hparams.weight_decay)
+        if self.hparams.optimizer == "sgd":  # not fused: torch's fused SGD fails on a group first FULL late
+            return torch.optim.SGD(params, lr=self.hparams.lr, momentum=0.9, weight_decay=self.hparams.weight_decay,
+                                   foreach=True)
         raise ValueError(f"unknown optimizer {self.hparams.optimizer!r}; choose 'adamw' or 'sgd'")
 
 

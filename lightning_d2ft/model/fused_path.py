@@ -36,7 +36,8 @@ from torch import Tensor, nn
 from lightning_d2ft.model.grouped import GroupedLinear, join_groups
 from lightning_d2ft.ops import Op
 
-__all__ = ["AttentionGroups", "BlockPlan", "MlpGroups", "block_plan", "fast_path_ok", "fused_block"]
+__all__ = ["AttentionGroups", "BlockPlan", "MlpGroups", "block_on", "block_plan", "branch_on", "fast_path_ok",
+           "fused_block"]
 
 
 def fast_path_ok(blk: nn.Module) -> bool:
@@ -238,32 +239,54 @@ class MlpGroups(torch.autograd.Function):
 
 def _branch(blk: nn.Module, h: Tensor, plan: BlockPlan, full: _Slices | None, rest: _Slices | None,
             attention: bool) -> Tensor:
-    """One branch's output (with its shared bias, without LayerScale): the FORWARD_ONLY groups (``rest``) first,
-    under ``no_grad`` (nothing of them kept for backward), then the FULL groups (``full``) through the Function,
-    which adds the former in its last matmul."""
+    """One branch's output (with its shared bias, without LayerScale) for ``plan``'s groups: the FULL groups'
+    Parameters receive their own gradient rows."""
+    first, second = (blk.attn.qkv, blk.attn.proj) if attention else (blk.mlp.fc1, blk.mlp.fc2)
+    params = first.group_parameters(plan.full) + second.weights(plan.full) if full is not None else []
+    return branch_on(blk, h, full, rest, plan.n_full, len(plan.forward_only), params, plan.n_full, attention)
+
+
+def branch_on(blk: nn.Module, h: Tensor, full: _Slices | None, rest: _Slices | None, n_full: int, n_rest: int,
+              params: list[Tensor], n: int, attention: bool) -> Tensor:
+    """One branch's output (with its shared bias, without LayerScale) on given slices: the ``n_rest``
+    FORWARD_ONLY groups' (``rest``) first, under ``no_grad`` (nothing of them kept for backward), then the
+    ``n_full`` FULL groups' (``full``) through the Function, which adds the former in its last matmul.
+
+    ``params``: the tensors that receive the FULL slices' weight gradients, ``n`` equal row blocks each (the
+    groups' own Parameters with ``n = n_full``, or one joined tensor per grouped tensor with ``n = 1``, as the
+    CUDA-graph executor passes its static buffers)."""
     attn, mlp = blk.attn, blk.mlp
-    second = attn.proj if attention else mlp.fc2
-    bias = second.bias
+    bias = attn.proj.bias if attention else mlp.fc2.bias
     B, N, _ = h.shape
     out = None
     if rest is not None:
         with torch.no_grad():
             h2 = _rows(h.detach(), rest.qkv_w.dtype)
             if attention:
-                heads = len(plan.forward_only) * attn.qkv.heads_per_group
-                out = _attention_rows(attn, h2, rest, bias, B, N, heads)
+                out = _attention_rows(attn, h2, rest, bias, B, N, n_rest * attn.qkv.heads_per_group)
             else:
                 out = _mlp_rows(h2, rest, bias, mlp.act.approximate)
             out = out.view(B, N, -1)
         if full is None:
             return out
-    first = attn.qkv if attention else mlp.fc1
-    params = first.group_parameters(plan.full) + second.weights(plan.full)
     add = None if out is None else out.view(B * N, -1)
     if attention:
-        heads = plan.n_full * attn.qkv.heads_per_group
-        return AttentionGroups.apply(h, bias, add, full, attn, heads, plan.n_full, *params)
-    return MlpGroups.apply(h, bias, add, full, mlp.act.approximate, plan.n_full, *params)
+        heads = n_full * attn.qkv.heads_per_group
+        return AttentionGroups.apply(h, bias, add, full, attn, heads, n, *params)
+    return MlpGroups.apply(h, bias, add, full, mlp.act.approximate, n, *params)
+
+
+def block_on(blk: nn.Module, x: Tensor, full: _Slices | None, rest: _Slices | None, n_full: int, n_rest: int,
+             attn_params: list[Tensor], mlp_params: list[Tensor], n: int) -> Tensor:
+    """The block on given slices (see :func:`branch_on`): ``x + ls1(attention) + ls2(mlp)``, recording autograd
+    when there are FULL slices and gradients are on."""
+    grad = full is not None and torch.is_grad_enabled()
+    with torch.set_grad_enabled(grad):  # the residual adds below keep the stream's graph either way
+        a = blk.ls1(branch_on(blk, blk.norm1(x), full, rest, n_full, n_rest, attn_params, n, attention=True))
+    x = x + a
+    with torch.set_grad_enabled(grad):
+        m = blk.ls2(branch_on(blk, blk.norm2(x), full, rest, n_full, n_rest, mlp_params, n, attention=False))
+    return x + m
 
 
 def fused_block(blk: nn.Module, x: Tensor, ops: tuple[int, ...]) -> Tensor:
@@ -276,11 +299,10 @@ def fused_block(blk: nn.Module, x: Tensor, ops: tuple[int, ...]) -> Tensor:
             full = _gather(blk, plan.full, dtype)
             rest = _gather(blk, plan.forward_only, dtype) if plan.forward_only else None
         else:  # nothing to record: every active group in one no-grad pass
-            full, rest = None, _gather(blk, tuple(sorted(plan.full + plan.forward_only)), dtype)
-            plan = BlockPlan((), tuple(sorted(plan.full + plan.forward_only)))
-    with torch.set_grad_enabled(grad):  # the residual adds below keep the stream's graph either way
-        a = blk.ls1(_branch(blk, blk.norm1(x), plan, full, rest, attention=True))
-    x = x + a
-    with torch.set_grad_enabled(grad):
-        m = blk.ls2(_branch(blk, blk.norm2(x), plan, full, rest, attention=False))
-    return x + m
+            rest = _gather(blk, tuple(sorted(plan.full + plan.forward_only)), dtype)
+    if not grad:
+        return block_on(blk, x, None, rest, 0, plan.n_active, [], [], 0)
+    attn, mlp = blk.attn, blk.mlp
+    attn_params = attn.qkv.group_parameters(plan.full) + attn.proj.weights(plan.full)
+    mlp_params = mlp.fc1.group_parameters(plan.full) + mlp.fc2.weights(plan.full)
+    return block_on(blk, x, full, rest, plan.n_full, len(plan.forward_only), attn_params, mlp_params, plan.n_full)

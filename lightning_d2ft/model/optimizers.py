@@ -9,7 +9,10 @@ gradients at ``None`` (its default, ``set_to_none=True``; zeros instead would be
 
 :func:`check_optimizer` refuses an optimizer known to move parameters without a gradient (L-BFGS flattens
 every parameter's gradient, zeros for missing ones, into one update) and warns, by name, about one it does
-not know (a custom or third-party ``step`` may or may not skip ``grad=None``).
+not know (a custom or third-party ``step`` may or may not skip ``grad=None``). It also refuses torch's fused
+SGD with momentum: its kernel decides "first step" from the first Parameter's momentum buffer alone, so a
+Parameter whose first gradient comes after the others' (a group first FULL in a later step, as D2FT schedules
+do) fails inside ``step`` (torch 2.x: ``expected Tensor as element 1 in argument 2, but got NoneType``).
 """
 
 from __future__ import annotations
@@ -48,6 +51,10 @@ def check_optimizer(optimizer: Optimizer) -> None:
             raise ValueError(f"D2FT cannot use optimizer {name}: {why}, while only the subnets that ran FULL in "
                              "a step may change. Use one that skips parameters without a gradient: "
                              f"{', '.join(c.__name__ for c in SKIPS_MISSING_GRADIENTS)}")
+    if step is _step_of(torch.optim.SGD) and any(g.get("fused") and g.get("momentum") for g in optimizer.param_groups):
+        raise ValueError(f"D2FT cannot use {name}(fused=True) with momentum: torch's fused SGD kernel fails when a "
+                         "parameter gets its first gradient after the others, as a subnet first run FULL in a later "
+                         "step does. Use foreach=True (the default on CUDA) or fused=False")
     if any(step is _step_of(cls) for cls in SKIPS_MISSING_GRADIENTS):
         return
     warnings.warn(f"D2FT: optimizer {name} is not one D2FT knows to skip parameters whose .grad is None. Only "

@@ -15,9 +15,10 @@ backward that hands each group its own gradient rows, FORWARD_ONLY groups beside
 without gradients (evaluation, inference) a whole FULL block runs timm's own modules. Sharded blocks and
 blocks the fused path does not model (LoRA, qk-norm, dropout, ...) take the general grouped path of
 :mod:`lightning_d2ft.model.general_path`: FULL groups with autograd, FORWARD_ONLY groups under ``no_grad`` on a
-detached input. SHORTCUT groups never run. On a CUDA device a training step can be replayed as CUDA graphs
-captured once per ops pattern (:meth:`D2FTViT.use_cuda_graphs`, :mod:`lightning_d2ft.model.cuda_graphs`), which
-removes the kernel-launch overhead that otherwise bounds a ViT-S step on a GPU.
+detached input. SHORTCUT groups never run. On a CUDA device each block's training forward and backward can be
+replayed as CUDA graphs captured once per (block, FULL groups, active groups), whatever groups those are
+(:meth:`D2FTViT.use_cuda_graphs`, :mod:`lightning_d2ft.model.cuda_graphs`), which removes the kernel-launch
+overhead that otherwise bounds a ViT-S step on a GPU.
 
 Shared pieces of a block (LayerNorms, the biases of ``proj``/``fc2``, LayerScale) belong to the block:
 they get a gradient when at least one group of the block is FULL, they run under ``no_grad`` when the
@@ -36,8 +37,8 @@ from typing import Protocol, Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_d2ft.model.cuda_graphs import PatternGraphs
-from lightning_d2ft.model.fused_path import block_plan, fast_path_ok, fused_block
+from lightning_d2ft.model.cuda_graphs import BlockGraphs, CaptureBackend
+from lightning_d2ft.model.fused_path import fast_path_ok, fused_block
 from lightning_d2ft.model.general_path import attention_groups, mlp_groups
 from lightning_d2ft.model.granularity import (
     _NUM_EXTRA_SUBNETS,
@@ -105,16 +106,17 @@ class D2FTViT(nn.Module):
         self.regroup_(subnets, groups_per_block=groups_per_block)
         self.full_shapes: dict[str, torch.Size] | None = None  # the unsharded vit's shapes, once sharded
         self.scheduled_ops: Tensor | None = None  # set per micro-batch by the strategy; used in training
-        self.graphs: PatternGraphs | None = None  # CUDA-graph replay of training steps (use_cuda_graphs)
+        self.graphs: BlockGraphs | None = None  # CUDA-graph replay of the blocks in training (use_cuda_graphs)
         # every block through the general path (its projections can be observed: the per-sample Fisher)
         self.general_path_only = False
 
-    def use_cuda_graphs(self, enabled: bool = True, max_patterns: int = 1024) -> None:
-        """Replay each ops pattern's training forward+backward as CUDA graphs (see :mod:`.cuda_graphs`).
+    def use_cuda_graphs(self, enabled: bool = True, backend: CaptureBackend | None = None) -> None:
+        """Replay each block's training forward+backward as CUDA graphs, one pair per (block, FULL groups, active
+        groups) (see :mod:`.cuda_graphs`; ``backend``: how to capture, default CUDA; tests pass the CPU stand-in).
 
-        Used only where it is exact and capturable: training mode with grad, CUDA input that needs no grad,
-        unsharded, every block on the fused path, one parameter dtype. Anything else runs eagerly."""
-        self.graphs = PatternGraphs(max_patterns) if enabled else None
+        Used only where it is exact and capturable: training mode with grad, unsharded, a block on the fused
+        path with a FULL group and one parameter dtype. Anything else (stem, head too) runs eagerly."""
+        self.graphs = BlockGraphs(backend) if enabled else None
 
     def regroup_(self, subnets: int | None = None, *, groups_per_block: int | None = None) -> None:
         """Change the granularity (before sharding): the total subnet count, or the groups per block."""
@@ -181,47 +183,27 @@ class D2FTViT(nn.Module):
         mode when a schedule is attached, the whole model otherwise (inference always uses every subnet)."""
         if ops is None and self.training and self.scheduled_ops is not None:
             ops = self.scheduled_ops
-        ops_list = self.check_ops(ops)
-        if self.graphs is not None and self._graphable(x):
-            out = self._graphed(x, ops_list)
-            if out is not None:
-                return out
-        return self._run(x, ops_list)
+        return self._run(x, self.check_ops(ops))
 
     def _run(self, x: Tensor, ops_list: list[int]) -> Tensor:
         vit = self.vit
+        graphs = self.graphs if self.graphs is not None and self._graphable(x) else None
         x = vit.patch_embed(x)
         x = vit._pos_embed(x)
         x = vit.patch_drop(x)
         x = vit.norm_pre(x)
         G = self.groups_per_block
         for l, blk in enumerate(vit.blocks):
-            x = self._block(l, blk, x, ops_list[1 + l * G : 1 + (l + 1) * G])
+            block_ops = ops_list[1 + l * G : 1 + (l + 1) * G]
+            out = graphs.run(l, blk, x, tuple(block_ops)) if graphs is not None else None
+            x = self._block(l, blk, x, block_ops) if out is None else out
         x = vit.norm(x)
         return vit.forward_head(x)
 
     # -- CUDA graphs ----------------------------------------------------------------------------
     def _graphable(self, x: Tensor) -> bool:
-        return (
-            self.training and torch.is_grad_enabled() and self._unsharded() and x.is_cuda and not x.requires_grad
-            and not torch.cuda.is_current_stream_capturing() and all(fast_path_ok(b) for b in self.vit.blocks)
-        )
-
-    def _graphed(self, x: Tensor, ops_list: list[int]) -> Tensor | None:
-        """The replayed graphs of this pattern (captured on first use), or None to run eagerly."""
-        params = [p for p in self.vit.parameters() if p.requires_grad]
-        if not params or any(p.device != x.device for p in params):
-            return None
-        G = self.groups_per_block
-        shape_keys = set()
-        for l in range(self.depth):
-            block_ops = tuple(ops_list[1 + l * G: 1 + (l + 1) * G])
-            if max(block_ops) == Op.SHORTCUT:
-                shape_keys.add(("skip",))
-            else:  # _graphable: every block takes the fused path
-                plan = block_plan(block_ops)
-                shape_keys.add(("fused", plan.n_full, plan.n_active))
-        return self.graphs.run(lambda inp: self._run(inp, ops_list), tuple(ops_list), shape_keys, x, params)
+        return (self.training and torch.is_grad_enabled() and self._unsharded() and not self.general_path_only
+                and self.graphs.supports(x))
 
     def _unsharded(self) -> bool:
         """No collectives needed: never sharded, or a tensor-parallel group of one (one device)."""

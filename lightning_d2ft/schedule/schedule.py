@@ -129,8 +129,9 @@ class Schedule:
 
     @property
     def distinct_patterns(self) -> int:
-        """Distinct rows of ``ops``. Each costs one CUDA-graph capture on a GPU. With real data nearly every
-        micro-batch gets its own row (19 of 20 on the bundled digits), so this grows with the data set."""
+        """Distinct rows of ``ops``: with data-dependent scores it grows with the data set. CUDA graphs are keyed
+        per block by its FULL and active group counts instead (:func:`lightning_d2ft.model.cuda_graphs.block_keys`),
+        which the model bounds."""
         return int(torch.unique(self.ops, dim=0).shape[0])
 
     def op_counts(self) -> dict[str, int]:

@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_d2ft.data.micro_batches import find_micro_batch_sampler, resume_in_epoch
 from lightning_d2ft.model.vit import D2FTViT, find_d2ft
@@ -34,16 +33,11 @@ class ScheduleRunner:
         self._bytes_logged = 0
         self._net_of: tuple[LightningModule, D2FTViT] | None = None
 
-    def install(self, schedule: Schedule, net: D2FTViT) -> None:
+    def install(self, schedule: Schedule) -> None:
         """From now on every training batch runs its micro-batch's row of ``schedule``."""
         self.schedule = schedule
         self._epoch_ids = (-1, [])
         self._fractions = schedule.micro_batch_compute_fractions.tolist()
-        graphs = net.graphs
-        if graphs is not None and schedule.distinct_patterns > graphs.max_patterns:
-            rank_zero_warn(f"D2FT: the schedule has {schedule.distinct_patterns} distinct op patterns, more than the "
-                           f"{graphs.max_patterns} that CUDA graphs capture: the micro-batches of the others run "
-                           "eagerly, each step slower than plain timm (fewer, larger micro-batches give fewer)")
 
     def micro_batch_of(self, trainer: Trainer, batch_idx: int) -> int:
         """The micro-batch id training batch ``batch_idx`` of the current epoch holds (-1 if unknown)."""

@@ -36,7 +36,7 @@ from lightning.pytorch.overrides.distributed import _sync_module_states
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
@@ -92,8 +92,9 @@ class D2FTStrategy(DDPStrategy):
         timeout: how long any collective waits for a peer before it fails, naming the op and the rank.
         sigterm_grace_s: after SIGTERM, a rank that has not stopped within this many seconds (stuck in a
             collective whose peer hung) exits with status 143.
-        cuda_graphs: replay each schedule column's training forward+backward as CUDA graphs (captured on
-            first use; see :mod:`lightning_d2ft.model.cuda_graphs`): None (default) on a CUDA device without tensor
+        cuda_graphs: replay each block's training forward+backward as CUDA graphs, one pair per (block, FULL
+            groups, active groups) captured on first use, whatever the data (see
+            :mod:`lightning_d2ft.model.cuda_graphs`): None (default) on a CUDA device without tensor
             parallelism, False never. Host launch overhead otherwise bounds a ViT-S step on a GPU.
         The remaining arguments are DDPStrategy's (launcher, backend, ...).
     """
@@ -184,7 +185,7 @@ class D2FTStrategy(DDPStrategy):
 
     def install_schedule(self, schedule: Schedule) -> None:
         """From now on every training batch runs its micro-batch's row of ``schedule`` (D2FTCallback calls it)."""
-        self.runner.install(schedule, find_d2ft(self.lightning_module))
+        self.runner.install(schedule)
 
     def micro_batch_of(self, batch_idx: int) -> int:
         """The micro-batch id training batch ``batch_idx`` of the current epoch holds (-1 if unknown)."""
@@ -335,6 +336,9 @@ class D2FTStrategy(DDPStrategy):
         self._settle_deferred_check()
         super().on_train_end()
         self.runner.stop(self.lightning_module)
+        graphs = find_d2ft(self.lightning_module).graphs
+        if graphs is not None and (graphs.captures or graphs.failure):
+            rank_zero_info(graphs.summary())  # the capture time is the first epochs' one-off cost
         if self.replicas.differ:  # lo-fi: the replicas' mean is the model
             self.replicas.average_(self._replica_tensors())
 

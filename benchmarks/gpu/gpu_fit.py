@@ -1,8 +1,8 @@
 """A Lightning fine-tune on one device: ViTClassifier + D2FTCallback(solver="dp") + D2FTStrategy, fit +
 validation + checkpoint, at budget 1.0 and 0.6 on the same data; times the fit with scoring excluded.
 
-    PYTHONPATH=. python benchmarks/gpu_fit.py                         # one GPU, ViT-S/16 224 px, bf16
-    PYTHONPATH=. python benchmarks/gpu_fit.py --accelerator cpu --img-size 32 --batch 8 --samples 64 \\
+    PYTHONPATH=. python benchmarks/gpu/gpu_fit.py                         # one GPU, ViT-S/16 224 px, bf16
+    PYTHONPATH=. python benchmarks/gpu/gpu_fit.py --accelerator cpu --img-size 32 --batch 8 --samples 64 \\
         --precision 32-true --out gpu_fit_cpu_smoke.json             # tiny CPU check
 
 On a GPU each budget runs twice: with CUDA graphs (the strategy's default there) and eagerly
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from lightning.pytorch import Callback, Trainer, seed_everything
 from torch.utils.data import DataLoader, TensorDataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/_common.py
 from _common import print_table, write_json
 
 from lightning_d2ft.app.module import ViTClassifier
