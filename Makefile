@@ -14,8 +14,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# make demo ARGS='schedule.budget=1.0': Hydra overrides for the demo
 demo: $(STAMP)
-	$(PY) -m lightning_d2ft
+	$(PY) -m lightning_d2ft $(ARGS)
 
 # the linters first (seconds), then the suite
 test: $(STAMP)
