@@ -59,6 +59,7 @@ from typing import Callable, Hashable, Protocol, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.stateless import _reparametrize_module
 
 from lightning_d2ft.model.fused_path import _autocast_dtype, _cast, _Slices, block_on, block_plan, fast_path_ok
 from lightning_d2ft.ops import Op
@@ -96,11 +97,11 @@ class CaptureBackend(Protocol):
     def new_pool(self, device: torch.device) -> Hashable:
         """A memory pool for one block's graphs."""
 
-    def capture_pair(self, fwd: Callable[[], None], bwd: Callable[[], None], pool: Hashable,
-                     warm_up: bool) -> tuple[object, object]:
+    def capture_pair(self, fwd: Callable[[], None], bwd: Callable[[], None], pool: Hashable, warm_up: bool,
+                     device: torch.device) -> tuple[object, object]:
         """Capture ``fwd`` then ``bwd`` (``bwd`` differentiates what ``fwd`` built) into ``pool``; returns the
         two graphs (each with ``replay()``). Both write their results into static buffers they close over.
-        ``warm_up``: run both eagerly once first (a work shape not seen before)."""
+        ``warm_up``: run both eagerly once first (a work shape not seen before); ``device``: the block's."""
 
     def synchronize(self) -> None:
         """Wait for the device (to time a capture)."""
@@ -120,32 +121,39 @@ class CudaBackend:
     def new_pool(self, device: torch.device) -> Hashable:
         return torch.cuda.graph_pool_handle()
 
-    def capture_pair(self, fwd, bwd, pool, warm_up):
-        device = torch.device("cuda", torch.cuda.current_device())
-        stream = self._streams.get(device)
-        if stream is None:
-            stream = self._streams[device] = torch.cuda.Stream(device=device)
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            if warm_up:  # lazy cuBLAS/cuDNN plans and workspaces, outside the capture
-                fwd()
-                bwd()
-            g_fwd, g_bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-            g_fwd.capture_begin(pool, capture_error_mode="thread_local")
-            try:
-                fwd()
-            finally:
-                g_fwd.capture_end()
-            g_bwd.capture_begin(pool, capture_error_mode="thread_local")
-            try:
-                bwd()
-            finally:
-                g_bwd.capture_end()
-        torch.cuda.current_stream().wait_stream(stream)
+    def capture_pair(self, fwd, bwd, pool, warm_up, device):
+        with torch.cuda.device(device):  # the block's device, whatever the current one
+            stream = self._streams.get(device)
+            if stream is None:
+                stream = self._streams[device] = torch.cuda.Stream(device=device)
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                if warm_up:  # lazy cuBLAS/cuDNN plans and workspaces, outside the capture
+                    fwd()
+                    bwd()
+                g_fwd, g_bwd = _capture(fwd, pool), _capture(bwd, pool)
+            torch.cuda.current_stream().wait_stream(stream)
         return g_fwd, g_bwd
 
     def synchronize(self) -> None:
         torch.cuda.synchronize()
+
+
+def _capture(fn: Callable[[], None], pool: Hashable) -> torch.cuda.CUDAGraph:
+    """One graph of ``fn`` into ``pool``. If ``fn`` raises, that error is the one raised (ending the invalidated
+    capture raises one of its own, which would hide the cause)."""
+    graph = torch.cuda.CUDAGraph()
+    graph.capture_begin(pool, capture_error_mode="thread_local")
+    try:
+        fn()
+    except BaseException:
+        try:
+            graph.capture_end()
+        except Exception:  # the capture is invalid anyway; fn's error says why
+            pass
+        raise
+    graph.capture_end()
+    return graph
 
 
 class _Rerun:
@@ -176,14 +184,28 @@ class StandInBackend:
         self.pools += 1
         return ("stand-in pool", self.pools)
 
-    def capture_pair(self, fwd, bwd, pool, warm_up):
+    def capture_pair(self, fwd, bwd, pool, warm_up, device):
         if warm_up:
             self.warm_ups += 1
             fwd()
             bwd()
         fwd()
         bwd()
-        return _Rerun(fwd), _Rerun(bwd)
+        built = [False]  # whether a forward "replay" built the graph the next backward consumes
+
+        def replay_fwd() -> None:
+            fwd()
+            built[0] = True
+
+        def replay_bwd() -> None:
+            # a CUDA backward graph re-reads the activations in the pool, so it can replay again (retain_graph)
+            # until the forward replays; here the eager graph is consumed, so rebuild it from the same buffers
+            if not built[0]:
+                fwd()
+            bwd()
+            built[0] = False
+
+        return _Rerun(replay_fwd), _Rerun(replay_bwd)
 
     def synchronize(self) -> None:
         pass
@@ -213,7 +235,11 @@ class _Block:
         self.kinds = [(m, n) for m, n in _KINDS if n == "weight" or modules[m].grouped_bias]
         self.sources = [[modules[m]._parameters[f"{n}_g{g}"] for g in modules[m].group_ids] for m, n in self.kinds]
         grouped = {id(p) for ps in self.sources for p in ps}
-        self.shared = [p for p in blk.parameters() if id(p) not in grouped and p.requires_grad]
+        # the block's own Parameters (norms, proj/fc2 biases, LayerScale), by name: a capture differentiates
+        # detached aliases of them (same storage), never the Parameters themselves, whose autograd nodes may
+        # belong to an earlier step's graph on another stream (a capture must not wait on that stream)
+        self.shared_names = [n for n, p in blk.named_parameters() if id(p) not in grouped and p.requires_grad]
+        self.shared = [blk.get_parameter(n) for n in self.shared_names]
         dtype = self.sources[0][0].dtype
         self.joined = [torch.empty((len(ps) * ps[0].shape[0], *ps[0].shape[1:]), dtype=dtype, device=x.device)
                        for ps in self.sources]
@@ -226,8 +252,9 @@ class _Block:
         # with every key's held, the memory would grow with the keys (252 x 2 activations of ViT-S)
         self.x = torch.zeros_like(x).requires_grad_()
         self.out: Tensor | None = None
-        self.grad_out = torch.empty_like(x)
+        self.grad_out: Tensor | None = None  # allocated beside ``out``, in its dtype
         self.grad_x = torch.empty_like(x)
+        self.replays = 0  # forward replays so far: a backward checks that its activations were not overwritten
         self.keys: dict[tuple[int, int], _Key] = {}
         self.pending: Callable[[], object] | None = None  # the ctx of a replay whose backward has not run
         self._gathers: dict[tuple[int, ...], tuple[list[Tensor], list[Tensor], list[nn.Parameter]]] = {}
@@ -253,13 +280,18 @@ class _BlockReplay(torch.autograd.Function):
     def forward(ctx, state: _Block, key: _Key, n_full: int, x: Tensor, *params: Tensor) -> Tensor:
         state.x.copy_(x)  # the groups' rows were gathered before (no_grad)
         key.fwd.replay()
+        state.replays += 1
         state.pending = weakref.ref(ctx)
-        ctx.state, ctx.key, ctx.n_full = state, key, n_full
+        ctx.state, ctx.key, ctx.n_full, ctx.replay = state, key, n_full, state.replays
         return state.out.detach()
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         state, key, n_full = ctx.state, ctx.key, ctx.n_full
+        if ctx.replay != state.replays:  # retain_graph: a later forward replay overwrote these activations
+            raise RuntimeError("D2FT: a second backward through a CUDA-graph replay after its block ran again; "
+                               "CUDA graphs keep one set of activations per block. Use D2FTStrategy(cuda_graphs=False) "
+                               "(or D2FTViT.use_cuda_graphs(False)) for backward passes with retain_graph=True")
         state.grad_out.copy_(grad)
         key.bwd.replay()
         state.pending = None
@@ -372,6 +404,7 @@ class BlockGraphs:
         rest_rows = [j[n_full * j.shape[0] // state.groups: n_active * j.shape[0] // state.groups]
                      for j in state.joined]
         leaves = [r.detach().requires_grad_() for r in full_rows]  # the FULL rows, differentiable (n = 1)
+        aliases = {n: p.detach().requires_grad_() for n, p in zip(state.shared_names, state.shared)}
         by_kind = dict(zip(state.kinds, leaves))
         attn_params = [t for k, t in by_kind.items() if k[0] in ("attn.qkv", "attn.proj")]
         mlp_params = [t for k, t in by_kind.items() if k[0] in ("mlp.fc1", "mlp.fc2")]
@@ -389,18 +422,19 @@ class BlockGraphs:
                 with torch.no_grad():
                     full = slices(full_rows)
                     rest = slices(rest_rows) if n_active > n_full else None
-                out = block_on(blk, state.x, full, rest, n_full, n_active - n_full, attn_params, mlp_params, 1)
+                with _reparametrize_module(blk, aliases):
+                    out = block_on(blk, state.x, full, rest, n_full, n_active - n_full, attn_params, mlp_params, 1)
             live["out"] = out  # what the backward differentiates (on CUDA: the one built at capture)
             with torch.no_grad():
                 if state.out is None:  # the first run of the block's first key (one buffer per block)
-                    state.out = torch.empty_like(out)
+                    state.out, state.grad_out = torch.empty_like(out), torch.empty_like(out)
                 state.out.copy_(out)
 
         layout: list[tuple[bool, ...] | list[Tensor]] = []  # [which shared Parameters get a gradient, flat views]
 
         def bwd() -> None:
             with torch.autocast(device_type, enabled=False):
-                grads = torch.autograd.grad(live["out"], [state.x, *leaves, *state.shared], state.grad_out,
+                grads = torch.autograd.grad(live["out"], [state.x, *leaves, *aliases.values()], state.grad_out,
                                             allow_unused=True)
             # into the flat buffer: the shared Parameters' gradients there are, then the FULL rows' (joined)
             kept = [g for g in grads[1 + len(leaves):] if g is not None] + list(grads[1: 1 + len(leaves)])
@@ -416,7 +450,7 @@ class BlockGraphs:
         self.backend.synchronize()
         start = time.perf_counter()
         try:
-            g_fwd, g_bwd = self.backend.capture_pair(fwd, bwd, state.pool, warm_up)
+            g_fwd, g_bwd = self.backend.capture_pair(fwd, bwd, state.pool, warm_up, state.x.device)
         except Exception as err:  # a capture-unsafe op: say so once and run eagerly from now on
             self.failure = f"{type(err).__name__}: {err}"
             warnings.warn(f"D2FT: CUDA-graph capture failed ({self.failure}); training steps run eagerly",

@@ -221,7 +221,7 @@ def test_captures_are_bounded_by_the_model_not_the_data():
 
 def test_a_failed_capture_warns_once_and_every_block_runs_eagerly():
     class Failing(StandInBackend):
-        def capture_pair(self, fwd, bwd, pool, warm_up):
+        def capture_pair(self, fwd, bwd, pool, warm_up, device):
             raise RuntimeError("operation not permitted when stream is capturing")
 
     eager, graphed, _ = _pair("stand-in")
@@ -245,3 +245,25 @@ def test_blocks_graphs_are_reset_when_the_input_shape_changes():
             net(x, ops).square().mean().backward()
         _assert_close(_grads(eager), _grads(graphed), 1e-4)
     assert isinstance(graphed.graphs, BlockGraphs) and graphed.graphs.captures == 2 * len(_keys(eager, ops))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_retained_graph_backs_up_again_only_until_its_blocks_replay(backend):
+    """retain_graph: a second backward is exact while no forward replayed its blocks since; after one, the
+    activations it would read are gone, and it is refused rather than silently wrong."""
+    eager, graphed, device = _pair(backend)
+    ops = _patterns(eager)["mixed0"]
+    x = torch.randn(2, 3, 32, 32, device=device)
+    for net in (eager, graphed):
+        net.zero_grad(set_to_none=True)
+        loss = net(x, ops).square().mean()
+        loss.backward(retain_graph=True)
+        loss.backward()  # twice the gradients
+    _assert_close(_grads(eager), _grads(graphed), 1e-4)
+    loss = graphed(x, ops).square().mean()
+    loss.backward(retain_graph=True)
+    graphed(x, ops).square().mean().backward()  # the same blocks replay
+    # CUDA: our check; the CPU stand-in's copies into the static output also bump its version, which autograd
+    # notices first where eager code saved it
+    with pytest.raises(RuntimeError, match="second backward through a CUDA-graph replay|modified by an inplace"):
+        loss.backward()
