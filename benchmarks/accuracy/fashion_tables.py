@@ -127,9 +127,10 @@ def _select(runs: list[dict], over: dict) -> dict[int, dict]:
     return {r["seed"]: r for r in runs if all(r.get(k, V3[k]) == want[k] for k in V3)}
 
 
-def paired_v3(runs: list[dict], setting: dict, ref: dict) -> dict | None:
-    """``setting`` - ``ref`` (overrides of V3) over shared seeds, with the seeds whose ops were identical."""
-    a, b = _select(runs, setting), _select(runs, ref)
+def paired_v3(runs: list[dict], setting: dict, ref: dict, ref_runs: list[dict] | None = None) -> dict | None:
+    """``setting`` - ``ref`` (overrides of V3) over shared seeds, with the seeds whose ops were identical;
+    ``ref_runs``: where ``ref`` comes from (default: ``runs``; another tag for a before/after comparison)."""
+    a, b = _select(runs, setting), _select(runs if ref_runs is None else ref_runs, ref)
     seeds = sorted(set(a) & set(b))
     if not seeds:
         return None
@@ -267,6 +268,38 @@ def targets_v3(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: issue 25's before/after rows: (name, today's setting, the v2 setting it reruns). v2's ``fisher`` is today's
+#: ``squared_gradient`` and v2's baselines are today's ``*_fo`` ablations; v2's comm-budget row has no equivalent
+#: (v2 bounded a per-item model on one device; today one device sends nothing on the wire)
+ISSUE_25 = [
+    ("full fine-tuning", FULL, FULL),
+    ("D2FT 0.6 (squared_gradient)", {"forward_score": "squared_gradient"}, {}),
+    ("random_fo (v2 random)", {"method": "random_fo"}, {"method": "random"}),
+    ("dpruning_fo, squared_gradient (v2 dpruning)", {"method": "dpruning_fo", "forward_score": "squared_gradient"},
+     {"method": "dpruning"}),
+    ("moe_fo, squared_gradient (v2 moe)", {"method": "moe_fo", "forward_score": "squared_gradient"},
+     {"method": "moe"}),
+]
+
+
+def table_before_after(runs: list[dict], before: list[dict], tag: str, before_tag: str) -> str:
+    """Issue 25: each v2 tier-1 row rerun with only the optimizer semantics changed, paired by seed."""
+    lines = [f"### Issue 25: only FULL subnets learn ({tag} - {before_tag}, paired by seed)", "",
+             f"| setting | seeds | top-1 % {tag} | top-1 % {before_tag} | paired diff (95% CI) | verdict |",
+             "|---|---|---|---|---|---|"]
+    for name, now, then in ISSUE_25:
+        c = paired_v3(runs, now, then, before)
+        if c is None:
+            lines.append(f"| {name} | 0 | not run | | | |")
+            continue
+        c["identical_seeds"] = 0  # other code: equal ops do not make equal runs
+        then_top1 = c["top1"] - c["diff"]
+        lines.append(f"| {name} | {c['n']} | {c['top1']:.2f} | {then_top1:.2f} | {_diff_cell(c)} | {verdict(c)} |")
+    lines.append(f"| comm budget 0.5 | | | | no equivalent: {before_tag} bounded a per-item model on one device; "
+                 "today one device sends nothing | |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=Path, default=OUT / "runs.jsonl")
@@ -277,11 +310,14 @@ def main() -> None:
     runs = [json.loads(line) for line in args.runs.read_text().splitlines() if line.strip()]
     tags = [r.get("tag") for r in runs]
     tag = args.tag or max(set(tags), key=tags.count)
-    runs = [r for r in runs if r.get("tag") == tag]
+    everything, runs = runs, [r for r in runs if r.get("tag") == tag]
     out = args.out or args.runs.parent
     if any("ops_sha" in r for r in runs):
         md, rows = tables_v3(runs)
         md = "### Targets (issue 27)\n\n" + targets_v3(rows) + "\n" + md
+        v2 = [r for r in everything if r.get("tag") == "v2"]
+        if v2:
+            md += "\n" + table_before_after(runs, v2, tag, "v2")
     else:
         md, rows = tables(runs)
     head = f"## Fashion-MNIST accuracy (runs tagged `{tag}`, {len(runs)} runs)\n\n{full_sd(runs)}\n\n"
