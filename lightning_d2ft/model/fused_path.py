@@ -237,13 +237,11 @@ class MlpGroups(torch.autograd.Function):
         return (g_h, g_b2, None, None, None, None) + grads
 
 
-def _branch(blk: nn.Module, h: Tensor, plan: BlockPlan, full: _Slices | None, rest: _Slices | None,
-            attention: bool) -> Tensor:
-    """One branch's output (with its shared bias, without LayerScale) for ``plan``'s groups: the FULL groups'
-    Parameters receive their own gradient rows."""
+def _trained(blk: nn.Module, positions: tuple[int, ...], attention: bool) -> list[nn.Parameter]:
+    """The Parameters of the groups at ``positions`` in one branch, in the order its Function returns their
+    gradients: the first projection's (weights, then biases), then the second's weights."""
     first, second = (blk.attn.qkv, blk.attn.proj) if attention else (blk.mlp.fc1, blk.mlp.fc2)
-    params = first.group_parameters(plan.full) + second.weights(plan.full) if full is not None else []
-    return branch_on(blk, h, full, rest, plan.n_full, len(plan.forward_only), params, plan.n_full, attention)
+    return first.group_parameters(positions) + second.weights(positions)
 
 
 def branch_on(blk: nn.Module, h: Tensor, full: _Slices | None, rest: _Slices | None, n_full: int, n_rest: int,
@@ -302,7 +300,5 @@ def fused_block(blk: nn.Module, x: Tensor, ops: tuple[int, ...]) -> Tensor:
             rest = _gather(blk, tuple(sorted(plan.full + plan.forward_only)), dtype)
     if not grad:
         return block_on(blk, x, None, rest, 0, plan.n_active, [], [], 0)
-    attn, mlp = blk.attn, blk.mlp
-    attn_params = attn.qkv.group_parameters(plan.full) + attn.proj.weights(plan.full)
-    mlp_params = mlp.fc1.group_parameters(plan.full) + mlp.fc2.weights(plan.full)
-    return block_on(blk, x, full, rest, plan.n_full, len(plan.forward_only), attn_params, mlp_params, plan.n_full)
+    return block_on(blk, x, full, rest, plan.n_full, len(plan.forward_only), _trained(blk, plan.full, True),
+                    _trained(blk, plan.full, False), plan.n_full)

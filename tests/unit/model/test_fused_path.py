@@ -13,7 +13,7 @@ from timm.models.vision_transformer import Block
 
 from lightning_d2ft import D2FTViT, Op, Schedule
 from lightning_d2ft.model import fused_path as kernels
-from lightning_d2ft.model.fused_path import _branch, _gather, block_plan
+from lightning_d2ft.model.fused_path import _gather, _trained, block_plan, branch_on
 from lightning_d2ft.model.grouped import group_blocks_, timm_grads
 from lightning_d2ft.ops import count_aten_ops
 
@@ -65,7 +65,9 @@ def test_gradcheck_every_op_pattern_of_a_block(fused, bias, heads_per_group):
                 fo = sum((ref(blk, h, g) for g, o in enumerate(ops) if o == Op.FORWARD_ONLY), torch.zeros(()))
             full = _gather(blk, plan.full, None) if plan.full else None  # the Parameters as gradcheck moved them
             rest = _gather(blk, plan.forward_only, None) if plan.forward_only else None
-            return _branch(blk, h, plan, full, rest, attention) - fo
+            params = _trained(blk, plan.full, attention) if plan.full else []
+            return branch_on(blk, h, full, rest, plan.n_full, len(plan.forward_only), params, plan.n_full,
+                             attention) - fo
 
         if not plan.full:  # no FULL group: the branch is a plain forward, its bias included, with no graph
             with torch.no_grad():
