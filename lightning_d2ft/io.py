@@ -21,7 +21,7 @@ import torch
 
 __all__ = ["LINEAGE_KEY", "NotARegularFileError", "StaleFileError", "atomic_write", "check_regular_file",
            "checked_checkpoint", "newest_checkpoint", "read_checked", "remove_stale_temp_files", "temp_path",
-           "write_checked"]
+           "tensor_bytes", "write_checked"]
 log = logging.getLogger(__name__)
 #: the key of a checkpoint that names the run (lineage) it belongs to: the app writes it, ranking reads it
 LINEAGE_KEY = "d2ft_lineage"
@@ -37,6 +37,12 @@ class StaleFileError(ValueError):
 
 class NotARegularFileError(StaleFileError):
     """A path to be read is a FIFO, a device, a socket or a directory: never ours, and a FIFO blocks a reader."""
+
+
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    """A tensor's raw bytes (contiguous, on the CPU; none for an empty one), for hashing its content exactly."""
+    t = t.detach().cpu().contiguous()
+    return t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
 
 
 def check_regular_file(path: str | os.PathLike, what: str) -> None:

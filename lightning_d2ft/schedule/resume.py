@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_d2ft.io import StaleFileError
+from lightning_d2ft.io import StaleFileError, tensor_bytes
 from lightning_d2ft.parallel.placement import Placement
 from lightning_d2ft.schedule.schedule import Schedule
 from lightning_d2ft.schedule.settings import ScheduleSettings
@@ -103,9 +103,8 @@ def state_digest(state: dict[str, Any]) -> str:
 
 def _feed(h: Any, value: Any) -> None:
     if torch.is_tensor(value):
-        t = value.detach().cpu().contiguous()
-        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(f"T{value.dtype}{tuple(value.shape)}".encode())
+        h.update(tensor_bytes(value))
     elif isinstance(value, dict):
         h.update(f"D{len(value)}".encode())
         for key in sorted(value, key=repr):

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_d2ft.io import StaleFileError, read_checked, write_checked
+from lightning_d2ft.io import StaleFileError, read_checked, tensor_bytes, write_checked
 from lightning_d2ft.model.vit import D2FTViT
 from lightning_d2ft.scoring.scoring_pass import SubnetIndex, score_pass
 
@@ -92,17 +92,15 @@ def weights_digest(net: D2FTViT) -> str:
         if "lora_" in name:
             continue
         h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-                 if t.numel() else b"")
+        h.update(tensor_bytes(t))
     return h.hexdigest()
 
 
 def _feed(h: Any, obj: Any) -> None:
     """Hash any sample: tensors and arrays by their bytes, containers recursively, the rest by repr."""
     if torch.is_tensor(obj):
-        t = obj.detach().cpu().contiguous()
-        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(f"{obj.dtype}{tuple(obj.shape)}".encode())
+        h.update(tensor_bytes(obj))
     elif isinstance(obj, np.ndarray):
         h.update(f"{obj.dtype}{obj.shape}".encode() + np.ascontiguousarray(obj).tobytes())
     elif isinstance(obj, (list, tuple)):
